@@ -1,0 +1,49 @@
+"""taskq: asyncio-native background jobs on Postgres.
+
+The whole public API is listed in ``__all__``; everything in ``taskq._*``
+modules may change without notice.
+"""
+
+from ._app import App
+from ._errors import (
+    ConfigurationError,
+    DatabaseError,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    JobNotFound,
+    SchemaError,
+    SerializationError,
+    TaskqError,
+    UnknownTaskError,
+)
+from ._job import Job, JobState, JobStatus
+from ._retry import Retry
+from ._task import BoundTask, Task
+from ._worker import Worker, WorkerConfig, WorkerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "BoundTask",
+    "ConfigurationError",
+    "DatabaseError",
+    "Job",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "JobNotFound",
+    "JobState",
+    "JobStatus",
+    "Retry",
+    "SchemaError",
+    "SerializationError",
+    "Task",
+    "TaskqError",
+    "UnknownTaskError",
+    "Worker",
+    "WorkerConfig",
+    "WorkerStats",
+    "__version__",
+]

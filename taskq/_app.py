@@ -1,0 +1,640 @@
+"""The App: configuration, the connection pool, the task registry and every enqueue path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from datetime import timedelta
+from typing import Any, TypeVar, overload
+
+import anyio
+import asyncpg
+
+from . import _migrations
+from ._errors import (
+    ConfigurationError,
+    DatabaseError,
+    JobNotFound,
+    TaskqError,
+    UnknownTaskError,
+)
+from ._job import Job, JobStatus, status_from_row
+from ._names import DEFAULT_QUEUE, DEFAULT_SCHEMA, check_queue, check_task_name, quote_schema
+from ._notifier import Notifier
+from ._retry import Retry, coerce_retry
+from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES, encode
+from ._store import Store
+from ._task import EnqueueOptions, Task, check_priority, with_defaults
+from ._worker import Worker, WorkerConfig, WorkerStats
+
+log = logging.getLogger("taskq")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Finished jobs are kept this long in history (results, dead letters), then pruned.
+DEFAULT_HISTORY_RETENTION = timedelta(days=7)
+#: Pool size: enough for a worker's claim, acknowledgement and heartbeat
+#: connections plus a busy web app's enqueues; raise it for many producers.
+DEFAULT_POOL_MAX_SIZE = 10
+#: While waiting for a result, re-read the job this often in case a
+#: notification was lost (the wake-up itself comes from LISTEN).
+RESULT_RECHECK_SECONDS = 5.0
+#: Environment variable read when no DSN is given.
+DSN_ENV = "TASKQ_DSN"
+
+
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """A pool connection that can skip the reset round trip when taskq used it.
+
+    asyncpg resets every connection on release (UNLISTEN, RESET ALL, ...), one
+    extra round trip that costs about a third of an enqueue. taskq's own
+    statements leave no session state behind, so it marks the connections it
+    used as clean; connections handed to user code are reset as usual.
+    """
+
+    _taskq_clean = False
+
+    def _taskq_mark_clean(self) -> None:
+        self._taskq_clean = True
+
+
+async def _reset(conn: _Connection) -> None:
+    if conn._taskq_clean:
+        conn._taskq_clean = False
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
+_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, TimeoutError)
+
+
+@contextlib.contextmanager
+def translate_errors(action: str) -> Iterator[None]:
+    """Map driver errors to DatabaseError so users never catch asyncpg.* from taskq."""
+    try:
+        yield
+    except TaskqError:
+        raise
+    except asyncpg.PostgresError as exc:
+        state = getattr(exc, "sqlstate", "") or ""
+        raise DatabaseError(f"{action} failed: Postgres error {state}: {exc}") from exc
+    except _CONNECTION_ERRORS as exc:
+        raise DatabaseError(f"{action} failed: cannot reach Postgres ({exc!r})") from exc
+
+
+class App:
+    """A taskq application: tasks, the database they live in, and workers.
+
+    Args:
+        dsn: Postgres connection string. ``None`` reads ``$TASKQ_DSN``; if that is
+            unset too, taskq starts (or reuses) a local embedded Postgres with its
+            data in your user data directory and logs where.
+        schema: the Postgres schema holding taskq's tables (default ``taskq``), so
+            several independent apps can share a database.
+        auto_migrate: apply pending migrations on ``async with app`` (default). With
+            ``False`` taskq refuses to start on an old schema, for deployments where
+            a DBA runs ``python -m taskq migrate``.
+        history_retention: how long finished jobs (results, dead letters) are kept.
+        max_payload_bytes: largest encoded arguments or result accepted (1 MiB).
+        pool_min_size / pool_max_size: asyncpg pool bounds.
+        connect_kwargs: extra keyword arguments for ``asyncpg.connect``
+            (ssl, timeouts, server_settings...).
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        auto_migrate: bool = True,
+        history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        pool_min_size: int = 1,
+        pool_max_size: int = DEFAULT_POOL_MAX_SIZE,
+        connect_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if dsn is not None and not isinstance(dsn, str):
+            raise ConfigurationError(f"dsn must be a string or None, got {type(dsn).__name__}")
+        quote_schema(schema)
+        if not isinstance(history_retention, timedelta) or history_retention.total_seconds() < 0:
+            raise ConfigurationError("history_retention must be a non-negative timedelta")
+        if max_payload_bytes < 1:
+            raise ConfigurationError("max_payload_bytes must be positive")
+        if not 0 <= pool_min_size <= pool_max_size or pool_max_size < 1:
+            raise ConfigurationError(
+                f"pool sizes must satisfy 0 <= pool_min_size ({pool_min_size}) <= "
+                f"pool_max_size ({pool_max_size}), pool_max_size >= 1"
+            )
+        self._dsn_arg = dsn
+        self.dsn: str | None = None
+        self.schema = schema
+        self.auto_migrate = auto_migrate
+        self.history_retention = history_retention
+        self.max_payload_bytes = max_payload_bytes
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = pool_max_size
+        self.connect_kwargs = dict(connect_kwargs or {})
+        self.store = Store(schema)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.embedded: Any = None
+        self._pool: asyncpg.Pool | None = None
+        self._notifier: Notifier | None = None
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._known_queues: dict[str, str] = {}
+        self._open_count = 0
+        self._open_lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"<taskq.App schema={self.schema!r} tasks={len(self.tasks)}>"
+
+    # -- tasks -----------------------------------------------------------------
+
+    @overload
+    def task(self, fn: F, /) -> Task[Any, Any]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        retry: Retry | int | bool | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Callable[[F], Task[Any, Any]]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        retry: Retry | int | bool | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
+        """Register a function (``async def`` or plain ``def``) as a task.
+
+        Args:
+            name: the name jobs refer to (default ``module.qualname``). Keep it
+                stable: queued jobs find their function by this name.
+            queue: default queue of its jobs (default ``"default"``).
+            priority: default priority; higher runs first (default 0).
+            retry: a :class:`taskq.Retry`, an int (attempts), ``False`` (never
+                retry) or ``None`` (the default policy).
+            timeout: seconds (or timedelta) one attempt may run before it is
+                cancelled and counted as a failure (``TimeoutError``); ``None``: no limit.
+        """
+        check_queue(queue)
+        check_priority(priority)
+        policy = coerce_retry(retry)
+        seconds: float | None
+        if timeout is None:
+            seconds = None
+        elif isinstance(timeout, timedelta):
+            seconds = timeout.total_seconds()
+        elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
+            seconds = float(timeout)
+        else:
+            raise ConfigurationError(f"timeout must be seconds or a timedelta, got {timeout!r}")
+        if seconds is not None and not seconds > 0:
+            raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
+
+        def register(func: Callable[..., Any]) -> Task[Any, Any]:
+            if isinstance(func, Task):
+                raise ConfigurationError(f"{func!r} is already a task")
+            if not callable(func):
+                raise ConfigurationError(f"@app.task needs a function, got {func!r}")
+            task_name = check_task_name(name or f"{func.__module__}.{func.__qualname__}")
+            if "<" in func.__qualname__ and name is None:
+                raise ConfigurationError(
+                    f"{func.__qualname__} is a nested function: give it a stable name, "
+                    "@app.task(name='...')"
+                )
+            if task_name in self.tasks and self.tasks[task_name].fn is not func:
+                raise ConfigurationError(f"a different task is already registered as {task_name!r}")
+            task: Task[Any, Any] = Task(
+                self,
+                func,
+                name=task_name,
+                queue=queue,
+                priority=priority,
+                retry=policy,
+                timeout=seconds,
+            )
+            self.tasks[task_name] = task
+            return task
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> App:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open the pool and apply (or check) migrations. ``async with app`` calls it.
+
+        Opening an App that is already open only counts one more user; each
+        ``open()`` needs its ``close()``.
+        """
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._pool is not None:
+                self._open_count += 1
+                return
+            self.dsn = await self._resolve_dsn()
+            with translate_errors("connecting to Postgres"):
+                pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=self.pool_min_size,
+                    max_size=self.pool_max_size,
+                    connection_class=_Connection,
+                    reset=_reset,
+                    **self._connect_args("taskq"),
+                )
+            try:
+                async with pool.acquire() as conn:
+                    with translate_errors("preparing the taskq schema"):
+                        if self.auto_migrate:
+                            await _migrations.migrate(conn, self.schema)
+                        else:
+                            await _migrations.check_schema(conn, self.schema)
+            except BaseException:
+                await pool.close()
+                raise
+            self._pool = pool
+            self._open_count = 1
+
+    async def close(self) -> None:
+        """Stop the notifier and close the pool (when the last ``open()`` is closed)."""
+        if self._open_lock is None:
+            return
+        async with self._open_lock:
+            if self._pool is None:
+                return
+            self._open_count -= 1
+            if self._open_count > 0:
+                return
+            notifier, self._notifier = self._notifier, None
+            if notifier is not None:
+                await notifier.stop()
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The asyncpg pool (for your own transactions with ``connection=``)."""
+        if self._pool is None:
+            raise ConfigurationError("the App is not open: use `async with app:` first")
+        return self._pool
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    def _connect_args(self, application_name: str) -> dict[str, Any]:
+        args = dict(self.connect_kwargs)
+        settings = dict(args.pop("server_settings", None) or {})
+        settings.setdefault("application_name", application_name)
+        args["server_settings"] = settings
+        return args
+
+    async def _resolve_dsn(self) -> str:
+        if self._dsn_arg:
+            return self._dsn_arg
+        env = os.environ.get(DSN_ENV)
+        if env:
+            return env
+        from . import _embedded
+
+        try:
+            server = await anyio.to_thread.run_sync(_embedded.ensure_server)
+        except _embedded.EmbeddedPostgresError as exc:
+            raise ConfigurationError(str(exc)) from exc
+        self.embedded = server
+        log.info(
+            "taskq: no DSN given and $%s unset; using the embedded Postgres "
+            "(data: %s, log: %s)",
+            DSN_ENV,
+            server.data_dir,
+            server.log_file,
+        )
+        return str(server.dsn)
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self, action: str) -> AsyncIterator[Any]:
+        """A pool connection for taskq's own statements (skips the reset round trip)."""
+        with translate_errors(action):
+            async with self.pool.acquire() as conn:
+                yield conn
+                conn._taskq_mark_clean()
+
+    async def migrate(self, *, dry_run: bool = False) -> str | list[int]:
+        """Apply pending migrations (returns versions applied) or, with ``dry_run``, return their SQL."""
+        async with self._acquire("migrating") as conn:
+            if dry_run:
+                return await _migrations.pending_sql(conn, self.schema)
+            return await _migrations.migrate(conn, self.schema)
+
+    # -- notifications -----------------------------------------------------------
+
+    async def notifier(self) -> Notifier:
+        """The App's LISTEN connection, started on first use."""
+        if self._notifier is None:
+            dsn = self.dsn or ""
+            kwargs = self._connect_args("taskq-listener")
+
+            async def connect() -> asyncpg.Connection:
+                return await asyncpg.connect(dsn, **kwargs)
+
+            store = self.store
+            self._notifier = Notifier(
+                connect,
+                [store.enqueued_channel, store.finished_channel, store.cancel_channel],
+            )
+            self._notifier.subscribe(store.finished_channel, self._on_finished)
+            self._notifier.on_reconnect(self._wake_all_waiters)
+        await self._notifier.start()
+        return self._notifier
+
+    def _on_finished(self, payload: str) -> None:
+        if not self._waiters:
+            return
+        for part in payload.split(","):
+            try:
+                job_id = int(part)
+            except ValueError:
+                continue
+            for fut in self._waiters.get(job_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _wake_all_waiters(self) -> None:
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
+    # -- enqueue -----------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        run_at: Any = None,
+        connection: Any = None,
+    ) -> Job:
+        """Enqueue a job by task name, without importing the task's function.
+
+        The name must be registered on this App or by a worker that has run
+        against this database (workers record their task names), so a typo fails
+        here instead of leaving a job that nobody will ever run.
+
+        Raises:
+            UnknownTaskError: no task of that name is known.
+            SerializationError: ``args`` is not JSON; nothing was written.
+        """
+        check_task_name(task)
+        if args is not None and not isinstance(args, Mapping):
+            raise TypeError(f"args must be a mapping of keyword arguments, got {type(args).__name__}")
+        opts = EnqueueOptions.make(
+            queue=queue, priority=priority, delay=delay, run_at=run_at, connection=connection
+        )
+        local = self.tasks.get(task)
+        stored = local.bind_arguments((), args or {}) if local else dict(args or {})
+        return await self._enqueue_one(task, stored, opts, local)
+
+    async def _default_queue(self, name: str, task: Task[Any, Any] | None) -> str:
+        if task is not None:
+            return task.queue
+        if name in self._known_queues:
+            return self._known_queues[name]
+        async with self._acquire("looking up a task") as conn:
+            queue = await self.store.lookup_task_queue(conn, name)
+        if queue is None:
+            raise UnknownTaskError(
+                f"no task named {name!r} is registered on this App, and no worker using "
+                f"schema {self.schema!r} has reported it. Register it with @app.task, or start "
+                "a worker that has it once, then enqueue again."
+            )
+        self._known_queues[name] = queue
+        return queue
+
+    async def _enqueue_one(
+        self,
+        name: str,
+        stored: dict[str, Any],
+        opts: EnqueueOptions,
+        task: Task[Any, Any] | None,
+    ) -> Job:
+        payload = encode(stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes)
+        opts = with_defaults(opts, task, await self._default_queue(name, task))
+        attempts = task.retry.attempts if task else Retry().attempts
+        insert = self.store.insert_job
+        kwargs: dict[str, Any] = dict(
+            queue=opts.queue,
+            task=name,
+            args=payload,
+            priority=opts.priority,
+            run_at=opts.run_at,
+            delay=opts.delay,
+            max_attempts=attempts,
+        )
+        if opts.connection is not None:
+            with translate_errors("enqueueing a job"):
+                job_id = await insert(opts.connection, **kwargs)
+        else:
+            async with self._acquire("enqueueing a job") as conn:
+                job_id = await insert(conn, **kwargs)
+        return Job(self, job_id)
+
+    async def _enqueue_many(
+        self,
+        name: str,
+        stored: list[dict[str, Any]],
+        opts: EnqueueOptions,
+        task: Task[Any, Any] | None,
+    ) -> list[Job]:
+        if not stored:
+            return []
+        what = f"arguments of task {name!r}"
+        payloads = []
+        for index, item in enumerate(stored):
+            try:
+                payloads.append(encode(item, what=what, max_bytes=self.max_payload_bytes))
+            except TaskqError as exc:
+                raise type(exc)(f"item {index}: {exc}") from exc
+        opts = with_defaults(opts, task, await self._default_queue(name, task))
+        attempts = task.retry.attempts if task else Retry().attempts
+        kwargs: dict[str, Any] = dict(
+            queue=opts.queue,
+            task=name,
+            args=payloads,
+            priority=opts.priority,
+            run_at=opts.run_at,
+            delay=opts.delay,
+            max_attempts=attempts,
+        )
+        if opts.connection is not None:
+            with translate_errors("enqueueing jobs"):
+                ids = await self.store.insert_jobs(opts.connection, **kwargs)
+        else:
+            async with self._acquire("enqueueing jobs") as conn:
+                ids = await self.store.insert_jobs(conn, **kwargs)
+        return [Job(self, i) for i in ids]
+
+    # -- jobs --------------------------------------------------------------------
+
+    def get_job(self, job_id: int) -> Job:
+        """A handle on an existing job, e.g. from an id sent in an earlier request."""
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise TypeError(f"job id must be an int, got {type(job_id).__name__}")
+        return Job(self, job_id)
+
+    async def _job_status(self, job_id: int) -> JobStatus:
+        async with self._acquire("reading a job") as conn:
+            row = await self.store.get_job(conn, job_id)
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
+        return status_from_row(row)
+
+    async def _wait_finished(self, job_id: int, timeout: float | None) -> JobStatus:
+        await self.notifier()
+        loop = asyncio.get_running_loop()
+        futures = self._waiters.setdefault(job_id, [])
+        fut: asyncio.Future[None] = loop.create_future()
+        futures.append(fut)
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    # Read after subscribing: a finish between the two is not missed.
+                    status = await self._job_status(job_id)
+                    if status.state.finished:
+                        return status
+                    with anyio.move_on_after(RESULT_RECHECK_SECONDS):
+                        await asyncio.shield(fut)
+                    if fut.done():
+                        futures.remove(fut)
+                        fut = loop.create_future()
+                        futures.append(fut)
+        finally:
+            if fut in futures:
+                futures.remove(fut)
+            if not futures:
+                self._waiters.pop(job_id, None)
+
+    async def _cancel(self, job_id: int) -> bool:
+        async with self._acquire("cancelling a job") as conn:
+            if await self.store.cancel_queued(conn, job_id):
+                return True
+            row = await self.store.get_job(conn, job_id)
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
+            if row["state"] == "running":
+                await self.store.request_cancel(conn, job_id)
+                return True
+            if row["state"] == "queued":  # claimed and released between our two reads
+                return await self.store.cancel_queued(conn, job_id)
+            log.info("job %s is already %s; nothing to cancel", job_id, row["state"])
+            return False
+
+    async def _rerun(self, job_id: int) -> bool:
+        async with self._acquire("re-running a job") as conn:
+            return await self.store.rerun(conn, job_id)
+
+    async def queue_counts(self) -> list[tuple[str, str, int]]:
+        """(queue, state, count) rows over live jobs and history."""
+        async with self._acquire("counting jobs") as conn:
+            return await self.store.counts(conn)
+
+    # -- workers -------------------------------------------------------------------
+
+    def _worker(self, **options: Any) -> Worker:
+        return Worker(self, WorkerConfig.make(**options))
+
+    async def run_worker(
+        self,
+        *,
+        concurrency: int = WorkerConfig.concurrency,
+        queues: list[str] | None = None,
+        handle_signals: bool = True,
+        **options: Any,
+    ) -> WorkerStats:
+        """Run a worker until cancelled, or until SIGTERM/SIGINT (graceful shutdown).
+
+        Args:
+            concurrency: jobs run at once by this process (default 10).
+            queues: queues to take jobs from (default: all).
+            handle_signals: stop gracefully on SIGTERM/SIGINT (a second one forces).
+            **options: other :class:`taskq.WorkerConfig` settings
+                (``poll_interval``, ``shutdown_timeout``, ``lease_seconds``...).
+        """
+        worker = self._worker(concurrency=concurrency, queues=queues, **options)
+        async with self._opened():
+            return await worker.run(handle_signals=handle_signals)
+
+    @contextlib.asynccontextmanager
+    async def worker(
+        self,
+        *,
+        concurrency: int = WorkerConfig.concurrency,
+        queues: list[str] | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Worker]:
+        """Run a worker beside your code, e.g. in a web app's lifespan.
+
+        On exit the worker stops claiming, lets running jobs finish within its
+        shutdown timeout and returns the rest to the queue.
+        """
+        worker = self._worker(concurrency=concurrency, queues=queues, **options)
+        async with self._opened(), anyio.create_task_group() as tg:
+            await tg.start(worker.serve)
+            try:
+                yield worker
+            finally:
+                await worker.stop()
+
+    async def drain(
+        self,
+        *,
+        concurrency: int = WorkerConfig.concurrency,
+        queues: list[str] | None = None,
+        **options: Any,
+    ) -> WorkerStats:
+        """Run jobs until no runnable job is left, then return what happened.
+
+        Jobs that are not due yet (delayed, or waiting for a retry) are left alone.
+        Handy in tests and batch scripts.
+        """
+        worker = self._worker(concurrency=concurrency, queues=queues, **options)
+        async with self._opened():
+            return await worker.run(until_empty=True, handle_signals=False)
+
+    @contextlib.asynccontextmanager
+    async def _opened(self) -> AsyncIterator[None]:
+        await self.open()
+        try:
+            yield
+        finally:
+            await self.close()

@@ -1,0 +1,197 @@
+"""The ``python -m taskq`` command line: worker, migrate, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from ._app import App
+from ._errors import TaskqError
+from ._names import DEFAULT_SCHEMA
+
+log = logging.getLogger("taskq.cli")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attribute`` (``module`` alone looks for ``app``) and return the App."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    if not module_name:
+        raise TaskqError(f"expected MODULE:APP (e.g. myproject.jobs:app), got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskqError(f"cannot import {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TaskqError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, App):
+        raise TaskqError(f"{spec} is a {type(obj).__name__}, not a taskq.App")
+    return obj
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
+    if uvloop:
+        try:
+            import uvloop as _uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+            pass
+        else:
+            return int(_uvloop.run(coro))
+    return asyncio.run(coro)
+
+
+def _app_for(args: argparse.Namespace) -> App:
+    if getattr(args, "app", None):
+        app = load_app(args.app)
+        if args.dsn:
+            app._dsn_arg = args.dsn
+        return app
+    return App(args.dsn, schema=args.schema)
+
+
+async def _cmd_worker(args: argparse.Namespace) -> int:
+    app = load_app(args.app)
+    if args.dsn:
+        app._dsn_arg = args.dsn
+    stats = await app.run_worker(
+        concurrency=args.concurrency,
+        queues=args.queue or None,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    log.info(
+        "worker stopped: %d succeeded, %d failed, %d retried, %d cancelled, %d returned to the queue",
+        stats.succeeded,
+        stats.failed,
+        stats.retried,
+        stats.cancelled,
+        stats.released,
+    )
+    return EXIT_OK
+
+
+async def _cmd_migrate(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    app.auto_migrate = False
+    from . import _migrations
+
+    dsn = await app._resolve_dsn()
+    import asyncpg
+
+    from ._app import translate_errors
+
+    with translate_errors("connecting to Postgres"):
+        conn = await asyncpg.connect(dsn, **app._connect_args("taskq-migrate"))
+    try:
+        with translate_errors("migrating"):
+            if args.dry_run:
+                sys.stdout.write(await _migrations.pending_sql(conn, app.schema))
+                return EXIT_OK
+            applied = await _migrations.migrate(conn, app.schema)
+    finally:
+        await conn.close()
+    if applied:
+        print(f"applied migration(s) {', '.join(map(str, applied))} to schema {app.schema!r}")
+    else:
+        print(f"schema {app.schema!r} is up to date")
+    return EXIT_OK
+
+
+async def _cmd_status(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    app.auto_migrate = False
+    async with app:
+        rows = await app.queue_counts()
+    if not rows:
+        print("no jobs")
+        return EXIT_OK
+    states = ["queued", "running", "succeeded", "failed", "cancelled"]
+    table: dict[str, dict[str, int]] = {}
+    for queue, state, count in rows:
+        table.setdefault(queue, {})[state] = count
+    width = max(5, *(len(q) for q in table))
+    print(f"{'queue':<{width}}  " + "  ".join(f"{s:>9}" for s in states))
+    for queue in sorted(table):
+        print(f"{queue:<{width}}  " + "  ".join(f"{table[queue].get(s, 0):>9}" for s in states))
+    return EXIT_OK
+
+
+async def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return await run_demo(dsn=args.dsn, jobs=args.jobs, concurrency=args.concurrency)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m taskq", description="taskq: background jobs on Postgres."
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def db_options(p: argparse.ArgumentParser, *, with_app: bool) -> None:
+        p.add_argument("--dsn", help="Postgres DSN (default: $TASKQ_DSN, else the embedded Postgres)")
+        if with_app:
+            p.add_argument("--app", help="MODULE:APP to take the DSN and schema from")
+        p.add_argument("--schema", default=DEFAULT_SCHEMA, help="taskq schema (default: taskq)")
+
+    worker = sub.add_parser("worker", help="run a worker process")
+    worker.add_argument("app", metavar="MODULE:APP", help="where your taskq.App lives, e.g. jobs:app")
+    worker.add_argument("--queue", "-q", action="append", help="queue to serve (repeatable; default all)")
+    worker.add_argument("--concurrency", "-c", type=int, default=10, help="jobs at once (default 10)")
+    worker.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds running jobs get to finish on SIGTERM (default 30)")
+    worker.add_argument("--dsn", help="override the App's DSN")
+    worker.set_defaults(handler=_cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the taskq schema")
+    db_options(migrate, with_app=True)
+    migrate.add_argument("--dry-run", action="store_true", help="print the SQL instead of running it")
+    migrate.set_defaults(handler=_cmd_migrate)
+
+    status = sub.add_parser("status", help="job counts by queue and state")
+    db_options(status, with_app=True)
+    status.set_defaults(handler=_cmd_status)
+
+    demo = sub.add_parser("demo", help="run sample jobs (with failures and retries) on a worker")
+    demo.add_argument("--dsn", help="Postgres DSN (default: the embedded Postgres)")
+    demo.add_argument("--jobs", type=int, default=200, help="how many sample jobs (default 200)")
+    demo.add_argument("--concurrency", type=int, default=20)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return _run(args.handler(args), uvloop=args.command == "worker" or args.command == "demo")
+    except TaskqError as exc:
+        print(f"taskq: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

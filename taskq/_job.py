@@ -1,0 +1,154 @@
+"""Job handles: what ``enqueue()`` returns and ``App.get_job(id)`` rebuilds."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ._errors import JobCancelled, JobFailed
+from ._serialization import decode
+
+if TYPE_CHECKING:
+    from ._app import App
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life.
+
+    ``queued`` (runnable at ``run_at``) -> ``running`` -> ``succeeded`` | ``failed`` |
+    ``cancelled``. A retry goes from ``running`` back to ``queued``.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of a job, from ``await job.status()``.
+
+    ``error`` is the last attempt's error as ``{"type", "message", "traceback"}``
+    (kept while a job waits for a retry, and on a dead letter); ``result`` is the
+    decoded return value of a succeeded job (``None`` if it returned nothing).
+    ``run_at`` is only known while the job is live.
+    """
+
+    id: int
+    task: str
+    queue: str
+    state: JobState
+    args: dict[str, Any]
+    priority: int
+    attempts: int
+    max_attempts: int
+    enqueued_at: datetime
+    run_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+    result: Any
+    worker_id: str | None
+
+    @property
+    def last_error(self) -> str | None:
+        """``"Type: message"`` of the last failed attempt, if any."""
+        if not self.error:
+            return None
+        return f"{self.error.get('type')}: {self.error.get('message')}"
+
+
+class Job:
+    """A handle on one job. Cheap to make; every method asks the database."""
+
+    __slots__ = ("_app", "id")
+
+    def __init__(self, app: App, job_id: int) -> None:
+        self._app = app
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"<taskq.Job {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and other.id == self.id and other._app is self._app
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    async def status(self) -> JobStatus:
+        """The job's current state, attempts, timestamps and last error.
+
+        Raises:
+            JobNotFound: no such job (or it was pruned from history).
+        """
+        return await self._app._job_status(self.id)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait until the job finishes and return its decoded return value.
+
+        Waits on a notification from the worker, not by polling. ``timeout`` is in
+        seconds (``None`` waits for ever).
+
+        Raises:
+            JobFailed: the job failed for good; carries the last error and traceback.
+            JobCancelled: the job was cancelled.
+            TimeoutError: the job did not finish within ``timeout``.
+        """
+        status = await self._app._wait_finished(self.id, timeout)
+        return outcome_of(status)
+
+    async def cancel(self) -> bool:
+        """Cancel the job.
+
+        A queued job is removed at once and never runs. A running job is asked to
+        stop: its worker cancels the coroutine (finally-blocks run) and records it
+        as cancelled. Returns ``False`` if the job had already finished.
+        """
+        return await self._app._cancel(self.id)
+
+    async def retry(self) -> bool:
+        """Run a failed or cancelled job again, with a fresh attempt budget.
+
+        Returns ``False`` if the job is not failed or cancelled.
+        """
+        return await self._app._rerun(self.id)
+
+
+def outcome_of(status: JobStatus) -> Any:
+    """The value of a finished job, or the error it ended with."""
+    if status.state is JobState.SUCCEEDED:
+        return status.result
+    if status.state is JobState.FAILED:
+        raise JobFailed.from_error(status.id, status.error, status.attempts)
+    if status.state is JobState.CANCELLED:
+        raise JobCancelled(f"job {status.id} was cancelled", job_id=status.id)
+    raise RuntimeError(f"job {status.id} is {status.state}, not finished")
+
+
+def status_from_row(row: Any) -> JobStatus:
+    return JobStatus(
+        id=row["id"],
+        task=row["task"],
+        queue=row["queue"],
+        state=JobState(row["state"]),
+        args=decode(row["args"]),
+        priority=row["priority"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        enqueued_at=row["enqueued_at"],
+        run_at=row["run_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=decode(row["error"]),
+        result=decode(row["result"]),
+        worker_id=row["worker_id"],
+    )

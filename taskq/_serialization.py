@@ -1,0 +1,101 @@
+"""JSON encoding of job arguments and results (orjson), with errors that name the bad value."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from ._errors import SerializationError
+
+#: Largest encoded payload (arguments or result) accepted, in bytes. Postgres
+#: could store far more, but a queue row that big is almost always a mistake
+#: (pass a reference to the data instead) and it slows every claim.
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def _find_problem(value: Any, path: str) -> tuple[str, str] | None:
+    """Return (path, reason) of the first value that JSON cannot carry faithfully."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return path, "contains a NUL character (\\x00), which Postgres cannot store in JSON"
+        return None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            return path, "is an integer outside the 64-bit range"
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return path, f"is {value!r}, which JSON cannot represent"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path}[{key!r}]", f"has a non-string key of type {type(key).__name__}"
+            sub = f"{path}.{key}" if path else key
+            problem = _find_problem(item, sub)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = _find_problem(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+    return path, f"is of type {type(value).__module__}.{type(value).__qualname__}, not JSON"
+
+
+def _needs_check(value: Any) -> bool:
+    # orjson already refuses most bad values; NaN/Infinity (silently written as
+    # null) and NUL characters (refused by jsonb at INSERT time) slip through.
+    if isinstance(value, _SCALARS):
+        return isinstance(value, str) and "\x00" in value
+    return True
+
+
+def encode(value: Any, *, what: str, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """Encode ``value`` to JSON text, or raise SerializationError naming the bad part.
+
+    ``what`` names the value in messages ("arguments of task 'x'", "result").
+    For a dict of keyword arguments the path starts at the argument name.
+    """
+    if isinstance(value, dict):
+        suspicious = any(_needs_check(v) for v in value.values())
+    else:
+        suspicious = _needs_check(value)
+    if suspicious:
+        problem = _find_problem(value, "")
+        if problem:
+            raise _error(what, *problem)
+    try:
+        data = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        problem = _find_problem(value, "")
+        if problem:
+            raise _error(what, *problem) from exc
+        raise SerializationError(f"{what} cannot be encoded as JSON: {exc}") from exc
+    if len(data) > max_bytes:
+        raise SerializationError(
+            f"{what} encode to {len(data):,} bytes, over the {max_bytes:,}-byte limit "
+            "(store large data elsewhere and pass a reference, or raise max_payload_bytes)",
+            path="",
+        )
+    return data.decode()
+
+
+def _error(what: str, path: str, reason: str) -> SerializationError:
+    where = f"argument {path!r}" if path else "the value"
+    return SerializationError(f"{what}: {where} {reason}", path=path)
+
+
+def decode(text: str | bytes | None) -> Any:
+    """Decode JSON text stored by taskq (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    return orjson.loads(text)

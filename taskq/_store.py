@@ -1,0 +1,355 @@
+"""Every SQL statement taskq runs, in one place.
+
+The worker, the App and the CLI never build SQL; they call these methods with
+a connection. User values travel only as bind parameters; the schema name is
+the one identifier in the text, validated and quoted by ``quote_schema``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ._names import quote_schema
+
+Conn = asyncpg.Connection | Any  # a Connection or a pool's connection proxy
+
+
+@dataclass(slots=True)
+class ClaimedJob:
+    """A job this worker holds a lease on."""
+
+    id: int
+    task: str
+    queue: str
+    args: str
+    attempts: int
+    max_attempts: int
+    token: uuid.UUID
+    priority: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one attempt ended, waiting to be written back in a batch.
+
+    kind: ``succeeded`` / ``failed`` / ``cancelled`` move the job to history;
+    ``retry`` puts it back in the queue after ``delay`` seconds and keeps its
+    attempt; ``release`` puts it back at once and gives the attempt back
+    (shutdown interrupted it, it did not fail).
+    """
+
+    job_id: int
+    token: uuid.UUID
+    kind: str
+    result: str | None = None
+    error: str | None = None
+    delay: float = 0.0
+
+
+FINAL_KINDS = ("succeeded", "failed", "cancelled")
+
+_JOB_COLUMNS = (
+    "id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
+    "enqueued_at, run_at, started_at"
+)
+
+
+class Store:
+    """The SQL of one taskq schema."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        s = quote_schema(schema)
+        self.enqueued_channel = f"taskq:{schema}:enqueued"
+        self.finished_channel = f"taskq:{schema}:finished"
+        self.cancel_channel = f"taskq:{schema}:cancel"
+
+        self._insert_one = (
+            f"INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
+            "VALUES ($1, $2, $3::text::jsonb, $4, "
+            "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7) "
+            "RETURNING id"
+        )
+        self._insert_many = (
+            f"INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
+            "SELECT $1, $2, a::jsonb, $4, "
+            "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7 "
+            "FROM unnest($3::text[]) WITH ORDINALITY AS u(a, n) ORDER BY n "
+            "RETURNING id"
+        )
+        # The claim. SKIP LOCKED lets many workers claim at once without
+        # waiting on each other's rows; the inner ORDER BY ... LIMIT walks the
+        # partial index in priority order and stops after $n rows, so a deep
+        # backlog costs nothing. Only tasks this worker can run are taken: a
+        # job of a task it does not know waits for a worker that does.
+        claim_tail = (
+            "AND task = ANY($2::text[]) AND run_at <= now() "
+            "ORDER BY priority DESC, run_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"
+            ") "
+            f"UPDATE {s}.jobs AS j SET state = 'running', attempts = j.attempts + 1, "
+            "worker_id = $4, lease_token = gen_random_uuid(), "
+            "lease_expires_at = now() + make_interval(secs => $5::float8), started_at = now() "
+            "FROM picked WHERE j.id = picked.id "
+            "RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts, "
+            "j.lease_token, j.priority"
+        )
+        self._claim_one_queue = (
+            f"WITH picked AS (SELECT id FROM {s}.jobs WHERE state = 'queued' AND queue = $1 "
+            + claim_tail
+        )
+        self._claim_queues = (
+            f"WITH picked AS (SELECT id FROM {s}.jobs WHERE state = 'queued' "
+            "AND queue = ANY($1::text[]) " + claim_tail
+        )
+        self._claim_any = (
+            f"WITH picked AS (SELECT id FROM {s}.jobs WHERE state = 'queued' "
+            "AND ($1::text IS NULL) " + claim_tail
+        )
+        self._next_due = (
+            f"SELECT min(run_at) - now() FROM {s}.jobs "
+            "WHERE state = 'queued' AND task = ANY($2::text[]) "
+            "AND ($1::text[] IS NULL OR queue = ANY($1::text[]))"
+        )
+        # Write back a batch of outcomes in one statement. Each row names its
+        # lease token: a worker whose lease was taken over (rescued, cancelled)
+        # changes nothing, so a job is never finished twice.
+        self._finish = (
+            "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], "
+            "$5::text[], $6::float8[]) AS u(id, token, kind, result, error, delay)), "
+            f"requeued AS (UPDATE {s}.jobs AS j SET state = 'queued', "
+            "run_at = now() + make_interval(secs => u.delay), "
+            "attempts = CASE WHEN u.kind = 'release' THEN j.attempts - 1 ELSE j.attempts END, "
+            "last_error = coalesce(u.error::jsonb, j.last_error), "
+            "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL "
+            "FROM u WHERE u.kind IN ('retry', 'release') AND j.id = u.id "
+            "AND j.lease_token = u.token RETURNING j.id), "
+            f"finished AS (DELETE FROM {s}.jobs AS j USING u "
+            "WHERE u.kind IN ('succeeded', 'failed', 'cancelled') AND j.id = u.id "
+            "AND j.lease_token = u.token "
+            "RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, "
+            "j.enqueued_at, j.started_at, j.worker_id, u.kind, u.result, u.error), "
+            f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
+            "attempts, max_attempts, enqueued_at, started_at, worker_id, result, error) "
+            "SELECT id, queue, task, args, kind, priority, attempts, max_attempts, enqueued_at, "
+            "started_at, worker_id, result::jsonb, error::jsonb FROM finished RETURNING id) "
+            "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
+            "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS archived, "
+            "(SELECT pg_notify($7, string_agg(id::text, ',')) FROM archived "
+            "HAVING count(*) > 0) AS notified"
+        )
+        self._renew = (
+            f"UPDATE {s}.jobs AS j SET lease_expires_at = now() + make_interval(secs => $3) "
+            "FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token) "
+            "WHERE j.id = u.id AND j.lease_token = u.token RETURNING j.id"
+        )
+        # Rescue: a running job whose lease ran out belongs to a dead or
+        # partitioned worker. Conditioning on the expiry inside the UPDATE
+        # (re-checked after the row lock) means a completion that lands first
+        # wins: the row is gone or its lease is fresh, and nothing is re-queued.
+        self._rescue = (
+            f"UPDATE {s}.jobs SET state = 'queued', run_at = now(), worker_id = NULL, "
+            "lease_token = NULL, lease_expires_at = NULL, last_error = "
+            "jsonb_build_object('type', 'taskq.LeaseExpired', 'message', "
+            "'the worker running this job stopped renewing its lease (crashed or cut off)', "
+            "'traceback', '') "
+            f"WHERE id IN (SELECT id FROM {s}.jobs WHERE state = 'running' "
+            "AND lease_expires_at < now() LIMIT 1000 FOR UPDATE SKIP LOCKED) "
+            "AND state = 'running' AND lease_expires_at < now() RETURNING id"
+        )
+        self._get_job = (
+            f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
+            f"NULL::text AS result, worker_id FROM {s}.jobs WHERE id = $1 "
+            "UNION ALL "
+            "SELECT id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
+            "enqueued_at, NULL::timestamptz AS run_at, started_at, finished_at, error, "
+            "result::text AS result, "
+            f"worker_id FROM {s}.history WHERE id = $1"
+        )
+        self._cancel_queued = (
+            f"WITH c AS (DELETE FROM {s}.jobs WHERE id = $1 AND state = 'queued' RETURNING *), "
+            f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
+            "max_attempts, enqueued_at, started_at, error) "
+            "SELECT id, queue, task, args, 'cancelled', priority, attempts, max_attempts, "
+            "enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
+            "'message', 'cancelled while queued', 'traceback', '') FROM c RETURNING id) "
+            "SELECT id, pg_notify($2, id::text) FROM h"
+        )
+        self._rerun = (
+            f"WITH h AS (DELETE FROM {s}.history WHERE id = $1 "
+            "AND state IN ('failed', 'cancelled') RETURNING *) "
+            f"INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
+            "max_attempts, enqueued_at, last_error) "
+            "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error "
+            "FROM h RETURNING id"
+        )
+        self._counts = (
+            f"SELECT queue, state, count(*) AS n FROM {s}.jobs GROUP BY queue, state "
+            "UNION ALL "
+            f"SELECT queue, state, count(*) AS n FROM {s}.history GROUP BY queue, state "
+            "ORDER BY queue, state"
+        )
+        self._prune = (
+            f"DELETE FROM {s}.history WHERE id IN (SELECT id FROM {s}.history "
+            "WHERE finished_at < now() - make_interval(secs => $1) LIMIT $2)"
+        )
+        self._register_worker = (
+            f"INSERT INTO {s}.workers (id, hostname, pid, queues, tasks, concurrency) "
+            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()"
+        )
+        self._register_tasks = (
+            f"INSERT INTO {s}.tasks (name, queue) SELECT * FROM unnest($1::text[], $2::text[]) "
+            "ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, last_seen_at = now()"
+        )
+        self._heartbeat = f"UPDATE {s}.workers SET heartbeat_at = now() WHERE id = $1"
+        self._unregister_worker = f"DELETE FROM {s}.workers WHERE id = $1"
+        self._forget_dead_workers = (
+            f"DELETE FROM {s}.workers WHERE heartbeat_at < now() - make_interval(secs => $1)"
+        )
+        self._lookup_task = f"SELECT queue FROM {s}.tasks WHERE name = $1"
+
+    # -- enqueue ---------------------------------------------------------------
+
+    async def insert_job(
+        self,
+        conn: Conn,
+        *,
+        queue: str,
+        task: str,
+        args: str,
+        priority: int,
+        run_at: datetime | None,
+        delay: float,
+        max_attempts: int,
+    ) -> int:
+        return int(
+            await conn.fetchval(
+                self._insert_one, queue, task, args, priority, run_at, delay, max_attempts
+            )
+        )
+
+    async def insert_jobs(
+        self,
+        conn: Conn,
+        *,
+        queue: str,
+        task: str,
+        args: list[str],
+        priority: int,
+        run_at: datetime | None,
+        delay: float,
+        max_attempts: int,
+    ) -> list[int]:
+        rows = await conn.fetch(
+            self._insert_many, queue, task, args, priority, run_at, delay, max_attempts
+        )
+        return [r[0] for r in rows]
+
+    # -- worker ----------------------------------------------------------------
+
+    async def claim(
+        self,
+        conn: Conn,
+        *,
+        queues: list[str] | None,
+        tasks: list[str],
+        limit: int,
+        worker_id: str,
+        lease_seconds: float,
+    ) -> list[ClaimedJob]:
+        first: Any
+        if queues is None:
+            sql, first = self._claim_any, None
+        elif len(queues) == 1:
+            sql, first = self._claim_one_queue, queues[0]
+        else:
+            sql, first = self._claim_queues, queues
+        rows = await conn.fetch(sql, first, tasks, limit, worker_id, lease_seconds)
+        return [ClaimedJob(*r) for r in rows]
+
+    async def seconds_until_next_due(
+        self, conn: Conn, *, queues: list[str] | None, tasks: list[str]
+    ) -> float | None:
+        """Seconds until the earliest queued job this worker could run is due."""
+        gap = await conn.fetchval(self._next_due, queues, tasks)
+        return None if gap is None else gap.total_seconds()
+
+    async def finish(self, conn: Conn, outcomes: list[Outcome]) -> tuple[list[int], list[int]]:
+        """Write back outcomes; return (requeued ids, archived ids) that took effect."""
+        row = await conn.fetchrow(
+            self._finish,
+            [o.job_id for o in outcomes],
+            [o.token for o in outcomes],
+            [o.kind for o in outcomes],
+            [o.result for o in outcomes],
+            [o.error for o in outcomes],
+            [o.delay for o in outcomes],
+            self.finished_channel,
+        )
+        return list(row["requeued"]), list(row["archived"])
+
+    async def renew_leases(
+        self, conn: Conn, leases: list[tuple[int, uuid.UUID]], lease_seconds: float
+    ) -> set[int]:
+        """Extend the leases this worker still holds; return the ids renewed."""
+        rows = await conn.fetch(
+            self._renew, [j for j, _ in leases], [t for _, t in leases], lease_seconds
+        )
+        return {r[0] for r in rows}
+
+    async def rescue_expired(self, conn: Conn) -> list[int]:
+        return [r[0] for r in await conn.fetch(self._rescue)]
+
+    async def register_worker(
+        self,
+        conn: Conn,
+        *,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: list[str] | None,
+        tasks: dict[str, str],
+        concurrency: int,
+    ) -> None:
+        async with conn.transaction():
+            await conn.execute(
+                self._register_worker, worker_id, hostname, pid, queues, list(tasks), concurrency
+            )
+            await conn.execute(self._register_tasks, list(tasks), list(tasks.values()))
+
+    async def heartbeat(self, conn: Conn, worker_id: str) -> None:
+        await conn.execute(self._heartbeat, worker_id)
+
+    async def unregister_worker(self, conn: Conn, worker_id: str) -> None:
+        await conn.execute(self._unregister_worker, worker_id)
+
+    async def forget_dead_workers(self, conn: Conn, older_than: float) -> None:
+        await conn.execute(self._forget_dead_workers, older_than)
+
+    async def prune_history(self, conn: Conn, retention_seconds: float, batch: int = 5000) -> int:
+        status = await conn.execute(self._prune, retention_seconds, batch)
+        return int(status.split()[-1])
+
+    # -- jobs ------------------------------------------------------------------
+
+    async def get_job(self, conn: Conn, job_id: int) -> asyncpg.Record | None:
+        return await conn.fetchrow(self._get_job, job_id)  # type: ignore[no-any-return]
+
+    async def cancel_queued(self, conn: Conn, job_id: int) -> bool:
+        return await conn.fetchrow(self._cancel_queued, job_id, self.finished_channel) is not None
+
+    async def request_cancel(self, conn: Conn, job_id: int) -> None:
+        await conn.execute("SELECT pg_notify($1, $2)", self.cancel_channel, str(job_id))
+
+    async def rerun(self, conn: Conn, job_id: int) -> bool:
+        return await conn.fetchval(self._rerun, job_id) is not None
+
+    async def counts(self, conn: Conn) -> list[tuple[str, str, int]]:
+        return [(r[0], r[1], r[2]) for r in await conn.fetch(self._counts)]
+
+    async def lookup_task_queue(self, conn: Conn, name: str) -> str | None:
+        return await conn.fetchval(self._lookup_task, name)  # type: ignore[no-any-return]

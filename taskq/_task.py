@@ -1,0 +1,265 @@
+"""Tasks: plain functions registered on an App, and the ways to enqueue them."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from ._errors import ConfigurationError
+from ._names import check_queue
+from ._retry import Retry
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._job import Job
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Priorities are smallint in Postgres; higher runs first.
+MIN_PRIORITY, MAX_PRIORITY = -32768, 32767
+
+
+@dataclass(frozen=True)
+class EnqueueOptions:
+    """Per-enqueue settings; ``None`` means: use the task's default."""
+
+    queue: str | None = None
+    priority: int | None = None
+    delay: float = 0.0
+    run_at: datetime | None = None
+    connection: Any = None
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        connection: Any = None,
+    ) -> EnqueueOptions:
+        if queue is not None:
+            check_queue(queue)
+        if priority is not None:
+            check_priority(priority)
+        seconds = 0.0
+        if delay is not None:
+            if isinstance(delay, timedelta):
+                seconds = delay.total_seconds()
+            elif isinstance(delay, int | float) and not isinstance(delay, bool):
+                seconds = float(delay)
+            else:
+                raise ConfigurationError(
+                    f"delay must be seconds (int/float) or a timedelta, got {delay!r}"
+                )
+            if not seconds >= 0:
+                raise ConfigurationError(f"delay must be >= 0 seconds, got {delay!r}")
+        if run_at is not None:
+            if not isinstance(run_at, datetime):
+                raise ConfigurationError(f"run_at must be a datetime, got {run_at!r}")
+            if run_at.tzinfo is None:
+                raise ConfigurationError(
+                    "run_at must be timezone-aware (e.g. datetime.now(timezone.utc) + ...); "
+                    "a naive datetime is ambiguous"
+                )
+            if delay:
+                raise ConfigurationError("give either delay or run_at, not both")
+        if connection is not None and not hasattr(connection, "fetchval"):
+            raise ConfigurationError(
+                f"connection must be an asyncpg connection, got {type(connection).__name__}"
+            )
+        return cls(queue, priority, seconds, run_at, connection)
+
+
+def check_priority(priority: object) -> int:
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigurationError(f"priority must be an int, got {priority!r}")
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ConfigurationError(
+            f"priority {priority} is out of range ({MIN_PRIORITY}..{MAX_PRIORITY})"
+        )
+    return priority
+
+
+class _Signature:
+    """Checks arguments against the task function at enqueue time and rebuilds calls."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.sig = inspect.signature(fn)
+        params = list(self.sig.parameters.values())
+        kinds = {p.kind for p in params}
+        # Fast path for the common shape (only named parameters): set
+        # arithmetic instead of Signature.bind, which matters for enqueue_many.
+        self.simple = not kinds & {
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        }
+        self.names = frozenset(p.name for p in params)
+        self.required = frozenset(p.name for p in params if p.default is inspect.Parameter.empty)
+
+    def bind(self, task: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if self.simple and not args:
+            keys = kwargs.keys()
+            if keys <= self.names and self.required <= keys:
+                return dict(kwargs)
+        try:
+            bound = self.sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {task!r}: {exc} (signature: {task}{self.sig})") from None
+        return dict(bound.arguments)
+
+    def call_args(self, stored: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Rebuild (args, kwargs) for the function from stored arguments."""
+        if self.simple:
+            return [], dict(stored)
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for name, param in self.sig.parameters.items():
+            if name not in stored:
+                continue
+            value = stored[name]
+            if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+                args.append(value)
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                args.extend(value)
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                kwargs.update(value)
+            else:
+                kwargs[name] = value
+        return args, kwargs
+
+
+class Task(Generic[P, R]):
+    """A function registered with ``@app.task``.
+
+    Calling it runs the function inline (tasks stay plain, testable functions);
+    ``enqueue()`` records a job for a worker instead.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, R],
+        *,
+        name: str,
+        queue: str,
+        priority: int,
+        retry: Retry,
+        timeout: float | None,
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.priority = priority
+        self.retry = retry
+        self.timeout = timeout
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._signature = _Signature(fn)
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<taskq.Task {self.name} queue={self.queue!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        connection: Any = None,
+    ) -> BoundTask[P, R]:
+        """Enqueue with other settings than the task's defaults.
+
+        Args:
+            queue: the queue to put the job on.
+            priority: higher runs first among due jobs of a queue (default 0).
+            delay: seconds (or a timedelta) before the job may start.
+            run_at: an aware datetime before which the job may not start.
+            connection: an asyncpg connection whose open transaction the job joins:
+                it exists if and only if that transaction commits, and workers are
+                woken only after the commit.
+        """
+        opts = EnqueueOptions.make(
+            queue=queue, priority=priority, delay=delay, run_at=run_at, connection=connection
+        )
+        return BoundTask(self, opts)
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Record a job that runs this task with these arguments; return its handle.
+
+        Raises:
+            SerializationError: an argument is not JSON; nothing was written.
+            TypeError: the arguments do not fit the function's signature.
+            DatabaseError: Postgres could not be reached.
+        """
+        return await BoundTask(self, EnqueueOptions()).enqueue(*args, **kwargs)
+
+    async def enqueue_many(self, kwargs_list: Iterable[Mapping[str, Any]]) -> list[Job]:
+        """Record one job per mapping of keyword arguments, in one round trip."""
+        return await BoundTask(self, EnqueueOptions()).enqueue_many(kwargs_list)
+
+    def bind_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return self._signature.bind(self.name, args, kwargs)
+
+    def call_arguments(self, stored: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        return self._signature.call_args(stored)
+
+
+class BoundTask(Generic[P, R]):
+    """A task with enqueue options applied (from ``Task.options``)."""
+
+    def __init__(self, task: Task[P, R], opts: EnqueueOptions) -> None:
+        self.task = task
+        self.opts = opts
+
+    def options(self, **changes: Any) -> BoundTask[P, R]:
+        merged = {
+            "queue": self.opts.queue,
+            "priority": self.opts.priority,
+            "delay": self.opts.delay or None,
+            "run_at": self.opts.run_at,
+            "connection": self.opts.connection,
+        }
+        merged.update(changes)
+        return BoundTask(self.task, EnqueueOptions.make(**merged))
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Like :meth:`Task.enqueue`, with these options."""
+        stored = self.task.bind_arguments(args, kwargs)
+        return await self.task.app._enqueue_one(self.task.name, stored, self.opts, self.task)
+
+    async def enqueue_many(self, kwargs_list: Iterable[Mapping[str, Any]]) -> list[Job]:
+        """Like :meth:`Task.enqueue_many`, with these options."""
+        task = self.task
+        stored = []
+        for index, kwargs in enumerate(kwargs_list):
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(
+                    f"enqueue_many() wants mappings of keyword arguments; item {index} is "
+                    f"{type(kwargs).__name__}"
+                )
+            stored.append(task.bind_arguments((), kwargs))
+        return await task.app._enqueue_many(task.name, stored, self.opts, task)
+
+
+def with_defaults(opts: EnqueueOptions, task: Task[Any, Any] | None, queue: str) -> EnqueueOptions:
+    return replace(
+        opts,
+        queue=opts.queue or queue,
+        priority=opts.priority if opts.priority is not None else (task.priority if task else 0),
+    )
+
+
+TaskFunction = Callable[..., Awaitable[Any]] | Callable[..., Any]

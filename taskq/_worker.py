@@ -1,0 +1,606 @@
+"""The worker: claims jobs, runs each in its own cancel scope, writes outcomes back in batches.
+
+One worker per process is the usual shape, but several may share an App. The
+life of a job inside a worker::
+
+    claim (one statement, up to the free slots, FOR UPDATE SKIP LOCKED, lease)
+      -> run in a cancel scope (timeout, user cancel, shutdown)
+      -> outcome buffered -> written back with others in one statement
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._errors import ConfigurationError, DatabaseError, SerializationError
+from ._names import check_queue
+from ._serialization import decode, encode
+from ._store import ClaimedJob, Outcome
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._task import Task
+
+log = logging.getLogger("taskq.worker")
+
+#: Jobs run at once by one worker: its back pressure. Jobs beyond it stay in Postgres.
+DEFAULT_CONCURRENCY = 10
+#: Fallback poll when no notification arrives (LISTEN is the normal wake-up;
+#: this bounds the delay when a notification is lost, e.g. behind PgBouncer).
+DEFAULT_POLL_INTERVAL = 2.0
+#: A claimed job's lease; renewed every third of it while the job runs. After it
+#: expires without renewal (the worker died or was cut off) the job is rescued.
+DEFAULT_LEASE_SECONDS = 30.0
+#: On shutdown, running jobs get this long to finish before they are cancelled
+#: and returned to the queue (without using up an attempt).
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+#: Most jobs claimed, or outcomes written back, in one statement.
+DEFAULT_BATCH_SIZE = 500
+#: Outcomes waiting to be written back before the worker stops claiming: while
+#: Postgres is unreachable, finished work piles up in memory only this far.
+DEFAULT_MAX_PENDING_OUTCOMES = 5000
+#: When most slots are busy, wait up to this long for more to free up before
+#: claiming, so that claims come in batches rather than one job at a time.
+CLAIM_GATHER_SECONDS = 0.002
+#: How often expired leases are looked for and history is pruned.
+DEFAULT_RESCUE_INTERVAL = 15.0
+DEFAULT_PRUNE_INTERVAL = 60.0
+#: Longest traceback kept with a failed attempt, in characters.
+MAX_TRACEBACK_CHARS = 16_000
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of one worker; each default is the named constant beside it."""
+
+    concurrency: int = DEFAULT_CONCURRENCY
+    queues: tuple[str, ...] | None = None
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_pending_outcomes: int = DEFAULT_MAX_PENDING_OUTCOMES
+    rescue_interval: float = DEFAULT_RESCUE_INTERVAL
+    prune_interval: float = DEFAULT_PRUNE_INTERVAL
+
+    @classmethod
+    def make(cls, *, queues: Any = None, **settings: Any) -> WorkerConfig:
+        unknown = set(settings) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown worker setting(s) {sorted(unknown)}; known: "
+                f"{sorted(cls.__dataclass_fields__)}"
+            )
+        if isinstance(queues, str):
+            raise ConfigurationError(f"queues must be a list of names, e.g. [{queues!r}]")
+        qs = None if queues is None else tuple(check_queue(q) for q in queues)
+        if qs is not None and not qs:
+            raise ConfigurationError("queues must not be empty (None means: all queues)")
+        config = cls(queues=qs, **settings)
+        for name in ("concurrency", "batch_size", "max_pending_outcomes"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
+        for name in ("poll_interval", "lease_seconds", "rescue_interval", "prune_interval"):
+            value = getattr(config, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        if not config.shutdown_timeout >= 0:
+            raise ConfigurationError("shutdown_timeout must be >= 0 seconds")
+        return config
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did: counts of outcomes it recorded."""
+
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    released: int = 0
+    lost: int = 0
+
+    @property
+    def processed(self) -> int:
+        return self.succeeded + self.failed + self.retried + self.cancelled
+
+
+class _Flag:
+    """A resettable event (anyio events cannot be cleared)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        return self._event.is_set()
+
+
+@dataclass
+class _Running:
+    job: ClaimedJob
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    # Why its scope was cancelled by us, if it was: "release" (shutdown),
+    # "cancel" (user asked), "lost" (our lease was taken over).
+    stop_reason: str | None = None
+
+
+def _error_dict(exc: BaseException) -> dict[str, str]:
+    tb = "".join(traceback.format_exception(exc))
+    if len(tb) > MAX_TRACEBACK_CHARS:
+        tb = "...(truncated)...\n" + tb[-MAX_TRACEBACK_CHARS:]
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return {"type": name, "message": str(exc), "traceback": tb}
+
+
+class Worker:
+    """Claims and runs jobs of one App. Made by ``App.run_worker/worker/drain``."""
+
+    def __init__(self, app: App, config: WorkerConfig) -> None:
+        self.app = app
+        self.config = config
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.stats = WorkerStats()
+        self._running: dict[int, _Running] = {}
+        self._outcomes: list[Outcome] = []
+        self._wake = _Flag()
+        self._outcomes_ready = _Flag()
+        self._flushed = _Flag()
+        self._flushed.set()
+        self._stopping = False
+        self._stopped = anyio.Event()
+        self._forced = False
+        self._threads = anyio.CapacityLimiter(config.concurrency)
+        self._queue_filter = None if config.queues is None else set(config.queues)
+
+    def __repr__(self) -> str:
+        return f"<taskq.Worker {self.id} running={len(self._running)}>"
+
+    @property
+    def running_jobs(self) -> list[int]:
+        """Ids of the jobs this worker is running now."""
+        return list(self._running)
+
+    # -- control -----------------------------------------------------------------
+
+    async def stop(self, *, force: bool = False) -> None:
+        """Stop claiming, let running jobs finish (up to the shutdown timeout), return.
+
+        With ``force`` running jobs are cancelled at once and returned to the queue.
+        """
+        self._stopping = True
+        if force:
+            self._force()
+        self._wake.set()
+        await self._stopped.wait()
+
+    def _force(self) -> None:
+        self._forced = True
+        for running in list(self._running.values()):
+            if running.stop_reason is None:
+                running.stop_reason = "release"
+            running.scope.cancel()
+
+    async def run(self, *, until_empty: bool = False, handle_signals: bool = False) -> WorkerStats:
+        """Serve until stopped (or, with ``until_empty``, until no runnable job is left)."""
+        async with anyio.create_task_group() as tg:
+            if handle_signals and threading.current_thread() is threading.main_thread():
+                tg.start_soon(self._watch_signals)
+            await self.serve(until_empty=until_empty)
+            tg.cancel_scope.cancel()
+        return self.stats
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._stopping:
+                    log.warning(
+                        "%s received: stopping (running jobs get %.0fs to finish; "
+                        "send it again to stop now)",
+                        name,
+                        self.config.shutdown_timeout,
+                    )
+                    self._stopping = True
+                    self._wake.set()
+                else:
+                    log.warning("%s received again: cancelling running jobs", name)
+                    self._force()
+
+    # -- main loop ---------------------------------------------------------------
+
+    async def serve(
+        self,
+        *,
+        until_empty: bool = False,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the worker in the current task; ``task_status.started()`` once it claims."""
+        app = self.app
+        store = app.store
+        notifier = await app.notifier()
+        unsubscribe: list[Callable[[], None]] = [
+            notifier.subscribe(store.enqueued_channel, self._on_enqueued),
+            notifier.subscribe(store.cancel_channel, self._on_cancel_request),
+            notifier.on_reconnect(self._wake.set),
+        ]
+        try:
+            await self._register()
+            async with anyio.create_task_group() as services:
+                services.start_soon(self._flush_loop)
+                services.start_soon(self._maintenance_loop)
+                try:
+                    async with anyio.create_task_group() as jobs:
+                        task_status.started()
+                        try:
+                            await self._claim_loop(jobs, until_empty)
+                        finally:
+                            self._stopping = True
+                            with anyio.CancelScope(shield=True):
+                                await self._wind_down()
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                        await self._wait_flushed()
+                    services.cancel_scope.cancel()
+        finally:
+            for undo in unsubscribe:
+                undo()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    async with app._acquire("unregistering a worker") as conn:
+                        await store.unregister_worker(conn, self.id)
+                except DatabaseError as exc:
+                    log.warning("could not unregister worker %s: %s", self.id, exc)
+            if self._outcomes:
+                log.warning(
+                    "worker %s stopped with %d outcome(s) not written back; those jobs "
+                    "will be rescued when their leases expire",
+                    self.id,
+                    len(self._outcomes),
+                )
+            self._stopped.set()
+
+    async def _register(self) -> None:
+        tasks = {name: task.queue for name, task in self.app.tasks.items()}
+        async with self.app._acquire("registering a worker") as conn:
+            await self.app.store.register_worker(
+                conn,
+                worker_id=self.id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                queues=None if self.config.queues is None else list(self.config.queues),
+                tasks=tasks,
+                concurrency=self.config.concurrency,
+            )
+        log.info(
+            "worker %s started: concurrency %d, queues %s, %d task(s)",
+            self.id,
+            self.config.concurrency,
+            "all" if self.config.queues is None else ",".join(self.config.queues),
+            len(tasks),
+        )
+
+    async def _wind_down(self) -> None:
+        """After claiming stopped: give running jobs the grace period, then release them."""
+        if self._running and not self._forced:
+            log.info(
+                "worker %s: waiting up to %.0fs for %d running job(s)",
+                self.id,
+                self.config.shutdown_timeout,
+                len(self._running),
+            )
+            with anyio.move_on_after(self.config.shutdown_timeout):
+                while self._running:
+                    await self._wake.wait(0.05)
+                    self._wake.clear()
+        if self._running:
+            log.warning(
+                "worker %s: cancelling %d job(s) still running; they go back to the queue",
+                self.id,
+                len(self._running),
+            )
+            self._force()
+
+    async def _claim_loop(self, jobs: TaskGroup, until_empty: bool) -> None:
+        app, cfg = self.app, self.config
+        queues = None if cfg.queues is None else list(cfg.queues)
+        tasks = list(app.tasks)
+        backoff = 0.1
+        while not self._stopping:
+            free = cfg.concurrency - len(self._running)
+            if free <= 0 or len(self._outcomes) >= cfg.max_pending_outcomes:
+                self._wake.clear()
+                await self._wake.wait(cfg.poll_interval)
+                continue
+            if free < cfg.concurrency // 2 and self._running:
+                # Most slots are busy: give running jobs a moment to finish so
+                # that one claim fills several slots instead of one (a claim
+                # costs a round trip whatever its size).
+                deadline = time.monotonic() + CLAIM_GATHER_SECONDS
+                while free < cfg.concurrency // 2 and time.monotonic() < deadline:
+                    self._wake.clear()
+                    await self._wake.wait(max(0.0, deadline - time.monotonic()))
+                    free = cfg.concurrency - len(self._running)
+                if self._stopping:
+                    break
+            # Clear before claiming: a notification that lands while the claim
+            # runs sets the flag again and we look once more instead of sleeping.
+            self._wake.clear()
+            limit = min(free, cfg.batch_size)
+            try:
+                async with app._acquire("claiming jobs") as conn:
+                    claimed = await app.store.claim(
+                        conn,
+                        queues=queues,
+                        tasks=tasks,
+                        limit=limit,
+                        worker_id=self.id,
+                        lease_seconds=cfg.lease_seconds,
+                    )
+            except DatabaseError as exc:
+                log.warning("worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff)
+                await self._wake.wait(backoff)
+                backoff = min(backoff * 2, cfg.poll_interval * 2)
+                continue
+            backoff = 0.1
+            self.stats.claimed += len(claimed)
+            for job in claimed:
+                self._running[job.id] = _Running(job)
+                jobs.start_soon(self._run_job, self._running[job.id])
+            if len(claimed) == limit:
+                continue
+            if until_empty:
+                if self._running:
+                    await self._wake.wait(cfg.poll_interval)
+                    continue
+                # Retries due now become claimable only once written back.
+                await self._wait_flushed()
+                if not claimed and not self._outcomes:
+                    if not await self._more_due_now(conn_tasks=tasks, queues=queues):
+                        return
+                continue
+            wait = cfg.poll_interval
+            try:
+                async with app._acquire("looking for due jobs") as conn:
+                    due = await app.store.seconds_until_next_due(conn, queues=queues, tasks=tasks)
+            except DatabaseError:
+                due = None
+            if due is not None:
+                wait = min(wait, max(due, 0.0) + 0.001)
+            await self._wake.wait(wait)
+
+    async def _more_due_now(self, *, conn_tasks: list[str], queues: list[str] | None) -> bool:
+        async with self.app._acquire("looking for due jobs") as conn:
+            due = await self.app.store.seconds_until_next_due(conn, queues=queues, tasks=conn_tasks)
+        return due is not None and due <= 0
+
+    def _on_enqueued(self, queue: str) -> None:
+        if self._queue_filter is None or queue in self._queue_filter:
+            self._wake.set()
+
+    def _on_cancel_request(self, payload: str) -> None:
+        try:
+            job_id = int(payload)
+        except ValueError:
+            return
+        running = self._running.get(job_id)
+        if running is not None and running.stop_reason is None:
+            log.info("job %s: cancel requested", job_id)
+            running.stop_reason = "cancel"
+            running.scope.cancel()
+
+    # -- running one job -----------------------------------------------------------
+
+    async def _run_job(self, running: _Running) -> None:
+        job = running.job
+        task = self.app.tasks.get(job.task)
+        started = time.monotonic()
+        outcome: Outcome | None = None
+        try:
+            with running.scope:
+                try:
+                    if task is None:  # cannot happen: the claim only takes known tasks
+                        raise LookupError(f"no task named {job.task!r} in this worker")
+                    value = await self._call(task, job)
+                    result = None
+                    if value is not None:
+                        result = encode(
+                            value,
+                            what=f"result of task {job.task!r}",
+                            max_bytes=self.app.max_payload_bytes,
+                        )
+                    outcome = Outcome(job.id, job.token, "succeeded", result=result)
+                except Exception as exc:
+                    outcome = self._failure(job, task, exc)
+        except BaseException:
+            # Cancelled from outside (the host cancelled the worker): give the
+            # job back, it did not fail.
+            outcome = Outcome(job.id, job.token, "release")
+            raise
+        finally:
+            if outcome is None:  # our own scope was cancelled
+                reason = running.stop_reason or "release"
+                if reason == "cancel":
+                    err = {"type": "taskq.JobCancelled", "message": "cancelled while running",
+                           "traceback": ""}
+                    outcome = Outcome(job.id, job.token, "cancelled", error=_dumps(err))
+                elif reason == "release":
+                    outcome = Outcome(job.id, job.token, "release")
+            del self._running[job.id]
+            if outcome is not None:
+                self._record(job, outcome, time.monotonic() - started)
+            else:
+                self.stats.lost += 1
+            self._wake.set()
+
+    async def _call(self, task: Task[Any, Any], job: ClaimedJob) -> Any:
+        args, kwargs = task.call_arguments(decode(job.args))
+        timeout = anyio.fail_after(task.timeout) if task.timeout else nullcontext()
+        with timeout:
+            if task.is_async:
+                return await task.fn(*args, **kwargs)
+            # A sync function runs in a thread, bounded by the same concurrency.
+            # A thread cannot be interrupted: on timeout or cancel the job ends
+            # here and the thread finishes in the background.
+            return await anyio.to_thread.run_sync(
+                lambda: task.fn(*args, **kwargs), limiter=self._threads, abandon_on_cancel=True
+            )
+
+    def _failure(self, job: ClaimedJob, task: Task[Any, Any] | None, exc: Exception) -> Outcome:
+        error = _dumps(_error_dict(exc))
+        retryable = task is not None and not isinstance(exc, SerializationError)
+        if retryable and task is not None and task.retry.should_retry(exc, job.attempts):
+            delay = task.retry.delay(exc, job.attempts)
+            return Outcome(job.id, job.token, "retry", error=error, delay=delay)
+        return Outcome(job.id, job.token, "failed", error=error)
+
+    def _record(self, job: ClaimedJob, outcome: Outcome, duration: float) -> None:
+        kind = outcome.kind
+        extra = {
+            "job_id": job.id,
+            "task": job.task,
+            "queue": job.queue,
+            "attempt": job.attempts,
+            "duration": duration,
+            "outcome": kind,
+        }
+        if kind == "succeeded":
+            self.stats.succeeded += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("job %s %s succeeded in %.3fs", job.id, job.task, duration, extra=extra)
+        elif kind == "retry":
+            self.stats.retried += 1
+            log.info(
+                "job %s %s failed (attempt %d), retrying in %.1fs: %s",
+                job.id, job.task, job.attempts, outcome.delay, _summary(outcome), extra=extra,
+            )
+        elif kind == "failed":
+            self.stats.failed += 1
+            log.error(
+                "job %s %s failed for good after %d attempt(s): %s",
+                job.id, job.task, job.attempts, _summary(outcome), extra=extra,
+            )
+        elif kind == "cancelled":
+            self.stats.cancelled += 1
+            log.info("job %s %s cancelled", job.id, job.task, extra=extra)
+        else:
+            self.stats.released += 1
+            log.info("job %s %s interrupted; back to the queue", job.id, job.task, extra=extra)
+        self._outcomes.append(outcome)
+        self._flushed.clear()
+        self._outcomes_ready.set()
+
+    # -- write-back and upkeep -------------------------------------------------------
+
+    async def _wait_flushed(self) -> None:
+        while self._outcomes:
+            self._outcomes_ready.set()
+            await self._flushed.wait(1.0)
+
+    async def _flush_loop(self) -> None:
+        app, cfg = self.app, self.config
+        backoff = 0.05
+        while True:
+            await self._outcomes_ready.wait()
+            self._outcomes_ready.clear()
+            while self._outcomes:
+                batch = self._outcomes[: cfg.batch_size]
+                try:
+                    async with app._acquire("writing back job outcomes") as conn:
+                        requeued, archived = await app.store.finish(conn, batch)
+                except DatabaseError as exc:
+                    # Kept in memory and retried: the lease token makes a
+                    # repeat of a write that did commit change nothing.
+                    log.warning("worker %s cannot write back %d outcome(s): %s", self.id,
+                                len(batch), exc)
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.05
+                del self._outcomes[: len(batch)]
+                if len(requeued) + len(archived) != len(batch):
+                    done = set(requeued) | set(archived)
+                    missed = [o.job_id for o in batch if o.job_id not in done]
+                    log.warning(
+                        "worker %s: lease lost for job(s) %s before their outcome was written; "
+                        "another worker owns them now, outcome dropped",
+                        self.id,
+                        missed,
+                    )
+            self._flushed.set()
+
+    async def _maintenance_loop(self) -> None:
+        app, cfg = self.app, self.config
+        interval = cfg.lease_seconds / 3
+        last_rescue = last_prune = time.monotonic()
+        while True:
+            await anyio.sleep(interval)
+            try:
+                async with app._acquire("renewing leases") as conn:
+                    await app.store.heartbeat(conn, self.id)
+                    held = [(r.job.id, r.job.token) for r in self._running.values()]
+                    held += [(o.job_id, o.token) for o in self._outcomes]
+                    if held:
+                        renewed = await app.store.renew_leases(conn, held, cfg.lease_seconds)
+                        for job_id, _ in held:
+                            running = self._running.get(job_id)
+                            if job_id not in renewed and running and running.stop_reason is None:
+                                log.warning(
+                                    "job %s: this worker lost its lease; cancelling it here",
+                                    job_id,
+                                )
+                                running.stop_reason = "lost"
+                                running.scope.cancel()
+                    now = time.monotonic()
+                    if now - last_rescue >= cfg.rescue_interval:
+                        last_rescue = now
+                        rescued = await app.store.rescue_expired(conn)
+                        if rescued:
+                            log.warning("rescued %d job(s) with expired leases: %s",
+                                        len(rescued), rescued[:20])
+                            self._wake.set()
+                        await app.store.forget_dead_workers(conn, cfg.lease_seconds * 10)
+                    if now - last_prune >= cfg.prune_interval:
+                        last_prune = now
+                        await app.store.prune_history(
+                            conn, app.history_retention.total_seconds()
+                        )
+            except DatabaseError as exc:
+                log.warning("worker %s upkeep failed: %s", self.id, exc)
+
+
+def _dumps(value: Any) -> str:
+    return encode(value, what="error", max_bytes=1 << 30)
+
+
+def _summary(outcome: Outcome) -> str:
+    err = decode(outcome.error) if outcome.error else {}
+    return f"{err.get('type')}: {err.get('message')}"
