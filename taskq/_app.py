@@ -212,11 +212,6 @@ class App:
             if not callable(func):
                 raise ConfigurationError(f"@app.task needs a function, got {func!r}")
             task_name = check_task_name(name or f"{func.__module__}.{func.__qualname__}")
-            if "<" in func.__qualname__ and name is None:
-                raise ConfigurationError(
-                    f"{func.__qualname__} is a nested function: give it a stable name, "
-                    "@app.task(name='...')"
-                )
             if task_name in self.tasks and self.tasks[task_name].fn is not func:
                 raise ConfigurationError(f"a different task is already registered as {task_name!r}")
             task: Task[Any, Any] = Task(

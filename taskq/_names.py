@@ -16,7 +16,9 @@ DEFAULT_QUEUE = "default"
 
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 # Task names are usually "module.function"; queues are short labels.
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}")
+_QUEUE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}")
+# Task names may also hold "<locals>" (functions defined inside functions).
+_TASK_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:<>\-]{0,199}")
 
 
 def quote_schema(name: str) -> str:
@@ -33,20 +35,20 @@ def quote_schema(name: str) -> str:
 
 def check_queue(name: object) -> str:
     """Validate a queue name and return it."""
-    return _check(name, "queue")
+    return _check(name, "queue", _QUEUE_RE, 128, "_ . : -")
 
 
 def check_task_name(name: object) -> str:
     """Validate a task name and return it."""
-    return _check(name, "task")
+    return _check(name, "task", _TASK_RE, 200, "_ . : - < >")
 
 
-def _check(name: object, kind: str) -> str:
+def _check(name: object, kind: str, pattern: re.Pattern[str], limit: int, extra: str) -> str:
     if not isinstance(name, str):
         raise ConfigurationError(f"{kind} name must be a str, got {type(name).__name__}")
-    if not _NAME_RE.fullmatch(name):
+    if not pattern.fullmatch(name):
         raise ConfigurationError(
-            f"{kind} name {name!r} is invalid: use 1-128 characters of letters, digits and "
-            "_ . : -, starting with a letter, digit or _"
+            f"{kind} name {name!r} is invalid: use 1-{limit} characters of letters, digits "
+            f"and {extra}, starting with a letter, digit or _"
         )
     return name

@@ -175,6 +175,7 @@ class Worker:
         self._outcomes_ready = _Flag()
         self._flushed = _Flag()
         self._flushed.set()
+        self._flush_lock = anyio.Lock()
         self._stopping = False
         self._stopped = anyio.Event()
         self._forced = False
@@ -267,12 +268,14 @@ class Worker:
                             with anyio.CancelScope(shield=True):
                                 await self._wind_down()
                 finally:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                        await self._wait_flushed()
                     services.cancel_scope.cancel()
         finally:
             for undo in unsubscribe:
                 undo()
+            # Write back what the last jobs produced (released jobs included),
+            # even when the worker itself is being cancelled.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self._flush_all()
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 try:
                     async with app._acquire("unregistering a worker") as conn:
@@ -526,36 +529,56 @@ class Worker:
             await self._flushed.wait(1.0)
 
     async def _flush_loop(self) -> None:
-        app, cfg = self.app, self.config
         backoff = 0.05
         while True:
             await self._outcomes_ready.wait()
             self._outcomes_ready.clear()
             while self._outcomes:
-                batch = self._outcomes[: cfg.batch_size]
                 try:
-                    async with app._acquire("writing back job outcomes") as conn:
-                        requeued, archived = await app.store.finish(conn, batch)
+                    await self._flush_batch()
                 except DatabaseError as exc:
                     # Kept in memory and retried: the lease token makes a
                     # repeat of a write that did commit change nothing.
                     log.warning("worker %s cannot write back %d outcome(s): %s", self.id,
-                                len(batch), exc)
+                                len(self._outcomes), exc)
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.05
-                del self._outcomes[: len(batch)]
-                if len(requeued) + len(archived) != len(batch):
-                    done = set(requeued) | set(archived)
-                    missed = [o.job_id for o in batch if o.job_id not in done]
-                    log.warning(
-                        "worker %s: lease lost for job(s) %s before their outcome was written; "
-                        "another worker owns them now, outcome dropped",
-                        self.id,
-                        missed,
-                    )
             self._flushed.set()
+
+    async def _flush_all(self) -> None:
+        """Write back every buffered outcome now, retrying until cancelled."""
+        backoff = 0.05
+        while self._outcomes:
+            try:
+                await self._flush_batch()
+            except DatabaseError as exc:
+                log.warning("worker %s cannot write back outcomes: %s", self.id, exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        self._flushed.set()
+
+    async def _flush_batch(self) -> None:
+        async with self._flush_lock:
+            batch = self._outcomes[: self.config.batch_size]
+            if not batch:
+                return
+            async with self.app._acquire("writing back job outcomes") as conn:
+                requeued, archived = await self.app.store.finish(conn, batch)
+            del self._outcomes[: len(batch)]
+        if requeued:
+            # A retry is due later: let the claim loop recompute when to wake.
+            self._wake.set()
+        if len(requeued) + len(archived) != len(batch):
+            done = set(requeued) | set(archived)
+            missed = [o.job_id for o in batch if o.job_id not in done]
+            log.warning(
+                "worker %s: lease lost for job(s) %s before their outcome was written; "
+                "another worker owns them now, outcome dropped",
+                self.id,
+                missed,
+            )
 
     async def _maintenance_loop(self) -> None:
         app, cfg = self.app, self.config

@@ -1,0 +1,550 @@
+"""Workers: claiming, running, results, retries, timeouts, cancellation, back pressure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+import tenacity
+
+import taskq
+
+pytestmark = pytest.mark.anyio
+
+
+async def fetchval(app: taskq.App, sql: str, *args: Any) -> Any:
+    async with app.pool.acquire() as c:
+        return await c.fetchval(sql.replace("{s}", f'"{app.schema}"'), *args)
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.02) -> None:
+    with anyio.fail_after(timeout):
+        while not await predicate():
+            await anyio.sleep(step)
+
+
+async def test_drain_runs_jobs_and_keeps_results(app: taskq.App) -> None:
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    async def nothing() -> None:
+        return None
+
+    async with app:
+        j1 = await add.enqueue(a=2, b=3)
+        j2 = await nothing.enqueue()
+        stats = await app.drain()
+        assert (stats.succeeded, stats.failed) == (2, 0)
+        assert await j1.result(timeout=5) == 5
+        assert await j2.result(timeout=5) is None
+        s1 = await j1.status()
+        assert s1.state is taskq.JobState.SUCCEEDED
+        assert s1.attempts == 1
+        assert s1.started_at is not None and s1.finished_at is not None
+        assert s1.started_at <= s1.finished_at
+        # Finished jobs leave the hot table; a result is stored only when there is one.
+        assert await fetchval(app, "SELECT count(*) FROM {s}.jobs") == 0
+        assert await fetchval(app, "SELECT count(*) FROM {s}.history WHERE result IS NULL") == 1
+
+
+async def test_racing_workers_run_every_job_exactly_once(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema, pool_max_size=30)
+    runs: dict[int, int] = {}
+
+    @app.task
+    async def record(n: int) -> None:
+        runs[n] = runs.get(n, 0) + 1
+        async with app.pool.acquire() as c:
+            await c.execute(f'INSERT INTO "{schema}".ledger (n) VALUES ($1)', n)
+        await anyio.sleep(0)
+
+    async with app:
+        await fetchval(app, "CREATE TABLE {s}.ledger (n int NOT NULL)")
+        await record.enqueue_many([{"n": n} for n in range(2000)])
+        stats: list[taskq.WorkerStats] = []
+
+        async def one_worker() -> None:
+            stats.append(await app.drain(concurrency=8))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(one_worker)
+        assert len(stats) == 5
+        assert sum(s.succeeded for s in stats) == 2000
+        # Work was really shared: more than one worker got jobs.
+        assert sum(1 for s in stats if s.succeeded) > 1
+        assert sorted(runs) == list(range(2000))
+        assert set(runs.values()) == {1}
+        assert await fetchval(app, "SELECT count(*) FROM {s}.ledger") == 2000
+        assert await fetchval(app, "SELECT count(DISTINCT n) FROM {s}.ledger") == 2000
+        assert await fetchval(app, "SELECT count(*) FROM {s}.history WHERE state='succeeded'") == 2000
+
+
+async def test_higher_priority_runs_first_then_fifo(app: taskq.App) -> None:
+    order: list[str] = []
+
+    @app.task
+    async def step(label: str) -> None:
+        order.append(label)
+
+    async with app:
+        await step.enqueue(label="low-1")
+        await step.options(priority=-1).enqueue(label="lowest")
+        await step.options(priority=5).enqueue(label="high-1")
+        await step.enqueue(label="low-2")
+        await step.options(priority=5).enqueue(label="high-2")
+        await app.drain(concurrency=1)
+    assert order == ["high-1", "high-2", "low-1", "low-2", "lowest"]
+
+
+async def test_delayed_job_waits_then_starts_without_polling(app: taskq.App) -> None:
+    @app.task
+    async def later() -> str:
+        return "done"
+
+    async with app:
+        job = await later.options(delay=1.0).enqueue()
+        stats = await app.drain()
+        assert stats.processed == 0
+        assert (await job.status()).state is taskq.JobState.QUEUED
+        # poll_interval is far longer than the delay: the worker must sleep
+        # until the job is due, not until its next poll.
+        async with app.worker(poll_interval=60):
+            assert await job.result(timeout=20) == "done"
+        status = await job.status()
+        assert status.started_at is not None
+        assert (status.started_at - status.enqueued_at).total_seconds() >= 1.0
+
+
+async def test_idle_worker_wakes_on_notify(app: taskq.App) -> None:
+    @app.task
+    async def ping() -> str:
+        return "pong"
+
+    async with app, app.worker(poll_interval=60) as worker:
+        await anyio.sleep(0.2)  # let it go idle
+        job = await ping.enqueue()
+        # With a 60 s poll, only the NOTIFY can make this finish in time.
+        assert await job.result(timeout=20) == "pong"
+        assert worker.stats.succeeded == 1
+
+
+async def test_timeout_cancels_the_attempt_and_counts_as_failure(app: taskq.App) -> None:
+    cleaned_up: list[int] = []
+
+    @app.task(timeout=0.2, retry=taskq.Retry(attempts=2, wait=0))
+    async def slow() -> None:
+        try:
+            await anyio.sleep(30)
+        finally:
+            cleaned_up.append(1)
+
+    async with app:
+        job = await slow.enqueue()
+        stats = await app.drain()
+        assert (stats.retried, stats.failed) == (1, 1)
+        with pytest.raises(taskq.JobFailed) as info:
+            await job.result(timeout=5)
+        assert info.value.error_type == "TimeoutError"
+        assert info.value.attempts == 2
+        assert cleaned_up == [1, 1]
+
+
+async def test_retries_wait_per_policy_then_succeed(app: taskq.App) -> None:
+    starts: list[float] = []
+
+    @app.task(retry=taskq.Retry(attempts=3, wait=tenacity.wait_fixed(0.3)))
+    async def flaky() -> str:
+        starts.append(time.monotonic())
+        if len(starts) < 3:
+            raise ConnectionError(f"try {len(starts)}")
+        return "ok"
+
+    async with app:
+        job = await flaky.enqueue()
+        first = await app.drain()
+        assert (first.retried, first.succeeded) == (1, 0)
+        status = await job.status()
+        assert status.state is taskq.JobState.QUEUED
+        assert status.attempts == 1
+        assert status.error is not None and status.error["message"] == "try 1"
+        async with app.worker(poll_interval=60):
+            assert await job.result(timeout=20) == "ok"
+        assert (await job.status()).attempts == 3
+    assert len(starts) == 3
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(g >= 0.29 for g in gaps), gaps
+
+
+async def test_retry_on_selects_which_errors_retry(app: taskq.App) -> None:
+    @app.task(retry=taskq.Retry(attempts=3, wait=0, on=ValueError))
+    async def picky(kind: str) -> None:
+        raise ValueError("v") if kind == "value" else KeyError("k")
+
+    @app.task(
+        retry=taskq.Retry(
+            attempts=3, wait=0, on=tenacity.retry_if_exception_message(match="transient.*")
+        )
+    )
+    async def by_message(msg: str) -> None:
+        raise RuntimeError(msg)
+
+    async with app:
+        value = await picky.enqueue(kind="value")
+        key = await picky.enqueue(kind="key")
+        transient = await by_message.enqueue(msg="transient glitch")
+        permanent = await by_message.enqueue(msg="bad input")
+        await app.drain()
+        assert (await value.status()).attempts == 3
+        assert (await key.status()).attempts == 1
+        assert (await transient.status()).attempts == 3
+        assert (await permanent.status()).attempts == 1
+        for job in (value, key, transient, permanent):
+            assert (await job.status()).state is taskq.JobState.FAILED
+
+
+async def test_retry_is_durable_across_restarts(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+
+    @app.task(name="durable", retry=taskq.Retry(attempts=3, wait=3600))
+    async def durable() -> None:
+        raise RuntimeError("later")
+
+    async with app:
+        job = await durable.enqueue()
+        await app.drain()
+    # A new process (new App) sees the job waiting for its retry, not lost.
+    again = taskq.App(pg_dsn, schema=schema)
+    again.task(name="durable")(lambda: None)
+    async with again:
+        status = await again.get_job(job.id).status()
+        assert status.state is taskq.JobState.QUEUED
+        assert status.attempts == 1
+        assert status.run_at is not None
+        assert (status.run_at - status.enqueued_at).total_seconds() > 3500
+        assert (await again.drain()).processed == 0
+
+
+async def test_dead_letter_keeps_the_error_and_can_be_rerun(app: taskq.App) -> None:
+    broken = {"yes": True}
+
+    @app.task(retry=taskq.Retry(attempts=2, wait=0))
+    async def fragile(order: int) -> int:
+        if broken["yes"]:
+            raise LookupError(f"order {order} not found")
+        return order
+
+    async with app:
+        job = await fragile.enqueue(order=9)
+        await app.drain()
+        status = await job.status()
+        assert status.state is taskq.JobState.FAILED
+        assert status.attempts == 2
+        assert status.last_error == "LookupError: order 9 not found"
+        with pytest.raises(taskq.JobFailed) as info:
+            await job.result(timeout=5)
+        err = info.value
+        assert (err.error_type, err.error_message, err.job_id) == (
+            "LookupError",
+            "order 9 not found",
+            job.id,
+        )
+        assert "in fragile" in err.traceback and "raise LookupError" in err.traceback
+        assert isinstance(err, taskq.JobError) and isinstance(err, taskq.TaskqError)
+
+        broken["yes"] = False
+        assert await job.retry() is True
+        rerun = await job.status()
+        assert (rerun.state, rerun.attempts) == (taskq.JobState.QUEUED, 0)
+        await app.drain()
+        assert await job.result(timeout=5) == 9
+        assert await job.retry() is False  # succeeded jobs are not re-run
+
+
+async def test_result_that_is_not_json_fails_the_job_clearly(app: taskq.App) -> None:
+    @app.task
+    async def bad_result() -> object:
+        return {"when": object()}
+
+    async with app:
+        job = await bad_result.enqueue()
+        await app.drain()
+        with pytest.raises(taskq.JobFailed) as info:
+            await job.result(timeout=5)
+        assert info.value.error_type == "taskq._errors.SerializationError"
+        assert "result of task" in info.value.error_message
+        assert info.value.attempts == 1  # not retried: it would fail the same way
+
+
+async def test_sync_tasks_run_in_threads_bounded_by_concurrency(app: taskq.App) -> None:
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+    threads: set[str] = set()
+
+    @app.task
+    def blocking(i: int) -> int:
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        threads.add(threading.current_thread().name)
+        time.sleep(0.1)
+        with lock:
+            state["now"] -= 1
+        return i
+
+    async with app:
+        jobs = await blocking.enqueue_many([{"i": i} for i in range(8)])
+        await app.drain(concurrency=2)
+        assert [await j.result(timeout=5) for j in jobs] == list(range(8))
+    assert state["peak"] == 2
+    assert threading.main_thread().name not in threads
+
+
+async def test_back_pressure_never_claims_more_than_free_slots(app: taskq.App) -> None:
+    gate = anyio.Event()
+
+    @app.task
+    async def blocked(i: int) -> None:
+        await gate.wait()
+
+    async with app:
+        await blocked.enqueue_many([{"i": i} for i in range(12)])
+        async with app.worker(concurrency=3) as worker:
+            await wait_until(
+                lambda: fetchval(app, "SELECT count(*) = 3 FROM {s}.jobs WHERE state='running'")
+            )
+            for _ in range(10):
+                assert await fetchval(app, "SELECT count(*) FROM {s}.jobs WHERE state='running'") == 3
+                assert len(worker.running_jobs) == 3
+                await anyio.sleep(0.02)
+            gate.set()
+            await wait_until(lambda: fetchval(app, "SELECT count(*) = 0 FROM {s}.jobs"))
+
+
+async def test_result_times_out_without_a_worker(app: taskq.App) -> None:
+    @app.task
+    async def never_run() -> None:
+        return None
+
+    async with app:
+        job = await never_run.enqueue()
+        with pytest.raises(TimeoutError):
+            await job.result(timeout=0.3)
+
+
+async def test_result_wakes_on_notification(app: taskq.App) -> None:
+    @app.task
+    async def value() -> int:
+        return 41
+
+    async with app:
+        job = await value.enqueue()
+        got: list[Any] = []
+
+        async def waiter() -> None:
+            got.append(await job.result(timeout=30))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.sleep(0.1)
+            await app.drain()
+        assert got == [41]
+
+
+async def test_cancel_a_queued_job(app: taskq.App) -> None:
+    ran: list[int] = []
+
+    @app.task
+    async def job(n: int) -> None:
+        ran.append(n)
+
+    async with app:
+        victim = await job.enqueue(n=1)
+        await job.enqueue(n=2)
+        assert await victim.cancel() is True
+        await app.drain()
+        assert ran == [2]
+        assert (await victim.status()).state is taskq.JobState.CANCELLED
+        with pytest.raises(taskq.JobCancelled):
+            await victim.result(timeout=5)
+        assert await victim.cancel() is False  # already finished: a no-op
+        with pytest.raises(taskq.JobNotFound):
+            await app.get_job(10**12).cancel()
+
+
+async def test_cancel_a_running_job(app: taskq.App) -> None:
+    started = anyio.Event()
+    cleaned = anyio.Event()
+
+    @app.task
+    async def long_job() -> None:
+        started.set()
+        try:
+            await anyio.sleep(60)
+        finally:
+            cleaned.set()
+
+    @app.task
+    async def after() -> str:
+        return "still working"
+
+    async with app, app.worker() as worker:
+        job = await long_job.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        assert await job.cancel() is True
+        with pytest.raises(taskq.JobCancelled):
+            await job.result(timeout=10)
+        assert cleaned.is_set()
+        assert await (await after.enqueue()).result(timeout=10) == "still working"
+        assert worker.stats.cancelled == 1
+
+
+async def test_jobs_of_unknown_tasks_wait_for_a_worker_that_knows_them(
+    pg_dsn: str, schema: str
+) -> None:
+    new = taskq.App(pg_dsn, schema=schema)
+    old = taskq.App(pg_dsn, schema=schema)
+
+    @new.task(name="v2.only")
+    async def v2_only() -> str:
+        return "new code"
+
+    @old.task(name="v1.task")
+    async def v1_task() -> str:
+        return "old code"
+
+    async with new, old:
+        job = await v2_only.enqueue()
+        stats = await old.drain()  # the old worker does not know v2.only
+        assert stats.processed == 0
+        assert (await job.status()).state is taskq.JobState.QUEUED
+        await new.drain()
+        assert await job.result(timeout=5) == "new code"
+
+
+async def test_history_is_pruned_after_retention(pg_dsn: str, schema: str) -> None:
+    import datetime as dt
+
+    app = taskq.App(pg_dsn, schema=schema, history_retention=dt.timedelta(seconds=0))
+
+    @app.task
+    async def job() -> None:
+        return None
+
+    async with app:
+        await job.enqueue()
+        await app.drain()
+        assert await fetchval(app, "SELECT count(*) FROM {s}.history") == 1
+        async with app.worker(lease_seconds=0.6, prune_interval=0.1):
+            await wait_until(lambda: fetchval(app, "SELECT count(*) = 0 FROM {s}.history"))
+
+
+async def test_worker_beside_the_app_finishes_running_jobs_on_exit(app: taskq.App) -> None:
+    @app.task
+    async def short() -> str:
+        await anyio.sleep(0.3)
+        return "finished"
+
+    async with app:
+        async with app.worker(shutdown_timeout=10):
+            job = await short.enqueue()
+            await wait_until(
+                lambda: fetchval(app, "SELECT count(*) = 1 FROM {s}.jobs WHERE state='running'")
+            )
+        # Leaving the block waited for the running job instead of dropping it.
+        assert (await job.status()).state is taskq.JobState.SUCCEEDED
+
+
+async def test_shutdown_returns_unfinished_jobs_without_using_an_attempt(app: taskq.App) -> None:
+    started = anyio.Event()
+    cleaned = anyio.Event()
+
+    @app.task(retry=taskq.Retry(attempts=1))
+    async def endless() -> None:
+        started.set()
+        try:
+            await anyio.sleep(3600)
+        finally:
+            cleaned.set()
+
+    async with app:
+        job = await endless.enqueue()
+        async with app.worker(shutdown_timeout=0.2) as worker:
+            with anyio.fail_after(10):
+                await started.wait()
+        assert cleaned.is_set()
+        assert worker.stats.released == 1
+        status = await job.status()
+        assert status.state is taskq.JobState.QUEUED
+        assert status.attempts == 0  # the interrupted run is not counted
+        assert status.worker_id is None
+        assert await fetchval(app, "SELECT lease_token IS NULL FROM {s}.jobs") is True
+
+
+async def test_cancelling_run_worker_releases_its_jobs(app: taskq.App) -> None:
+    started = anyio.Event()
+
+    @app.task
+    async def endless() -> None:
+        started.set()
+        await anyio.sleep(3600)
+
+    async with app:
+        job = await endless.enqueue()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: app.run_worker(handle_signals=False))
+            with anyio.fail_after(10):
+                await started.wait()
+            tg.cancel_scope.cancel()
+        status = await job.status()
+        assert (status.state, status.attempts) == (taskq.JobState.QUEUED, 0)
+
+
+async def test_write_back_with_a_stale_lease_token_changes_nothing(app: taskq.App) -> None:
+    import uuid
+
+    from taskq._store import Outcome
+
+    @app.task
+    async def job() -> None:
+        return None
+
+    async with app:
+        j = await job.enqueue()
+        async with app.pool.acquire() as conn:
+            claimed = await app.store.claim(
+                conn, queues=None, tasks=list(app.tasks), limit=10, worker_id="w", lease_seconds=30
+            )
+            assert [c.id for c in claimed] == [j.id]
+            stale = Outcome(j.id, uuid.uuid4(), "succeeded")
+            assert await app.store.finish(conn, [stale]) == ([], [])
+            assert (await j.status()).state is taskq.JobState.RUNNING
+            good = Outcome(j.id, claimed[0].token, "succeeded")
+            assert await app.store.finish(conn, [good]) == ([], [j.id])
+            # Writing the same outcome again (e.g. a retry after a lost reply) is a no-op.
+            assert await app.store.finish(conn, [good]) == ([], [])
+
+
+async def test_many_open_close_cycles_leak_no_connections(app: taskq.App, pg_dsn: str) -> None:
+    @app.task
+    async def job() -> None:
+        return None
+
+    probe = await asyncpg.connect(pg_dsn)
+    try:
+        before = await probe.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'taskq%'")
+        for _ in range(20):
+            async with app:
+                await job.enqueue()
+                await app.drain()
+        after = await probe.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'taskq%'")
+        assert after == before
+    finally:
+        await probe.close()
