@@ -70,7 +70,12 @@ async def _reset(conn: _Connection) -> None:
         await conn.execute(query)
 
 
-_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, TimeoutError)
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    TimeoutError,
+)
 
 
 @contextlib.contextmanager
@@ -160,6 +165,7 @@ class App:
     @overload
     def task(
         self,
+        /,
         *,
         name: str | None = None,
         queue: str = DEFAULT_QUEUE,
@@ -325,8 +331,7 @@ class App:
             raise ConfigurationError(str(exc)) from exc
         self.embedded = server
         log.info(
-            "taskq: no DSN given and $%s unset; using the embedded Postgres "
-            "(data: %s, log: %s)",
+            "taskq: no DSN given and $%s unset; using the embedded Postgres (data: %s, log: %s)",
             DSN_ENV,
             server.data_dir,
             server.log_file,
@@ -342,7 +347,7 @@ class App:
                 conn._taskq_mark_clean()
 
     async def migrate(self, *, dry_run: bool = False) -> str | list[int]:
-        """Apply pending migrations (returns versions applied) or, with ``dry_run``, return their SQL."""
+        """Apply pending migrations and return their versions; ``dry_run`` returns the SQL."""
         async with self._acquire("migrating") as conn:
             if dry_run:
                 return await _migrations.pending_sql(conn, self.schema)
@@ -412,7 +417,9 @@ class App:
         """
         check_task_name(task)
         if args is not None and not isinstance(args, Mapping):
-            raise TypeError(f"args must be a mapping of keyword arguments, got {type(args).__name__}")
+            raise TypeError(
+                f"args must be a mapping of keyword arguments, got {type(args).__name__}"
+            )
         opts = EnqueueOptions.make(
             queue=queue, priority=priority, delay=delay, run_at=run_at, connection=connection
         )
@@ -443,7 +450,9 @@ class App:
         opts: EnqueueOptions,
         task: Task[Any, Any] | None,
     ) -> Job:
-        payload = encode(stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes)
+        payload = encode(
+            stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes
+        )
         opts = with_defaults(opts, task, await self._default_queue(name, task))
         attempts = task.retry.attempts if task else Retry().attempts
         insert = self.store.insert_job

@@ -83,7 +83,8 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
     )
     log.info(
-        "worker stopped: %d succeeded, %d failed, %d retried, %d cancelled, %d returned to the queue",
+        "worker stopped: %d succeeded, %d failed, %d retried, %d cancelled, "
+        "%d returned to the queue",
         stats.succeeded,
         stats.failed,
         stats.retried,
@@ -149,27 +150,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m taskq", description="taskq: background jobs on Postgres."
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def db_options(p: argparse.ArgumentParser, *, with_app: bool) -> None:
-        p.add_argument("--dsn", help="Postgres DSN (default: $TASKQ_DSN, else the embedded Postgres)")
+        p.add_argument(
+            "--dsn", help="Postgres DSN (default: $TASKQ_DSN, else the embedded Postgres)"
+        )
         if with_app:
             p.add_argument("--app", help="MODULE:APP to take the DSN and schema from")
         p.add_argument("--schema", default=DEFAULT_SCHEMA, help="taskq schema (default: taskq)")
 
     worker = sub.add_parser("worker", help="run a worker process")
-    worker.add_argument("app", metavar="MODULE:APP", help="where your taskq.App lives, e.g. jobs:app")
-    worker.add_argument("--queue", "-q", action="append", help="queue to serve (repeatable; default all)")
-    worker.add_argument("--concurrency", "-c", type=int, default=10, help="jobs at once (default 10)")
-    worker.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds running jobs get to finish on SIGTERM (default 30)")
+    worker.add_argument(
+        "app", metavar="MODULE:APP", help="where your taskq.App lives, e.g. jobs:app"
+    )
+    worker.add_argument(
+        "--queue", "-q", action="append", help="queue to serve (repeatable; default all)"
+    )
+    worker.add_argument(
+        "--concurrency", "-c", type=int, default=10, help="jobs at once (default 10)"
+    )
+    worker.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running jobs get to finish on SIGTERM (default 30)",
+    )
     worker.add_argument("--dsn", help="override the App's DSN")
     worker.set_defaults(handler=_cmd_worker)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the taskq schema")
     db_options(migrate, with_app=True)
-    migrate.add_argument("--dry-run", action="store_true", help="print the SQL instead of running it")
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print the SQL instead of running it"
+    )
     migrate.set_defaults(handler=_cmd_migrate)
 
     status = sub.add_parser("status", help="job counts by queue and state")

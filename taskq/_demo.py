@@ -82,7 +82,9 @@ async def run_demo(*, dsn: str | None, jobs: int, concurrency: int) -> int:
         await send_email.enqueue_many(
             [{"to": f"user{i}@example.com", "attempt_seed": i} for i in range(n_emails)]
         )
-        orders = [{"order_id": i, "amount_cents": 0 if i % 10 == 7 else 100 + i} for i in range(n_orders)]
+        orders = [
+            {"order_id": i, "amount_cents": 0 if i % 10 == 7 else 100 + i} for i in range(n_orders)
+        ]
         await charge_card.enqueue_many(orders)
         total = n_images + n_emails + n_orders
         out.write(

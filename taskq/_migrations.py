@@ -100,7 +100,9 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
     q = quote_schema(schema)
     applied: list[int] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", _lock_key(schema))
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", _lock_key(schema)
+        )
         await conn.execute(_bootstrap(schema))
         version = await current_version(conn, schema)
         for m in all_migrations():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import tenacity
 from tenacity.wait import wait_base
@@ -18,7 +17,9 @@ from ._errors import ConfigurationError
 DEFAULT_ATTEMPTS = 5
 #: First retry after 10-15 s, then x3 each time (10, 30, 90, 270 s plus jitter),
 #: capped at one hour. Jitter keeps a burst of failures from retrying in lockstep.
-DEFAULT_WAIT: wait_base = tenacity.wait_exponential_jitter(multiplier=10, exp_base=3, max=3600, jitter=5)
+DEFAULT_WAIT: wait_base = tenacity.wait_exponential_jitter(
+    multiplier=10, exp_base=3, max=3600, jitter=5
+)
 
 RetryPredicate = Callable[[tenacity.RetryCallState], bool]
 WaitStrategy = Callable[[tenacity.RetryCallState], float]
@@ -121,4 +122,3 @@ def coerce_retry(value: Retry | int | bool | None) -> Retry:
     if isinstance(value, int):
         return Retry(attempts=value)
     raise ConfigurationError(f"retry= must be a taskq.Retry, an int or a bool, got {value!r}")
-

@@ -10,13 +10,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-
-import asyncpg
+from typing import Any, TypeAlias
 
 from ._names import quote_schema
 
-Conn = asyncpg.Connection | Any  # a Connection or a pool's connection proxy
+#: An asyncpg Connection or a pool's connection proxy (asyncpg ships no types).
+Conn: TypeAlias = Any
 
 
 @dataclass(slots=True)
@@ -336,8 +335,9 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------
 
-    async def get_job(self, conn: Conn, job_id: int) -> asyncpg.Record | None:
-        return await conn.fetchrow(self._get_job, job_id)  # type: ignore[no-any-return]
+    async def get_job(self, conn: Conn, job_id: int) -> Any:
+        """The job's row from the hot table or from history, or None."""
+        return await conn.fetchrow(self._get_job, job_id)
 
     async def cancel_queued(self, conn: Conn, job_id: int) -> bool:
         return await conn.fetchrow(self._cancel_queued, job_id, self.finished_channel) is not None
@@ -352,4 +352,5 @@ class Store:
         return [(r[0], r[1], r[2]) for r in await conn.fetch(self._counts)]
 
     async def lookup_task_queue(self, conn: Conn, name: str) -> str | None:
-        return await conn.fetchval(self._lookup_task, name)  # type: ignore[no-any-return]
+        queue = await conn.fetchval(self._lookup_task, name)
+        return None if queue is None else str(queue)

@@ -157,7 +157,9 @@ def _error_dict(exc: BaseException) -> dict[str, str]:
     if len(tb) > MAX_TRACEBACK_CHARS:
         tb = "...(truncated)...\n" + tb[-MAX_TRACEBACK_CHARS:]
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
     return {"type": name, "message": str(exc), "traceback": tb}
 
 
@@ -369,7 +371,9 @@ class Worker:
                         lease_seconds=cfg.lease_seconds,
                     )
             except DatabaseError as exc:
-                log.warning("worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff)
+                log.warning(
+                    "worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff
+                )
                 await self._wake.wait(backoff)
                 backoff = min(backoff * 2, cfg.poll_interval * 2)
                 continue
@@ -386,9 +390,12 @@ class Worker:
                     continue
                 # Retries due now become claimable only once written back.
                 await self._wait_flushed()
-                if not claimed and not self._outcomes:
-                    if not await self._more_due_now(conn_tasks=tasks, queues=queues):
-                        return
+                if (
+                    not claimed
+                    and not self._outcomes
+                    and not await self._more_due_now(conn_tasks=tasks, queues=queues)
+                ):
+                    return
                 continue
             wait = cfg.poll_interval
             try:
@@ -452,8 +459,11 @@ class Worker:
             if outcome is None:  # our own scope was cancelled
                 reason = running.stop_reason or "release"
                 if reason == "cancel":
-                    err = {"type": "taskq.JobCancelled", "message": "cancelled while running",
-                           "traceback": ""}
+                    err = {
+                        "type": "taskq.JobCancelled",
+                        "message": "cancelled while running",
+                        "traceback": "",
+                    }
                     outcome = Outcome(job.id, job.token, "cancelled", error=_dumps(err))
                 elif reason == "release":
                     outcome = Outcome(job.id, job.token, "release")
@@ -503,13 +513,22 @@ class Worker:
             self.stats.retried += 1
             log.info(
                 "job %s %s failed (attempt %d), retrying in %.1fs: %s",
-                job.id, job.task, job.attempts, outcome.delay, _summary(outcome), extra=extra,
+                job.id,
+                job.task,
+                job.attempts,
+                outcome.delay,
+                _summary(outcome),
+                extra=extra,
             )
         elif kind == "failed":
             self.stats.failed += 1
             log.error(
                 "job %s %s failed for good after %d attempt(s): %s",
-                job.id, job.task, job.attempts, _summary(outcome), extra=extra,
+                job.id,
+                job.task,
+                job.attempts,
+                _summary(outcome),
+                extra=extra,
             )
         elif kind == "cancelled":
             self.stats.cancelled += 1
@@ -539,8 +558,12 @@ class Worker:
                 except DatabaseError as exc:
                     # Kept in memory and retried: the lease token makes a
                     # repeat of a write that did commit change nothing.
-                    log.warning("worker %s cannot write back %d outcome(s): %s", self.id,
-                                len(self._outcomes), exc)
+                    log.warning(
+                        "worker %s cannot write back %d outcome(s): %s",
+                        self.id,
+                        len(self._outcomes),
+                        exc,
+                    )
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
@@ -607,15 +630,16 @@ class Worker:
                         last_rescue = now
                         rescued = await app.store.rescue_expired(conn)
                         if rescued:
-                            log.warning("rescued %d job(s) with expired leases: %s",
-                                        len(rescued), rescued[:20])
+                            log.warning(
+                                "rescued %d job(s) with expired leases: %s",
+                                len(rescued),
+                                rescued[:20],
+                            )
                             self._wake.set()
                         await app.store.forget_dead_workers(conn, cfg.lease_seconds * 10)
                     if now - last_prune >= cfg.prune_interval:
                         last_prune = now
-                        await app.store.prune_history(
-                            conn, app.history_retention.total_seconds()
-                        )
+                        await app.store.prune_history(conn, app.history_retention.total_seconds())
             except DatabaseError as exc:
                 log.warning("worker %s upkeep failed: %s", self.id, exc)
 

@@ -188,15 +188,13 @@ async def test_enqueue_by_name(app: taskq.App) -> None:
         job = await app.enqueue("mail.send", {"to": "a@b.c"})
         status = await job.status()
         assert (status.task, status.queue, status.args) == ("mail.send", "mail", {"to": "a@b.c"})
-        with pytest.raises(taskq.UnknownTaskError, match="no task named 'mail.sned'"):
+        with pytest.raises(taskq.UnknownTaskError, match=r"no task named 'mail\.sned'"):
             await app.enqueue("mail.sned", {"to": "x"})
         with pytest.raises(TypeError):
             await app.enqueue("mail.send", {"too": "x"})
 
 
-async def test_enqueue_by_name_from_a_producer_without_the_task(
-    pg_dsn: str, schema: str
-) -> None:
+async def test_enqueue_by_name_from_a_producer_without_the_task(pg_dsn: str, schema: str) -> None:
     """A producer that does not import the task can enqueue it once a worker has reported it."""
     worker_app = taskq.App(pg_dsn, schema=schema)
 

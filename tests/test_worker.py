@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import pytest
 import tenacity
@@ -62,7 +64,7 @@ async def test_racing_workers_run_every_job_exactly_once(pg_dsn: str, schema: st
         runs[n] = runs.get(n, 0) + 1
         async with app.pool.acquire() as c:
             await c.execute(f'INSERT INTO "{schema}".ledger (n) VALUES ($1)', n)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     async with app:
         await fetchval(app, "CREATE TABLE {s}.ledger (n int NOT NULL)")
@@ -83,7 +85,9 @@ async def test_racing_workers_run_every_job_exactly_once(pg_dsn: str, schema: st
         assert set(runs.values()) == {1}
         assert await fetchval(app, "SELECT count(*) FROM {s}.ledger") == 2000
         assert await fetchval(app, "SELECT count(DISTINCT n) FROM {s}.ledger") == 2000
-        assert await fetchval(app, "SELECT count(*) FROM {s}.history WHERE state='succeeded'") == 2000
+        assert (
+            await fetchval(app, "SELECT count(*) FROM {s}.history WHERE state='succeeded'") == 2000
+        )
 
 
 async def test_higher_priority_runs_first_then_fifo(app: taskq.App) -> None:
@@ -178,7 +182,7 @@ async def test_retries_wait_per_policy_then_succeed(app: taskq.App) -> None:
             assert await job.result(timeout=20) == "ok"
         assert (await job.status()).attempts == 3
     assert len(starts) == 3
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(g >= 0.29 for g in gaps), gaps
 
 
@@ -320,7 +324,9 @@ async def test_back_pressure_never_claims_more_than_free_slots(app: taskq.App) -
                 lambda: fetchval(app, "SELECT count(*) = 3 FROM {s}.jobs WHERE state='running'")
             )
             for _ in range(10):
-                assert await fetchval(app, "SELECT count(*) FROM {s}.jobs WHERE state='running'") == 3
+                assert (
+                    await fetchval(app, "SELECT count(*) FROM {s}.jobs WHERE state='running'") == 3
+                )
                 assert len(worker.running_jobs) == 3
                 await anyio.sleep(0.02)
             gate.set()
@@ -539,12 +545,16 @@ async def test_many_open_close_cycles_leak_no_connections(app: taskq.App, pg_dsn
 
     probe = await asyncpg.connect(pg_dsn)
     try:
-        before = await probe.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'taskq%'")
+        before = await probe.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'taskq%'"
+        )
         for _ in range(20):
             async with app:
                 await job.enqueue()
                 await app.drain()
-        after = await probe.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'taskq%'")
+        after = await probe.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'taskq%'"
+        )
         assert after == before
     finally:
         await probe.close()

@@ -1,0 +1,172 @@
+"""The command line, run as real subprocesses against a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import asyncpg
+import pytest
+
+import taskq
+
+from .conftest import PYTHON, subprocess_env
+
+pytestmark = pytest.mark.anyio
+
+
+def run_cli(pg_dsn: str, *args: str, schema: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = subprocess_env(pg_dsn, **({"TASKQ_TEST_SCHEMA": schema} if schema else {}))
+    return subprocess.run(
+        [PYTHON, "-m", "taskq", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def test_migrate_dry_run_prints_sql_and_applies_nothing(pg_dsn: str, schema: str) -> None:
+    done = run_cli(pg_dsn, "migrate", "--schema", schema, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert f'CREATE TABLE "{schema}".jobs' in done.stdout
+    assert "BEGIN;" in done.stdout and "COMMIT;" in done.stdout
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT to_regnamespace($1)", schema) is None
+        done = run_cli(pg_dsn, "migrate", "--schema", schema)
+        assert done.returncode == 0, done.stderr
+        assert "applied migration(s) 1" in done.stdout
+        assert await conn.fetchval(f'SELECT max(version) FROM "{schema}".migrations') == 1
+        again = run_cli(pg_dsn, "migrate", "--schema", schema)
+        assert "up to date" in again.stdout
+        dry = run_cli(pg_dsn, "migrate", "--schema", schema, "--dry-run")
+        assert "up to date" in dry.stdout
+    finally:
+        await conn.close()
+
+
+async def test_status_counts_jobs_by_queue_and_state(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+
+    @app.task(queue="alpha")
+    async def a() -> None:
+        return None
+
+    @app.task(queue="beta", retry=False)
+    async def b() -> None:
+        raise RuntimeError("no")
+
+    async with app:
+        await a.enqueue_many([{}] * 3)
+        await b.enqueue_many([{}] * 2)
+        await app.drain(queues=["beta"])
+    done = run_cli(pg_dsn, "status", "--schema", schema)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    assert lines["queue"] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    assert lines["alpha"] == ["3", "0", "0", "0", "0"]
+    assert lines["beta"] == ["0", "0", "0", "2", "0"]
+
+
+def test_bad_dsn_is_a_clear_error_with_exit_code_1(pg_dsn: str) -> None:
+    done = run_cli(pg_dsn, "status", "--dsn", "postgresql://nobody@127.0.0.1:1/nothing")
+    assert done.returncode == 1
+    assert "taskq: error:" in done.stderr
+    assert "cannot reach Postgres" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_worker_with_a_bad_app_path_fails_clearly(pg_dsn: str) -> None:
+    done = run_cli(pg_dsn, "worker", "no_such_module:app")
+    assert done.returncode == 1
+    assert "cannot import 'no_such_module'" in done.stderr
+    done = run_cli(pg_dsn, "worker", "workerapp:nothing")
+    assert done.returncode == 1
+    assert "has no attribute 'nothing'" in done.stderr
+
+
+def test_old_schema_is_refused_without_auto_migrate(pg_dsn: str, schema: str) -> None:
+    async def check() -> None:
+        app = taskq.App(pg_dsn, schema=schema, auto_migrate=False)
+        with pytest.raises(taskq.SchemaError, match="python -m taskq migrate"):
+            await app.open()
+        assert not app.is_open
+
+    asyncio.run(check())
+
+
+async def test_two_processes_migrating_at_once_apply_each_migration_once(
+    pg_dsn: str, schema: str
+) -> None:
+    env = subprocess_env(pg_dsn)
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-m", "taskq", "migrate", "--schema", schema],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    applied = [out for out, _ in outputs if "applied migration(s)" in out]
+    assert len(applied) == 1, outputs
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await conn.fetch(f'SELECT version FROM "{schema}".migrations')
+        assert [r[0] for r in rows] == [1]
+    finally:
+        await conn.close()
+
+
+async def test_worker_process_runs_jobs_and_stops_gracefully_on_sigterm(
+    pg_dsn: str, schema: str
+) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+    app.task(name="cli.add", queue="math")(lambda a, b: a + b)
+    app.task(name="cli.pid")(lambda: 0)
+    app.task(name="cli.sleep", retry=taskq.Retry(attempts=1))(lambda seconds: None)
+    async with app:
+        env = subprocess_env(pg_dsn, TASKQ_TEST_SCHEMA=schema)
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "taskq", "worker", "workerapp:app", "--concurrency", "4",
+             "--shutdown-timeout", "0.5"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            add_job = await app.enqueue("cli.add", {"a": 20, "b": 22})
+            pid_job = await app.enqueue("cli.pid")
+            assert await add_job.result(timeout=60) == 42
+            assert await pid_job.result(timeout=60) == proc.pid
+            long_job = await app.enqueue("cli.sleep", {"seconds": 3600})
+            deadline = time.monotonic() + 30
+            while (await long_job.status()).state is not taskq.JobState.RUNNING:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, out
+        assert "SIGTERM received" in out
+        status = await long_job.status()
+        # Interrupted by shutdown: back in the queue, attempt given back.
+        assert (status.state, status.attempts) == (taskq.JobState.QUEUED, 0)
+
+
+def test_demo_runs_to_a_summary(pg_dsn: str) -> None:
+    done = run_cli(pg_dsn, "demo", "--dsn", pg_dsn, "--jobs", "120", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "summary" in done.stdout
+    assert "120 jobs" in done.stdout
+    assert "dead letters" in done.stdout
