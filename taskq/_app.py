@@ -44,6 +44,8 @@ DEFAULT_POOL_MAX_SIZE = 10
 RESULT_RECHECK_SECONDS = 5.0
 #: Environment variable read when no DSN is given.
 DSN_ENV = "TASKQ_DSN"
+#: Environment variable read when no schema is given (then ``taskq``).
+SCHEMA_ENV = "TASKQ_SCHEMA"
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
@@ -99,8 +101,8 @@ class App:
         dsn: Postgres connection string. ``None`` reads ``$TASKQ_DSN``; if that is
             unset too, taskq starts (or reuses) a local embedded Postgres with its
             data in your user data directory and logs where.
-        schema: the Postgres schema holding taskq's tables (default ``taskq``), so
-            several independent apps can share a database.
+        schema: the Postgres schema holding taskq's tables, so several independent
+            apps can share a database. ``None`` reads ``$TASKQ_SCHEMA``, else ``taskq``.
         auto_migrate: apply pending migrations on ``async with app`` (default). With
             ``False`` taskq refuses to start on an old schema, for deployments where
             a DBA runs ``python -m taskq migrate``.
@@ -115,7 +117,7 @@ class App:
         self,
         dsn: str | None = None,
         *,
-        schema: str = DEFAULT_SCHEMA,
+        schema: str | None = None,
         auto_migrate: bool = True,
         history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
@@ -125,6 +127,8 @@ class App:
     ) -> None:
         if dsn is not None and not isinstance(dsn, str):
             raise ConfigurationError(f"dsn must be a string or None, got {type(dsn).__name__}")
+        if schema is None:
+            schema = os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
         quote_schema(schema)
         if not isinstance(history_retention, timedelta) or history_retention.total_seconds() < 0:
             raise ConfigurationError("history_retention must be a non-negative timedelta")
@@ -325,14 +329,12 @@ class App:
             return env
         from . import _embedded
 
-        try:
-            server = await anyio.to_thread.run_sync(_embedded.ensure_server)
-        except _embedded.EmbeddedPostgresError as exc:
-            raise ConfigurationError(str(exc)) from exc
+        server = await anyio.to_thread.run_sync(_embedded.ensure_server)
         self.embedded = server
         log.info(
-            "taskq: no DSN given and $%s unset; using the embedded Postgres (data: %s, log: %s)",
+            "no DSN given and $%s unset: using the embedded Postgres %s (data: %s, log: %s)",
             DSN_ENV,
+            "that taskq started" if server.started else "already running",
             server.data_dir,
             server.log_file,
         )

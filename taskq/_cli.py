@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if with_app:
             p.add_argument("--app", help="MODULE:APP to take the DSN and schema from")
-        p.add_argument("--schema", default=DEFAULT_SCHEMA, help="taskq schema (default: taskq)")
+        p.add_argument(
+            "--schema", help=f"taskq schema (default: $TASKQ_SCHEMA, else {DEFAULT_SCHEMA})"
+        )
 
     worker = sub.add_parser("worker", help="run a worker process")
     worker.add_argument(

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from ._errors import ConfigurationError
+
 if TYPE_CHECKING:
     import pwd
 
@@ -74,7 +76,7 @@ def _default_data_dir() -> Path:
 DEFAULT_DATA_DIR: Path = _default_data_dir()
 
 
-class EmbeddedPostgresError(Exception):
+class EmbeddedPostgresError(ConfigurationError):
     """The embedded Postgres server could not be found, initialised or started."""
 
 
@@ -482,7 +484,7 @@ def ensure_server(data_dir: Path | None = None, *, database: str = "postgres") -
     start. When running as root the server runs as the ``postgres`` OS user (created as
     ``taskq-postgres`` if missing). ``database`` is created if it does not exist.
     """
-    data_dir = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+    data_dir = Path(data_dir if data_dir is not None else _default_data_dir()).expanduser()
     data_dir = data_dir.resolve()  # one spelling for hashes and postmaster.pid
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = data_dir / "server.log"
@@ -499,5 +501,5 @@ def ensure_server(data_dir: Path | None = None, *, database: str = "postgres") -
         else:
             bin_dir = _bin_dir_for((data_dir / "PG_VERSION").read_text().strip())
         _ensure_database(bin_dir, info, database)
-    log.info("taskq: using embedded Postgres (data: %s, log: %s)", data_dir, log_file)
+    log.debug("embedded Postgres ready (data: %s, log: %s)", data_dir, log_file)
     return EmbeddedServer(_dsn(info, database), data_dir, log_file, bin_dir, started)

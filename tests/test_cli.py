@@ -17,8 +17,10 @@ from .conftest import PYTHON, subprocess_env
 pytestmark = pytest.mark.anyio
 
 
-def run_cli(pg_dsn: str, *args: str, schema: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = subprocess_env(pg_dsn, **({"TASKQ_TEST_SCHEMA": schema} if schema else {}))
+def run_cli(
+    pg_dsn: str, *args: str, schema: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    env = subprocess_env(pg_dsn, **({"TASKQ_SCHEMA": schema} if schema else {}))
     return subprocess.run(
         [PYTHON, "-m", "taskq", *args],
         env=env,
@@ -133,10 +135,19 @@ async def test_worker_process_runs_jobs_and_stops_gracefully_on_sigterm(
     app.task(name="cli.pid")(lambda: 0)
     app.task(name="cli.sleep", retry=taskq.Retry(attempts=1))(lambda seconds: None)
     async with app:
-        env = subprocess_env(pg_dsn, TASKQ_TEST_SCHEMA=schema)
+        env = subprocess_env(pg_dsn, TASKQ_SCHEMA=schema)
         proc = subprocess.Popen(
-            [PYTHON, "-m", "taskq", "worker", "workerapp:app", "--concurrency", "4",
-             "--shutdown-timeout", "0.5"],
+            [
+                PYTHON,
+                "-m",
+                "taskq",
+                "worker",
+                "workerapp:app",
+                "--concurrency",
+                "4",
+                "--shutdown-timeout",
+                "0.5",
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

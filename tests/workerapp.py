@@ -8,7 +8,7 @@ import anyio
 
 import taskq
 
-app = taskq.App(schema=os.environ.get("TASKQ_TEST_SCHEMA", "taskq"))
+app = taskq.App()  # DSN and schema from $TASKQ_DSN and $TASKQ_SCHEMA
 
 
 @app.task(name="cli.add", queue="math")
