@@ -3,7 +3,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-
 from quickstart import app as jobs
 from quickstart import send_welcome
 
