@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run sample jobs (with failures and retries) on a worker")
     demo.add_argument("--dsn", help="Postgres DSN (default: the embedded Postgres)")
-    demo.add_argument("--jobs", type=int, default=200, help="how many sample jobs (default 200)")
+    demo.add_argument("--jobs", type=int, default=500, help="how many sample jobs (default 500)")
     demo.add_argument("--concurrency", type=int, default=20)
     demo.set_defaults(handler=_cmd_demo)
     return parser

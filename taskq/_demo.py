@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import time
@@ -22,7 +23,7 @@ _FLAKY_FIRST_TRY = 0.25
 @app.task(name="demo.resize_image", queue="images")
 async def resize_image(image_id: int, width: int) -> dict[str, int]:
     """An I/O-bound job: pretend to fetch, resize and store an image."""
-    await anyio.sleep(random.uniform(0.01, 0.05))
+    await anyio.sleep(random.uniform(0.02, 0.1))
     return {"image_id": image_id, "width": width, "bytes": width * 97}
 
 
@@ -59,6 +60,9 @@ def charge_card(order_id: int, amount_cents: int) -> dict[str, Any]:
 
 async def run_demo(*, dsn: str | None, jobs: int, concurrency: int) -> int:
     out = sys.stdout
+    # Progress lines tell the story; per-job log lines would drown them (the
+    # summary lists the dead letters).
+    logging.getLogger("taskq.worker").setLevel(logging.CRITICAL)
     if dsn:
         app._dsn_arg = dsn
     out.write("taskq demo: starting Postgres and the worker...\n")
@@ -93,7 +97,7 @@ async def run_demo(*, dsn: str | None, jobs: int, concurrency: int) -> int:
         )
         async with app.worker(concurrency=concurrency, poll_interval=0.5) as worker:
             while True:
-                await anyio.sleep(0.5)
+                await anyio.sleep(0.25)
                 counts = _counts(await app.queue_counts())
                 finished = counts["succeeded"] + counts["failed"] + counts["cancelled"]
                 rate = finished / max(time.monotonic() - started, 1e-9)
@@ -113,8 +117,8 @@ async def run_demo(*, dsn: str | None, jobs: int, concurrency: int) -> int:
             f"  succeeded: {counts['succeeded']}, failed for good (dead letters): "
             f"{counts['failed']}, retries along the way: {worker.stats.retried}\n"
         )
-        if failed:
-            out.write(f"  a dead letter: job {failed[0][0]} {failed[0][1]}: {failed[0][2]}\n")
+        for job_id, task, message in failed:
+            out.write(f"  dead letter: job {job_id} {task}: {message}\n")
         out.write(
             "  look around: python -m taskq status --schema taskq_demo\n"
             "  your own jobs: see the README quickstart\n"

@@ -115,6 +115,10 @@ class WorkerStats:
     cancelled: int = 0
     released: int = 0
     lost: int = 0
+    #: Claim statements run, and write-back statements run: with batching both
+    #: stay far below the number of jobs under load.
+    claims: int = 0
+    writebacks: int = 0
 
     @property
     def processed(self) -> int:
@@ -378,6 +382,7 @@ class Worker:
                 backoff = min(backoff * 2, cfg.poll_interval * 2)
                 continue
             backoff = 0.1
+            self.stats.claims += 1
             self.stats.claimed += len(claimed)
             for job in claimed:
                 self._running[job.id] = _Running(job)
@@ -589,6 +594,7 @@ class Worker:
                 return
             async with self.app._acquire("writing back job outcomes") as conn:
                 requeued, archived = await self.app.store.finish(conn, batch)
+            self.stats.writebacks += 1
             del self._outcomes[: len(batch)]
         if requeued:
             # A retry is due later: let the claim loop recompute when to wake.

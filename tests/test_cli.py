@@ -181,3 +181,31 @@ def test_demo_runs_to_a_summary(pg_dsn: str) -> None:
     assert "summary" in done.stdout
     assert "120 jobs" in done.stdout
     assert "dead letters" in done.stdout
+
+
+def test_demo_on_the_embedded_default_with_no_dsn(tmp_path: object) -> None:
+    """The README's first command, minus the install: no DSN anywhere, embedded Postgres."""
+    from pathlib import Path
+
+    from taskq import _embedded
+
+    home = Path(str(tmp_path)) / "taskq-home"
+    env = subprocess_env("unused", TASKQ_HOME=str(home))
+    del env["TASKQ_DSN"]
+    env.pop("TASKQ_SCHEMA", None)
+    try:
+        done = subprocess.run(
+            [PYTHON, "-m", "taskq", "demo", "--jobs", "60"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"embedded Postgres: data in {home / 'postgres'}" in done.stdout
+        assert "summary" in done.stdout
+        assert "60 jobs" in done.stdout
+    finally:
+        if (home / "postgres" / "PG_VERSION").exists():
+            _embedded.ensure_server(home / "postgres").stop()

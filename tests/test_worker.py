@@ -90,6 +90,20 @@ async def test_racing_workers_run_every_job_exactly_once(pg_dsn: str, schema: st
         )
 
 
+async def test_claims_and_write_backs_are_batched(app: taskq.App) -> None:
+    @app.task
+    async def noop(i: int) -> None:
+        await anyio.sleep(0)
+
+    async with app:
+        await noop.enqueue_many([{"i": i} for i in range(1000)])
+        stats = await app.drain(concurrency=50)
+    assert stats.succeeded == 1000
+    # One statement per job would be 1000 of each.
+    assert stats.claims < 200, stats
+    assert stats.writebacks < 200, stats
+
+
 async def test_higher_priority_runs_first_then_fifo(app: taskq.App) -> None:
     order: list[str] = []
 
