@@ -42,6 +42,8 @@ DEFAULT_POOL_MAX_SIZE = 10
 #: While waiting for a result, re-read the job this often in case a
 #: notification was lost (the wake-up itself comes from LISTEN).
 RESULT_RECHECK_SECONDS = 5.0
+#: Seconds to wait for a new connection before giving up.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Environment variable read when no DSN is given.
 DSN_ENV = "TASKQ_DSN"
 #: Environment variable read when no schema is given (then ``taskq``).
@@ -319,6 +321,9 @@ class App:
         settings = dict(args.pop("server_settings", None) or {})
         settings.setdefault("application_name", application_name)
         args["server_settings"] = settings
+        # asyncpg waits 60 s for a connection by default; a dead database
+        # should surface as an error sooner than that.
+        args.setdefault("timeout", DEFAULT_CONNECT_TIMEOUT)
         return args
 
     async def _resolve_dsn(self) -> str:

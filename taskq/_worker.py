@@ -156,6 +156,12 @@ class _Running:
     stop_reason: str | None = None
 
 
+def _text(value: str) -> str:
+    # An error message may hold what JSON in Postgres cannot: NUL characters
+    # and lone surrogates. Escape them rather than lose the whole error.
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
 def _error_dict(exc: BaseException) -> dict[str, str]:
     tb = "".join(traceback.format_exception(exc))
     if len(tb) > MAX_TRACEBACK_CHARS:
@@ -164,7 +170,15 @@ def _error_dict(exc: BaseException) -> dict[str, str]:
     name = (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
-    return {"type": name, "message": str(exc), "traceback": tb}
+    try:
+        message = str(exc)
+    except Exception as str_error:  # a broken __str__ must not take the worker down
+        message = f"<str() of the exception failed: {str_error!r}>"
+    return {
+        "type": _text(name),
+        "message": _text(message)[:MAX_TRACEBACK_CHARS],
+        "traceback": _text(tb),
+    }
 
 
 class Worker:

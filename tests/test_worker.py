@@ -93,7 +93,7 @@ async def test_racing_workers_run_every_job_exactly_once(pg_dsn: str, schema: st
 async def test_claims_and_write_backs_are_batched(app: taskq.App) -> None:
     @app.task
     async def noop(i: int) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     async with app:
         await noop.enqueue_many([{"i": i} for i in range(1000)])
@@ -283,6 +283,29 @@ async def test_dead_letter_keeps_the_error_and_can_be_rerun(app: taskq.App) -> N
         await app.drain()
         assert await job.result(timeout=5) == 9
         assert await job.retry() is False  # succeeded jobs are not re-run
+
+
+async def test_errors_with_unstorable_text_are_kept_escaped(app: taskq.App) -> None:
+    class Weird(Exception):
+        pass
+
+    @app.task(retry=False)
+    async def nul() -> None:
+        raise Weird("bad \x00 byte and \udcff surrogate")
+
+    @app.task
+    async def after() -> int:
+        return 1
+
+    async with app:
+        job = await nul.enqueue()
+        ok = await after.enqueue()
+        stats = await app.drain()
+        assert (stats.failed, stats.succeeded) == (1, 1)
+        with pytest.raises(taskq.JobFailed) as info:
+            await job.result(timeout=5)
+        assert info.value.error_message == "bad \\x00 byte and \\udcff surrogate"
+        assert await ok.result(timeout=5) == 1
 
 
 async def test_result_that_is_not_json_fails_the_job_clearly(app: taskq.App) -> None:
