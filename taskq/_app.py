@@ -18,6 +18,7 @@ from ._errors import (
     ConfigurationError,
     DatabaseError,
     JobNotFound,
+    SerializationError,
     TaskqError,
     UnknownTaskError,
 )
@@ -28,7 +29,7 @@ from ._retry import Retry, coerce_retry
 from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES, encode
 from ._store import Store
 from ._task import EnqueueOptions, Task, check_priority, with_defaults
-from ._worker import Worker, WorkerConfig, WorkerStats
+from ._worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
 
 log = logging.getLogger("taskq")
 
@@ -150,13 +151,13 @@ class App:
         self.pool_min_size = pool_min_size
         self.pool_max_size = pool_max_size
         self.connect_kwargs = dict(connect_kwargs or {})
-        self.store = Store(schema)
+        self._store = Store(schema)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.embedded: Any = None
         self._pool: asyncpg.Pool | None = None
         self._notifier: Notifier | None = None
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
-        self._known_queues: dict[str, str] = {}
+        self._known_tasks: dict[str, tuple[str, int]] = {}
         self._open_count = 0
         self._open_lock: asyncio.Lock | None = None
 
@@ -314,6 +315,7 @@ class App:
 
     @property
     def is_open(self) -> bool:
+        """Whether the App is open (inside ``async with app``)."""
         return self._pool is not None
 
     def _connect_args(self, application_name: str) -> dict[str, Any]:
@@ -362,7 +364,7 @@ class App:
 
     # -- notifications -----------------------------------------------------------
 
-    async def notifier(self) -> Notifier:
+    async def _listener(self) -> Notifier:
         """The App's LISTEN connection, started on first use."""
         if self._notifier is None:
             dsn = self.dsn or ""
@@ -371,7 +373,7 @@ class App:
             async def connect() -> asyncpg.Connection:
                 return await asyncpg.connect(dsn, **kwargs)
 
-            store = self.store
+            store = self._store
             self._notifier = Notifier(
                 connect,
                 [store.enqueued_channel, store.finished_channel, store.cancel_channel],
@@ -434,21 +436,22 @@ class App:
         stored = local.bind_arguments((), args or {}) if local else dict(args or {})
         return await self._enqueue_one(task, stored, opts, local)
 
-    async def _default_queue(self, name: str, task: Task[Any, Any] | None) -> str:
+    async def _task_defaults(self, name: str, task: Task[Any, Any] | None) -> tuple[str, int]:
+        """(default queue, attempt budget) of a task, local or reported by a worker."""
         if task is not None:
-            return task.queue
-        if name in self._known_queues:
-            return self._known_queues[name]
+            return task.queue, task.retry.attempts
+        if name in self._known_tasks:
+            return self._known_tasks[name]
         async with self._acquire("looking up a task") as conn:
-            queue = await self.store.lookup_task_queue(conn, name)
-        if queue is None:
+            found = await self._store.lookup_task(conn, name)
+        if found is None:
             raise UnknownTaskError(
                 f"no task named {name!r} is registered on this App, and no worker using "
                 f"schema {self.schema!r} has reported it. Register it with @app.task, or start "
                 "a worker that has it once, then enqueue again."
             )
-        self._known_queues[name] = queue
-        return queue
+        self._known_tasks[name] = found
+        return found
 
     async def _enqueue_one(
         self,
@@ -460,9 +463,9 @@ class App:
         payload = encode(
             stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes
         )
-        opts = with_defaults(opts, task, await self._default_queue(name, task))
-        attempts = task.retry.attempts if task else Retry().attempts
-        insert = self.store.insert_job
+        queue, attempts = await self._task_defaults(name, task)
+        opts = with_defaults(opts, task, queue)
+        insert = self._store.insert_job
         kwargs: dict[str, Any] = dict(
             queue=opts.queue,
             task=name,
@@ -494,10 +497,10 @@ class App:
         for index, item in enumerate(stored):
             try:
                 payloads.append(encode(item, what=what, max_bytes=self.max_payload_bytes))
-            except TaskqError as exc:
-                raise type(exc)(f"item {index}: {exc}") from exc
-        opts = with_defaults(opts, task, await self._default_queue(name, task))
-        attempts = task.retry.attempts if task else Retry().attempts
+            except SerializationError as exc:
+                raise SerializationError(f"item {index}: {exc}", path=exc.path) from exc
+        queue, attempts = await self._task_defaults(name, task)
+        opts = with_defaults(opts, task, queue)
         kwargs: dict[str, Any] = dict(
             queue=opts.queue,
             task=name,
@@ -509,10 +512,10 @@ class App:
         )
         if opts.connection is not None:
             with translate_errors("enqueueing jobs"):
-                ids = await self.store.insert_jobs(opts.connection, **kwargs)
+                ids = await self._store.insert_jobs(opts.connection, **kwargs)
         else:
             async with self._acquire("enqueueing jobs") as conn:
-                ids = await self.store.insert_jobs(conn, **kwargs)
+                ids = await self._store.insert_jobs(conn, **kwargs)
         return [Job(self, i) for i in ids]
 
     # -- jobs --------------------------------------------------------------------
@@ -525,13 +528,13 @@ class App:
 
     async def _job_status(self, job_id: int) -> JobStatus:
         async with self._acquire("reading a job") as conn:
-            row = await self.store.get_job(conn, job_id)
+            row = await self._store.get_job(conn, job_id)
         if row is None:
             raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
         return status_from_row(row)
 
     async def _wait_finished(self, job_id: int, timeout: float | None) -> JobStatus:
-        await self.notifier()
+        await self._listener()
         loop = asyncio.get_running_loop()
         futures = self._waiters.setdefault(job_id, [])
         fut: asyncio.Future[None] = loop.create_future()
@@ -557,27 +560,27 @@ class App:
 
     async def _cancel(self, job_id: int) -> bool:
         async with self._acquire("cancelling a job") as conn:
-            if await self.store.cancel_queued(conn, job_id):
+            if await self._store.cancel_queued(conn, job_id):
                 return True
-            row = await self.store.get_job(conn, job_id)
+            row = await self._store.get_job(conn, job_id)
             if row is None:
                 raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
             if row["state"] == "running":
-                await self.store.request_cancel(conn, job_id)
+                await self._store.request_cancel(conn, job_id)
                 return True
             if row["state"] == "queued":  # claimed and released between our two reads
-                return await self.store.cancel_queued(conn, job_id)
+                return await self._store.cancel_queued(conn, job_id)
             log.info("job %s is already %s; nothing to cancel", job_id, row["state"])
             return False
 
     async def _rerun(self, job_id: int) -> bool:
         async with self._acquire("re-running a job") as conn:
-            return await self.store.rerun(conn, job_id)
+            return await self._store.rerun(conn, job_id)
 
     async def queue_counts(self) -> list[tuple[str, str, int]]:
         """(queue, state, count) rows over live jobs and history."""
         async with self._acquire("counting jobs") as conn:
-            return await self.store.counts(conn)
+            return await self._store.counts(conn)
 
     # -- workers -------------------------------------------------------------------
 
@@ -587,7 +590,7 @@ class App:
     async def run_worker(
         self,
         *,
-        concurrency: int = WorkerConfig.concurrency,
+        concurrency: int = DEFAULT_CONCURRENCY,
         queues: list[str] | None = None,
         handle_signals: bool = True,
         **options: Any,
@@ -609,7 +612,7 @@ class App:
     async def worker(
         self,
         *,
-        concurrency: int = WorkerConfig.concurrency,
+        concurrency: int = DEFAULT_CONCURRENCY,
         queues: list[str] | None = None,
         **options: Any,
     ) -> AsyncIterator[Worker]:
@@ -629,7 +632,7 @@ class App:
     async def drain(
         self,
         *,
-        concurrency: int = WorkerConfig.concurrency,
+        concurrency: int = DEFAULT_CONCURRENCY,
         queues: list[str] | None = None,
         **options: Any,
     ) -> WorkerStats:

@@ -66,6 +66,8 @@ def _run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
 
 def _app_for(args: argparse.Namespace) -> App:
     if getattr(args, "app", None):
+        if args.schema:
+            raise TaskqError("give --app or --schema, not both: the App names its own schema")
         app = load_app(args.app)
         if args.dsn:
             app._dsn_arg = args.dsn
@@ -196,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_cmd_status)
 
     demo = sub.add_parser("demo", help="run sample jobs (with failures and retries) on a worker")
-    demo.add_argument("--dsn", help="Postgres DSN (default: the embedded Postgres)")
+    demo.add_argument(
+        "--dsn", help="Postgres DSN (default: $TASKQ_DSN, else the embedded Postgres)"
+    )
     demo.add_argument("--jobs", type=int, default=500, help="how many sample jobs (default 500)")
     demo.add_argument("--concurrency", type=int, default=20)
     demo.set_defaults(handler=_cmd_demo)

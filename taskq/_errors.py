@@ -99,6 +99,7 @@ class JobFailed(JobError):
 
     @classmethod
     def from_error(cls, job_id: int, error: dict[str, Any] | None, attempts: int) -> JobFailed:
+        """Build from a stored error ``{"type", "message", "traceback"}``."""
         error = error or {}
         return cls(
             job_id=job_id,

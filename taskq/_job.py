@@ -29,6 +29,7 @@ class JobState(enum.StrEnum):
 
     @property
     def finished(self) -> bool:
+        """True for the final states: succeeded, failed and cancelled."""
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 

@@ -99,6 +99,10 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
     """
     q = quote_schema(schema)
     applied: list[int] = []
+    # Up to date already: touch nothing, so that a role without CREATE rights
+    # can still start with auto_migrate on.
+    if await current_version(conn, schema) >= latest_version():
+        return applied
     async with conn.transaction():
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", _lock_key(schema)

@@ -87,9 +87,15 @@ class Retry:
         """A policy that runs a job once and never retries it."""
         return cls(attempts=1)
 
-    def should_retry(self, exc: BaseException, attempt: int) -> bool:
-        """Whether a job that raised ``exc`` on run number ``attempt`` runs again."""
-        if attempt >= self.attempts:
+    def should_retry(
+        self, exc: BaseException, attempt: int, *, max_attempts: int | None = None
+    ) -> bool:
+        """Whether a job that raised ``exc`` on run number ``attempt`` runs again.
+
+        ``max_attempts`` overrides ``attempts`` (a job keeps the budget it was
+        enqueued with, even if the policy changed since).
+        """
+        if attempt >= (self.attempts if max_attempts is None else max_attempts):
             return False
         on = self.on
         if inspect.isclass(on) or isinstance(on, tuple):

@@ -138,8 +138,10 @@ class Store:
             "started_at, worker_id, result::jsonb, error::jsonb FROM finished RETURNING id) "
             "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
             "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS archived, "
-            "(SELECT pg_notify($7, string_agg(id::text, ',')) FROM archived "
-            "HAVING count(*) > 0) AS notified"
+            # NOTIFY payloads are capped at 8000 bytes: announce ids in chunks.
+            "(SELECT count(pg_notify($7, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
+            "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
+            "GROUP BY chunk) AS n) AS notified"
         )
         self._renew = (
             f"UPDATE {s}.jobs AS j SET lease_expires_at = now() + make_interval(secs => $3) "
@@ -150,15 +152,35 @@ class Store:
         # partitioned worker. Conditioning on the expiry inside the UPDATE
         # (re-checked after the row lock) means a completion that lands first
         # wins: the row is gone or its lease is fresh, and nothing is re-queued.
-        self._rescue = (
-            f"UPDATE {s}.jobs SET state = 'queued', run_at = now(), worker_id = NULL, "
-            "lease_token = NULL, lease_expires_at = NULL, last_error = "
+        # Rescue: a running job whose lease ran out belongs to a dead or
+        # partitioned worker. The rows are locked and re-checked in the same
+        # statement (FOR UPDATE re-evaluates the condition on the newest row
+        # version), so a completion or renewal that lands first wins and
+        # nothing is re-queued behind its back. A job whose attempts are used
+        # up is not run again: it crashed its worker as often as it may fail.
+        lease_error = (
             "jsonb_build_object('type', 'taskq.LeaseExpired', 'message', "
-            "'the worker running this job stopped renewing its lease (crashed or cut off)', "
-            "'traceback', '') "
-            f"WHERE id IN (SELECT id FROM {s}.jobs WHERE state = 'running' "
-            "AND lease_expires_at < now() LIMIT 1000 FOR UPDATE SKIP LOCKED) "
-            "AND state = 'running' AND lease_expires_at < now() RETURNING id"
+            "'the worker running this job stopped renewing its lease (it crashed, was "
+            "killed or lost its database connection)', 'traceback', '')"
+        )
+        self._rescue = (
+            f"WITH expired AS (SELECT id FROM {s}.jobs WHERE state = 'running' "
+            "AND lease_expires_at < now() LIMIT 1000 FOR UPDATE SKIP LOCKED), "
+            f"requeued AS (UPDATE {s}.jobs AS j SET state = 'queued', run_at = now(), "
+            "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, "
+            f"last_error = {lease_error} FROM expired AS e "
+            "WHERE j.id = e.id AND j.attempts < j.max_attempts RETURNING j.id), "
+            f"dead AS (DELETE FROM {s}.jobs AS j USING expired AS e "
+            "WHERE j.id = e.id AND j.attempts >= j.max_attempts RETURNING j.*), "
+            f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
+            "attempts, max_attempts, enqueued_at, started_at, worker_id, error) "
+            "SELECT id, queue, task, args, 'failed', priority, attempts, max_attempts, "
+            f"enqueued_at, started_at, worker_id, {lease_error} FROM dead RETURNING id) "
+            "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
+            "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS failed, "
+            "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
+            "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
+            "GROUP BY chunk) AS n) AS notified"
         )
         self._get_job = (
             f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
@@ -201,15 +223,17 @@ class Store:
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()"
         )
         self._register_tasks = (
-            f"INSERT INTO {s}.tasks (name, queue) SELECT * FROM unnest($1::text[], $2::text[]) "
-            "ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, last_seen_at = now()"
+            f"INSERT INTO {s}.tasks (name, queue, max_attempts) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::int[]) "
+            "ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, "
+            "max_attempts = excluded.max_attempts, last_seen_at = now()"
         )
         self._heartbeat = f"UPDATE {s}.workers SET heartbeat_at = now() WHERE id = $1"
         self._unregister_worker = f"DELETE FROM {s}.workers WHERE id = $1"
         self._forget_dead_workers = (
             f"DELETE FROM {s}.workers WHERE heartbeat_at < now() - make_interval(secs => $1)"
         )
-        self._lookup_task = f"SELECT queue FROM {s}.tasks WHERE name = $1"
+        self._lookup_task = f"SELECT queue, max_attempts FROM {s}.tasks WHERE name = $1"
 
     # -- enqueue ---------------------------------------------------------------
 
@@ -300,8 +324,10 @@ class Store:
         )
         return {r[0] for r in rows}
 
-    async def rescue_expired(self, conn: Conn) -> list[int]:
-        return [r[0] for r in await conn.fetch(self._rescue)]
+    async def rescue_expired(self, conn: Conn) -> tuple[list[int], list[int]]:
+        """Re-queue jobs whose lease expired; return (re-queued ids, failed ids)."""
+        row = await conn.fetchrow(self._rescue, self.finished_channel)
+        return list(row["requeued"]), list(row["failed"])
 
     async def register_worker(
         self,
@@ -311,14 +337,19 @@ class Store:
         hostname: str,
         pid: int,
         queues: list[str] | None,
-        tasks: dict[str, str],
+        tasks: dict[str, tuple[str, int]],
         concurrency: int,
     ) -> None:
         async with conn.transaction():
             await conn.execute(
                 self._register_worker, worker_id, hostname, pid, queues, list(tasks), concurrency
             )
-            await conn.execute(self._register_tasks, list(tasks), list(tasks.values()))
+            await conn.execute(
+                self._register_tasks,
+                list(tasks),
+                [queue for queue, _ in tasks.values()],
+                [attempts for _, attempts in tasks.values()],
+            )
 
     async def heartbeat(self, conn: Conn, worker_id: str) -> None:
         await conn.execute(self._heartbeat, worker_id)
@@ -329,9 +360,18 @@ class Store:
     async def forget_dead_workers(self, conn: Conn, older_than: float) -> None:
         await conn.execute(self._forget_dead_workers, older_than)
 
-    async def prune_history(self, conn: Conn, retention_seconds: float, batch: int = 5000) -> int:
-        status = await conn.execute(self._prune, retention_seconds, batch)
-        return int(status.split()[-1])
+    async def prune_history(
+        self, conn: Conn, retention_seconds: float, batch: int = 5000, max_batches: int = 20
+    ) -> int:
+        """Delete history older than the retention, in batches; return rows deleted."""
+        total = 0
+        for _ in range(max_batches):
+            status = await conn.execute(self._prune, retention_seconds, batch)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                break
+        return total
 
     # -- jobs ------------------------------------------------------------------
 
@@ -351,6 +391,7 @@ class Store:
     async def counts(self, conn: Conn) -> list[tuple[str, str, int]]:
         return [(r[0], r[1], r[2]) for r in await conn.fetch(self._counts)]
 
-    async def lookup_task_queue(self, conn: Conn, name: str) -> str | None:
-        queue = await conn.fetchval(self._lookup_task, name)
-        return None if queue is None else str(queue)
+    async def lookup_task(self, conn: Conn, name: str) -> tuple[str, int] | None:
+        """(default queue, max attempts) of a task some worker reported, or None."""
+        row = await conn.fetchrow(self._lookup_task, name)
+        return None if row is None else (str(row[0]), int(row[1]))

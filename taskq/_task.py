@@ -184,7 +184,8 @@ class Task(Generic[P, R]):
 
         Args:
             queue: the queue to put the job on.
-            priority: higher runs first among due jobs of a queue (default 0).
+            priority: among due jobs, higher runs first (default 0); equal priorities
+                run in order of ``run_at``.
             delay: seconds (or a timedelta) before the job may start.
             run_at: an aware datetime before which the job may not start.
             connection: an asyncpg connection whose open transaction the job joins:
@@ -211,9 +212,11 @@ class Task(Generic[P, R]):
         return await BoundTask(self, EnqueueOptions()).enqueue_many(kwargs_list)
 
     def bind_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a call against the function's signature; return arguments by name."""
         return self._signature.bind(self.name, args, kwargs)
 
     def call_arguments(self, stored: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Rebuild ``(args, kwargs)`` for the function from stored arguments."""
         return self._signature.call_args(stored)
 
 
@@ -225,6 +228,7 @@ class BoundTask(Generic[P, R]):
         self.opts = opts
 
     def options(self, **changes: Any) -> BoundTask[P, R]:
+        """These options with some changed (same arguments as :meth:`Task.options`)."""
         merged = {
             "queue": self.opts.queue,
             "priority": self.opts.priority,

@@ -56,6 +56,8 @@ DEFAULT_MAX_PENDING_OUTCOMES = 5000
 #: When most slots are busy, wait up to this long for more to free up before
 #: claiming, so that claims come in batches rather than one job at a time.
 CLAIM_GATHER_SECONDS = 0.002
+#: Longest a single write-back may take before it is abandoned and retried.
+FLUSH_TIMEOUT_SECONDS = 30.0
 #: How often expired leases are looked for and history is pruned.
 DEFAULT_RESCUE_INTERVAL = 15.0
 DEFAULT_PRUNE_INTERVAL = 60.0
@@ -65,7 +67,21 @@ MAX_TRACEBACK_CHARS = 16_000
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Settings of one worker; each default is the named constant beside it."""
+    """Settings of one worker; each default is the named constant beside it.
+
+    Attributes:
+        concurrency: jobs run at once; the worker's back pressure (10).
+        queues: queues served; ``None`` serves all of them.
+        poll_interval: seconds between fallback polls when no notification comes (2).
+        lease_seconds: a claimed job's lease, renewed every third of it (30).
+        shutdown_timeout: seconds running jobs get on shutdown before they are
+            cancelled and returned to the queue (30).
+        batch_size: most jobs claimed, or outcomes written back, per statement (500).
+        max_pending_outcomes: outcomes buffered while Postgres is unreachable
+            before the worker stops claiming (5000).
+        rescue_interval: seconds between looks for expired leases (15).
+        prune_interval: seconds between history prunes (60).
+    """
 
     concurrency: int = DEFAULT_CONCURRENCY
     queues: tuple[str, ...] | None = None
@@ -79,6 +95,7 @@ class WorkerConfig:
 
     @classmethod
     def make(cls, *, queues: Any = None, **settings: Any) -> WorkerConfig:
+        """Validate settings and build a config; unknown or bad values raise ConfigurationError."""
         unknown = set(settings) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigurationError(
@@ -122,6 +139,7 @@ class WorkerStats:
 
     @property
     def processed(self) -> int:
+        """Jobs whose attempt ended (succeeded, failed, retried or cancelled)."""
         return self.succeeded + self.failed + self.retried + self.cancelled
 
 
@@ -266,8 +284,8 @@ class Worker:
     ) -> None:
         """Run the worker in the current task; ``task_status.started()`` once it claims."""
         app = self.app
-        store = app.store
-        notifier = await app.notifier()
+        store = app._store
+        notifier = await app._listener()
         unsubscribe: list[Callable[[], None]] = [
             notifier.subscribe(store.enqueued_channel, self._on_enqueued),
             notifier.subscribe(store.cancel_channel, self._on_cancel_request),
@@ -312,9 +330,9 @@ class Worker:
             self._stopped.set()
 
     async def _register(self) -> None:
-        tasks = {name: task.queue for name, task in self.app.tasks.items()}
+        tasks = {name: (task.queue, task.retry.attempts) for name, task in self.app.tasks.items()}
         async with self.app._acquire("registering a worker") as conn:
-            await self.app.store.register_worker(
+            await self.app._store.register_worker(
                 conn,
                 worker_id=self.id,
                 hostname=socket.gethostname(),
@@ -380,7 +398,7 @@ class Worker:
             limit = min(free, cfg.batch_size)
             try:
                 async with app._acquire("claiming jobs") as conn:
-                    claimed = await app.store.claim(
+                    claimed = await app._store.claim(
                         conn,
                         queues=queues,
                         tasks=tasks,
@@ -419,7 +437,7 @@ class Worker:
             wait = cfg.poll_interval
             try:
                 async with app._acquire("looking for due jobs") as conn:
-                    due = await app.store.seconds_until_next_due(conn, queues=queues, tasks=tasks)
+                    due = await app._store.seconds_until_next_due(conn, queues=queues, tasks=tasks)
             except DatabaseError:
                 due = None
             if due is not None:
@@ -428,7 +446,9 @@ class Worker:
 
     async def _more_due_now(self, *, conn_tasks: list[str], queues: list[str] | None) -> bool:
         async with self.app._acquire("looking for due jobs") as conn:
-            due = await self.app.store.seconds_until_next_due(conn, queues=queues, tasks=conn_tasks)
+            due = await self.app._store.seconds_until_next_due(
+                conn, queues=queues, tasks=conn_tasks
+            )
         return due is not None and due <= 0
 
     def _on_enqueued(self, queue: str) -> None:
@@ -509,7 +529,13 @@ class Worker:
     def _failure(self, job: ClaimedJob, task: Task[Any, Any] | None, exc: Exception) -> Outcome:
         error = _dumps(_error_dict(exc))
         retryable = task is not None and not isinstance(exc, SerializationError)
-        if retryable and task is not None and task.retry.should_retry(exc, job.attempts):
+        # The attempt budget is the job's own (set at enqueue); when and on
+        # what to retry comes from the task's policy.
+        if (
+            retryable
+            and task is not None
+            and task.retry.should_retry(exc, job.attempts, max_attempts=job.max_attempts)
+        ):
             delay = task.retry.delay(exc, job.attempts)
             return Outcome(job.id, job.token, "retry", error=error, delay=delay)
         return Outcome(job.id, job.token, "failed", error=error)
@@ -602,12 +628,21 @@ class Worker:
         self._flushed.set()
 
     async def _flush_batch(self) -> None:
+        # Shielded: a write-back cancelled half-way (at shutdown) would commit
+        # without the buffer knowing, then be sent again and look like a lost
+        # lease. Bounded, so a hung database cannot hold shutdown for ever.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_TIMEOUT_SECONDS) as scope:
+            await self._flush_batch_now()
+        if scope.cancelled_caught:
+            raise DatabaseError(f"writing back outcomes took over {FLUSH_TIMEOUT_SECONDS:.0f}s")
+
+    async def _flush_batch_now(self) -> None:
         async with self._flush_lock:
             batch = self._outcomes[: self.config.batch_size]
             if not batch:
                 return
             async with self.app._acquire("writing back job outcomes") as conn:
-                requeued, archived = await self.app.store.finish(conn, batch)
+                requeued, archived = await self.app._store.finish(conn, batch)
             self.stats.writebacks += 1
             del self._outcomes[: len(batch)]
         if requeued:
@@ -625,17 +660,17 @@ class Worker:
 
     async def _maintenance_loop(self) -> None:
         app, cfg = self.app, self.config
-        interval = cfg.lease_seconds / 3
+        interval = min(cfg.lease_seconds / 3, cfg.rescue_interval, cfg.prune_interval)
         last_rescue = last_prune = time.monotonic()
         while True:
             await anyio.sleep(interval)
             try:
                 async with app._acquire("renewing leases") as conn:
-                    await app.store.heartbeat(conn, self.id)
+                    await app._store.heartbeat(conn, self.id)
                     held = [(r.job.id, r.job.token) for r in self._running.values()]
                     held += [(o.job_id, o.token) for o in self._outcomes]
                     if held:
-                        renewed = await app.store.renew_leases(conn, held, cfg.lease_seconds)
+                        renewed = await app._store.renew_leases(conn, held, cfg.lease_seconds)
                         for job_id, _ in held:
                             running = self._running.get(job_id)
                             if job_id not in renewed and running and running.stop_reason is None:
@@ -648,18 +683,24 @@ class Worker:
                     now = time.monotonic()
                     if now - last_rescue >= cfg.rescue_interval:
                         last_rescue = now
-                        rescued = await app.store.rescue_expired(conn)
+                        rescued, dead = await app._store.rescue_expired(conn)
                         if rescued:
                             log.warning(
-                                "rescued %d job(s) with expired leases: %s",
+                                "re-queued %d job(s) whose worker stopped renewing their lease: %s",
                                 len(rescued),
                                 rescued[:20],
                             )
                             self._wake.set()
-                        await app.store.forget_dead_workers(conn, cfg.lease_seconds * 10)
+                        if dead:
+                            log.error(
+                                "failed %d job(s) whose lease expired with no attempts left: %s",
+                                len(dead),
+                                dead[:20],
+                            )
+                        await app._store.forget_dead_workers(conn, cfg.lease_seconds * 10)
                     if now - last_prune >= cfg.prune_interval:
                         last_prune = now
-                        await app.store.prune_history(conn, app.history_retention.total_seconds())
+                        await app._store.prune_history(conn, app.history_retention.total_seconds())
             except DatabaseError as exc:
                 log.warning("worker %s upkeep failed: %s", self.id, exc)
 

@@ -100,8 +100,9 @@ async def test_non_json_argument_is_refused_with_its_name(
             await store.enqueue(**kwargs)
         assert info.value.path == path
         assert f"argument {path!r}" in str(info.value)
-        with pytest.raises(taskq.SerializationError, match="item 1"):
+        with pytest.raises(taskq.SerializationError, match="item 1") as many:
             await store.enqueue_many([{"payload": 1}, kwargs])
+        assert many.value.path == path
         assert await count_jobs(app) == 0
     assert isinstance(info.value, taskq.TaskqError)
     assert isinstance(info.value, TypeError)
@@ -222,7 +223,7 @@ async def test_transactional_enqueue_commits_with_the_caller(app: taskq.App) -> 
     async with app:
         listener = await asyncpg.connect(app.dsn)
         seen: list[str] = []
-        await listener.add_listener(app.store.enqueued_channel, lambda *a: seen.append(a[3]))
+        await listener.add_listener(app._store.enqueued_channel, lambda *a: seen.append(a[3]))
         try:
             async with app.pool.acquire() as conn:
                 tx = conn.transaction()

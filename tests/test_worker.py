@@ -562,17 +562,17 @@ async def test_write_back_with_a_stale_lease_token_changes_nothing(app: taskq.Ap
     async with app:
         j = await job.enqueue()
         async with app.pool.acquire() as conn:
-            claimed = await app.store.claim(
+            claimed = await app._store.claim(
                 conn, queues=None, tasks=list(app.tasks), limit=10, worker_id="w", lease_seconds=30
             )
             assert [c.id for c in claimed] == [j.id]
             stale = Outcome(j.id, uuid.uuid4(), "succeeded")
-            assert await app.store.finish(conn, [stale]) == ([], [])
+            assert await app._store.finish(conn, [stale]) == ([], [])
             assert (await j.status()).state is taskq.JobState.RUNNING
             good = Outcome(j.id, claimed[0].token, "succeeded")
-            assert await app.store.finish(conn, [good]) == ([], [j.id])
+            assert await app._store.finish(conn, [good]) == ([], [j.id])
             # Writing the same outcome again (e.g. a retry after a lost reply) is a no-op.
-            assert await app.store.finish(conn, [good]) == ([], [])
+            assert await app._store.finish(conn, [good]) == ([], [])
 
 
 async def test_many_open_close_cycles_leak_no_connections(app: taskq.App, pg_dsn: str) -> None:
@@ -595,3 +595,112 @@ async def test_many_open_close_cycles_leak_no_connections(app: taskq.App, pg_dsn
         assert after == before
     finally:
         await probe.close()
+
+
+async def test_large_write_backs_with_long_ids_are_announced_in_chunks(app: taskq.App) -> None:
+    """One NOTIFY payload holds at most 8000 bytes; 1500 ids of 16 digits do not fit in one."""
+
+    @app.task
+    async def noop(i: int) -> int:
+        return i
+
+    async with app:
+        await fetchval(app, "ALTER TABLE {s}.jobs ALTER COLUMN id RESTART WITH 1000000000000000")
+        jobs = await noop.enqueue_many([{"i": i} for i in range(3000)])
+        with anyio.fail_after(120):
+            stats = await app.drain(concurrency=1500, batch_size=1500)
+        assert stats.succeeded == 3000
+        assert stats.writebacks < 3000, stats
+        assert await jobs[-1].result(timeout=10) == 2999
+
+
+async def test_rescue_requeues_expired_leases_and_fails_jobs_without_attempts_left(
+    app: taskq.App,
+) -> None:
+    @app.task(retry=taskq.Retry(attempts=1))
+    async def once() -> None:
+        return None
+
+    @app.task(retry=taskq.Retry(attempts=3))
+    async def thrice() -> None:
+        return None
+
+    async with app:
+        j1 = await once.enqueue()
+        j3 = await thrice.enqueue()
+        async with app.pool.acquire() as conn:
+            claimed = await app._store.claim(
+                conn,
+                queues=None,
+                tasks=list(app.tasks),
+                limit=10,
+                worker_id="gone",
+                lease_seconds=0.05,
+            )
+            assert len(claimed) == 2
+            await anyio.sleep(0.1)
+            requeued, failed = await app._store.rescue_expired(conn)
+        assert (requeued, failed) == ([j3.id], [j1.id])
+        s3 = await j3.status()
+        assert (s3.state, s3.attempts) == (taskq.JobState.QUEUED, 1)
+        assert s3.error is not None and s3.error["type"] == "taskq.LeaseExpired"
+        with pytest.raises(taskq.JobFailed) as info:
+            await j1.result(timeout=5)
+        assert info.value.error_type == "taskq.LeaseExpired"
+
+
+async def test_graceful_shutdown_reports_no_lost_leases(
+    app: taskq.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    @app.task
+    async def short(i: int) -> None:
+        await anyio.sleep(0.2)
+
+    async with app:
+        for _ in range(3):
+            jobs = await short.enqueue_many([{"i": i} for i in range(20)])
+            async with app.worker(concurrency=20, shutdown_timeout=10):
+                await wait_until(
+                    lambda: fetchval(
+                        app, "SELECT count(*) = 20 FROM {s}.jobs WHERE state='running'"
+                    )
+                )
+            for job in jobs:
+                assert (await job.status()).state is taskq.JobState.SUCCEEDED
+    assert "lease lost" not in caplog.text
+
+
+async def test_auto_migrate_on_an_up_to_date_schema_needs_no_create_rights(
+    pg_dsn: str, schema: str
+) -> None:
+    owner = taskq.App(pg_dsn, schema=schema)
+    async with owner:
+        pass
+    role = f"{schema}_user"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        await conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        await conn.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
+        )
+        user_dsn = pg_dsn.replace("postgres@", f"{role}@", 1)
+        app = taskq.App(user_dsn, schema=schema)
+
+        @app.task
+        async def job() -> int:
+            return 5
+
+        async with app:
+            handle = await job.enqueue()
+            await app.drain()
+            assert await handle.result(timeout=5) == 5
+        # Without the version check first, the bootstrap DDL would need CREATE.
+        has_create = await conn.fetchval(
+            "SELECT has_database_privilege($1, current_database(), 'CREATE')", role
+        )
+        assert has_create is False
+    finally:
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE "{role}"')
+        await conn.close()

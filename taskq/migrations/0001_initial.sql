@@ -69,6 +69,7 @@ CREATE TABLE {schema}.workers (
 CREATE TABLE {schema}.tasks (
     name         text        PRIMARY KEY,
     queue        text        NOT NULL,
+    max_attempts integer     NOT NULL,
     last_seen_at timestamptz NOT NULL DEFAULT now()
 );
 

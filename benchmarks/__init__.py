@@ -1,0 +1,1 @@
+"""taskq's benchmark suite: ``python -m benchmarks`` (see ``__main__`` and runner)."""
