@@ -81,34 +81,9 @@ class Store:
             "FROM unnest($3::text[]) WITH ORDINALITY AS u(a, n) ORDER BY n "
             "RETURNING id"
         )
-        # The claim. SKIP LOCKED lets many workers claim at once without
-        # waiting on each other's rows; the inner ORDER BY ... LIMIT walks the
-        # partial index in priority order and stops after $n rows, so a deep
-        # backlog costs nothing. Only tasks this worker can run are taken: a
-        # job of a task it does not know waits for a worker that does.
-        claim_tail = (
-            "AND task = ANY($2::text[]) AND run_at <= now() "
-            "ORDER BY priority DESC, run_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"
-            ") "
-            f"UPDATE {s}.jobs AS j SET state = 'running', attempts = j.attempts + 1, "
-            "worker_id = $4, lease_token = gen_random_uuid(), "
-            "lease_expires_at = now() + make_interval(secs => $5::float8), started_at = now() "
-            "FROM picked WHERE j.id = picked.id "
-            "RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts, "
-            "j.lease_token, j.priority"
-        )
-        self._claim_one_queue = (
-            f"WITH picked AS (SELECT id FROM {s}.jobs WHERE state = 'queued' AND queue = $1 "
-            + claim_tail
-        )
-        self._claim_queues = (
-            f"WITH picked AS (SELECT id FROM {s}.jobs WHERE state = 'queued' "
-            "AND queue = ANY($1::text[]) " + claim_tail
-        )
-        self._claim_any = (
-            f"WITH picked AS (SELECT id FROM {s}.jobs WHERE state = 'queued' "
-            "AND ($1::text IS NULL) " + claim_tail
-        )
+        # The claim lives in a function (see the migration) so that its plan
+        # does not depend on the table's statistics.
+        self._claim = f"SELECT * FROM {s}.claim($1, $2, $3, $4, $5)"
         self._next_due = (
             f"SELECT min(run_at) - now() FROM {s}.jobs "
             "WHERE state = 'queued' AND task = ANY($2::text[]) "
@@ -126,7 +101,7 @@ class Store:
             "last_error = coalesce(u.error::jsonb, j.last_error), "
             "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL "
             "FROM u WHERE u.kind IN ('retry', 'release') AND j.id = u.id "
-            "AND j.lease_token = u.token RETURNING j.id), "
+            "AND j.lease_token = u.token RETURNING j.id, j.queue, j.run_at), "
             f"finished AS (DELETE FROM {s}.jobs AS j USING u "
             "WHERE u.kind IN ('succeeded', 'failed', 'cancelled') AND j.id = u.id "
             "AND j.lease_token = u.token "
@@ -141,7 +116,13 @@ class Store:
             # NOTIFY payloads are capped at 8000 bytes: announce ids in chunks.
             "(SELECT count(pg_notify($7, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
             "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
-            "GROUP BY chunk) AS n) AS notified"
+            "GROUP BY chunk) AS n) AS notified, "
+            # Retried and released jobs wake workers like new ones (due now, or
+            # "queue@epoch" for a later retry).
+            "(SELECT count(pg_notify($8, CASE WHEN due THEN queue "
+            "ELSE queue || '@' || extract(epoch FROM first)::text END)) "
+            "FROM (SELECT queue, run_at <= now() AS due, min(run_at) AS first FROM requeued "
+            "GROUP BY 1, 2) AS r) AS woken"
         )
         self._renew = (
             f"UPDATE {s}.jobs AS j SET lease_expires_at = now() + make_interval(secs => $3) "
@@ -169,7 +150,7 @@ class Store:
             f"requeued AS (UPDATE {s}.jobs AS j SET state = 'queued', run_at = now(), "
             "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, "
             f"last_error = {lease_error} FROM expired AS e "
-            "WHERE j.id = e.id AND j.attempts < j.max_attempts RETURNING j.id), "
+            "WHERE j.id = e.id AND j.attempts < j.max_attempts RETURNING j.id, j.queue), "
             f"dead AS (DELETE FROM {s}.jobs AS j USING expired AS e "
             "WHERE j.id = e.id AND j.attempts >= j.max_attempts RETURNING j.*), "
             f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
@@ -180,7 +161,9 @@ class Store:
             "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS failed, "
             "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
             "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
-            "GROUP BY chunk) AS n) AS notified"
+            "GROUP BY chunk) AS n) AS notified, "
+            "(SELECT count(pg_notify($2, queue)) FROM (SELECT DISTINCT queue FROM requeued) AS q) "
+            "AS woken"
         )
         self._get_job = (
             f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
@@ -284,14 +267,7 @@ class Store:
         worker_id: str,
         lease_seconds: float,
     ) -> list[ClaimedJob]:
-        first: Any
-        if queues is None:
-            sql, first = self._claim_any, None
-        elif len(queues) == 1:
-            sql, first = self._claim_one_queue, queues[0]
-        else:
-            sql, first = self._claim_queues, queues
-        rows = await conn.fetch(sql, first, tasks, limit, worker_id, lease_seconds)
+        rows = await conn.fetch(self._claim, queues, tasks, limit, worker_id, lease_seconds)
         return [ClaimedJob(*r) for r in rows]
 
     async def seconds_until_next_due(
@@ -312,6 +288,7 @@ class Store:
             [o.error for o in outcomes],
             [o.delay for o in outcomes],
             self.finished_channel,
+            self.enqueued_channel,
         )
         return list(row["requeued"]), list(row["archived"])
 
@@ -326,7 +303,7 @@ class Store:
 
     async def rescue_expired(self, conn: Conn) -> tuple[list[int], list[int]]:
         """Re-queue jobs whose lease expired; return (re-queued ids, failed ids)."""
-        row = await conn.fetchrow(self._rescue, self.finished_channel)
+        row = await conn.fetchrow(self._rescue, self.finished_channel, self.enqueued_channel)
         return list(row["requeued"]), list(row["failed"])
 
     async def register_worker(

@@ -1,15 +1,17 @@
-"""The worker: claims jobs, runs each in its own cancel scope, writes outcomes back in batches.
+"""The worker: claims jobs, runs each in its own task, writes outcomes back in batches.
 
 One worker per process is the usual shape, but several may share an App. The
 life of a job inside a worker::
 
     claim (one statement, up to the free slots, FOR UPDATE SKIP LOCKED, lease)
-      -> run in a cancel scope (timeout, user cancel, shutdown)
+      -> run in its own task (timeout, user cancel, shutdown cancel it alone)
       -> outcome buffered -> written back with others in one statement
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import logging
 import os
 import secrets
@@ -19,12 +21,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from ._errors import ConfigurationError, DatabaseError, SerializationError
 from ._names import check_queue
@@ -56,6 +58,10 @@ DEFAULT_MAX_PENDING_OUTCOMES = 5000
 #: When most slots are busy, wait up to this long for more to free up before
 #: claiming, so that claims come in batches rather than one job at a time.
 CLAIM_GATHER_SECONDS = 0.002
+#: Future due times a worker remembers (from notifications) to wake up for.
+MAX_KNOWN_DUE_TIMES = 256
+#: How long cancelled jobs get to unwind (finally-blocks) at shutdown.
+JOB_CANCEL_GRACE_SECONDS = 10.0
 #: Longest a single write-back may take before it is abandoned and retried.
 FLUSH_TIMEOUT_SECONDS = 30.0
 #: How often expired leases are looked for and history is pruned.
@@ -144,34 +150,47 @@ class WorkerStats:
 
 
 class _Flag:
-    """A resettable event (anyio events cannot be cleared)."""
+    """A resettable event with a timed wait (asyncio's Event, which can be cleared)."""
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event = asyncio.Event()
 
     def set(self) -> None:
         self._event.set()
 
     def clear(self) -> None:
-        if self._event.is_set():
-            self._event = anyio.Event()
+        self._event.clear()
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
     async def wait(self, timeout: float | None = None) -> bool:
-        with anyio.move_on_after(timeout):
+        if self._event.is_set():
+            return True
+        if timeout is None:
             await self._event.wait()
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
+        except TimeoutError:
+            pass
         return self._event.is_set()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
     job: ClaimedJob
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    # Why its scope was cancelled by us, if it was: "release" (shutdown),
-    # "cancel" (user asked), "lost" (our lease was taken over).
+    task: asyncio.Task[None] | None = None
+    # Why we cancelled it, if we did: "release" (shutdown), "cancel" (the user
+    # asked), "lost" (our lease was taken over).
     stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _text(value: str) -> str:
@@ -219,6 +238,10 @@ class Worker:
         self._forced = False
         self._threads = anyio.CapacityLimiter(config.concurrency)
         self._queue_filter = None if config.queues is None else set(config.queues)
+        # Monotonic times at which jobs enqueued for later fall due, nearest
+        # first, learnt from notifications (no polling query per wake-up).
+        self._due: list[float] = []
+        self._scan_due = True
 
     def __repr__(self) -> str:
         return f"<taskq.Worker {self.id} running={len(self._running)}>"
@@ -244,9 +267,7 @@ class Worker:
     def _force(self) -> None:
         self._forced = True
         for running in list(self._running.values()):
-            if running.stop_reason is None:
-                running.stop_reason = "release"
-            running.scope.cancel()
+            running.stop("release")
 
     async def run(self, *, until_empty: bool = False, handle_signals: bool = False) -> WorkerStats:
         """Serve until stopped (or, with ``until_empty``, until no runnable job is left)."""
@@ -273,6 +294,7 @@ class Worker:
                 else:
                     log.warning("%s received again: cancelling running jobs", name)
                     self._force()
+                    self._wake.set()
 
     # -- main loop ---------------------------------------------------------------
 
@@ -289,23 +311,25 @@ class Worker:
         unsubscribe: list[Callable[[], None]] = [
             notifier.subscribe(store.enqueued_channel, self._on_enqueued),
             notifier.subscribe(store.cancel_channel, self._on_cancel_request),
-            notifier.on_reconnect(self._wake.set),
+            notifier.on_reconnect(self._on_reconnect),
         ]
         try:
             await self._register()
             async with anyio.create_task_group() as services:
                 services.start_soon(self._flush_loop)
                 services.start_soon(self._maintenance_loop)
+                task_status.started()
                 try:
-                    async with anyio.create_task_group() as jobs:
-                        task_status.started()
-                        try:
-                            await self._claim_loop(jobs, until_empty)
-                        finally:
-                            self._stopping = True
-                            with anyio.CancelScope(shield=True):
-                                await self._wind_down()
+                    await self._claim_loop(until_empty)
+                except BaseException:
+                    # Cancelled from outside (or broken): no grace period, the
+                    # running jobs go back to the queue at once.
+                    self._forced = True
+                    raise
                 finally:
+                    self._stopping = True
+                    with anyio.CancelScope(shield=True):
+                        await self._wind_down()
                     services.cancel_scope.cancel()
         finally:
             for undo in unsubscribe:
@@ -358,10 +382,10 @@ class Worker:
                 self.config.shutdown_timeout,
                 len(self._running),
             )
-            with anyio.move_on_after(self.config.shutdown_timeout):
-                while self._running:
-                    await self._wake.wait(0.05)
-                    self._wake.clear()
+            deadline = time.monotonic() + self.config.shutdown_timeout
+            while self._running and not self._forced and time.monotonic() < deadline:
+                self._wake.clear()
+                await self._wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         if self._running:
             log.warning(
                 "worker %s: cancelling %d job(s) still running; they go back to the queue",
@@ -369,8 +393,20 @@ class Worker:
                 len(self._running),
             )
             self._force()
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            # A job that swallows its cancellation could hold shutdown for ever.
+            _done, stuck = await asyncio.wait(tasks, timeout=JOB_CANCEL_GRACE_SECONDS)
+            if stuck:
+                log.error(
+                    "worker %s: %d job(s) ignored cancellation for %.0fs; leaving them to "
+                    "the lease rescuer",
+                    self.id,
+                    len(stuck),
+                    JOB_CANCEL_GRACE_SECONDS,
+                )
 
-    async def _claim_loop(self, jobs: TaskGroup, until_empty: bool) -> None:
+    async def _claim_loop(self, until_empty: bool) -> None:
         app, cfg = self.app, self.config
         queues = None if cfg.queues is None else list(cfg.queues)
         tasks = list(app.tasks)
@@ -416,9 +452,13 @@ class Worker:
             backoff = 0.1
             self.stats.claims += 1
             self.stats.claimed += len(claimed)
+            loop = asyncio.get_running_loop()
             for job in claimed:
-                self._running[job.id] = _Running(job)
-                jobs.start_soon(self._run_job, self._running[job.id])
+                # One plain asyncio task per job (not an anyio task group child):
+                # spawning and cancelling are a third of the cost per job, and the
+                # worker tracks and winds down these tasks itself.
+                running = self._running[job.id] = _Running(job)
+                running.task = loop.create_task(self._run_job(running))
             if len(claimed) == limit:
                 continue
             if until_empty:
@@ -434,14 +474,27 @@ class Worker:
                 ):
                     return
                 continue
+            if self._scan_due:
+                # Once at start and after each reconnect: learn when jobs that
+                # were enqueued for later (while nobody listened) fall due.
+                try:
+                    async with app._acquire("looking for due jobs") as conn:
+                        due = await app._store.seconds_until_next_due(
+                            conn, queues=queues, tasks=tasks
+                        )
+                    self._scan_due = False
+                except DatabaseError:
+                    due = None
+                if due is not None:
+                    self._add_due(time.monotonic() + due)
+            # Sleep until a notification, the next known due time, or the
+            # fallback poll, whichever comes first.
+            now = time.monotonic()
+            while self._due and self._due[0] <= now:
+                del self._due[0]
             wait = cfg.poll_interval
-            try:
-                async with app._acquire("looking for due jobs") as conn:
-                    due = await app._store.seconds_until_next_due(conn, queues=queues, tasks=tasks)
-            except DatabaseError:
-                due = None
-            if due is not None:
-                wait = min(wait, max(due, 0.0) + 0.001)
+            if self._due:
+                wait = min(wait, self._due[0] - now + 0.001)
             await self._wake.wait(wait)
 
     async def _more_due_now(self, *, conn_tasks: list[str], queues: list[str] | None) -> bool:
@@ -451,9 +504,24 @@ class Worker:
             )
         return due is not None and due <= 0
 
-    def _on_enqueued(self, queue: str) -> None:
-        if self._queue_filter is None or queue in self._queue_filter:
-            self._wake.set()
+    def _on_enqueued(self, payload: str) -> None:
+        # "queue" (jobs due now) or "queue@epoch" (earliest job due later).
+        queue, _, epoch = payload.partition("@")
+        if self._queue_filter is not None and queue not in self._queue_filter:
+            return
+        if epoch:
+            with suppress(ValueError):
+                self._add_due(time.monotonic() + float(epoch) - time.time())
+        self._wake.set()
+
+    def _on_reconnect(self) -> None:
+        self._scan_due = True
+        self._wake.set()
+
+    def _add_due(self, when: float) -> None:
+        bisect.insort(self._due, when)
+        # Only the nearest times matter; the fallback poll covers the rest.
+        del self._due[MAX_KNOWN_DUE_TIMES:]
 
     def _on_cancel_request(self, payload: str) -> None:
         try:
@@ -463,8 +531,7 @@ class Worker:
         running = self._running.get(job_id)
         if running is not None and running.stop_reason is None:
             log.info("job %s: cancel requested", job_id)
-            running.stop_reason = "cancel"
-            running.scope.cancel()
+            running.stop("cancel")
 
     # -- running one job -----------------------------------------------------------
 
@@ -474,38 +541,31 @@ class Worker:
         started = time.monotonic()
         outcome: Outcome | None = None
         try:
-            with running.scope:
-                try:
-                    if task is None:  # cannot happen: the claim only takes known tasks
-                        raise LookupError(f"no task named {job.task!r} in this worker")
-                    value = await self._call(task, job)
-                    result = None
-                    if value is not None:
-                        result = encode(
-                            value,
-                            what=f"result of task {job.task!r}",
-                            max_bytes=self.app.max_payload_bytes,
-                        )
-                    outcome = Outcome(job.id, job.token, "succeeded", result=result)
-                except Exception as exc:
-                    outcome = self._failure(job, task, exc)
+            if task is None:  # cannot happen: the claim only takes known tasks
+                raise LookupError(f"no task named {job.task!r} in this worker")
+            value = await self._call(task, job)
+            result = None
+            if value is not None:
+                result = encode(
+                    value,
+                    what=f"result of task {job.task!r}",
+                    max_bytes=self.app.max_payload_bytes,
+                )
+            outcome = Outcome(job.id, job.token, "succeeded", result=result)
+        except asyncio.CancelledError:
+            # Only the worker cancels job tasks; the reason says what it meant.
+            running.stop_reason = running.stop_reason or "release"
+        except Exception as exc:
+            if running.stop_reason is None:
+                outcome = self._failure(job, task, exc)
         except BaseException:
-            # Cancelled from outside (the host cancelled the worker): give the
-            # job back, it did not fail.
-            outcome = Outcome(job.id, job.token, "release")
+            # SystemExit / KeyboardInterrupt raised by the task: the process is
+            # going down, the job did not fail.
+            running.stop_reason = running.stop_reason or "release"
             raise
         finally:
-            if outcome is None:  # our own scope was cancelled
-                reason = running.stop_reason or "release"
-                if reason == "cancel":
-                    err = {
-                        "type": "taskq.JobCancelled",
-                        "message": "cancelled while running",
-                        "traceback": "",
-                    }
-                    outcome = Outcome(job.id, job.token, "cancelled", error=_dumps(err))
-                elif reason == "release":
-                    outcome = Outcome(job.id, job.token, "release")
+            if outcome is None:
+                outcome = self._stopped_outcome(job, running.stop_reason)
             del self._running[job.id]
             if outcome is not None:
                 self._record(job, outcome, time.monotonic() - started)
@@ -513,10 +573,22 @@ class Worker:
                 self.stats.lost += 1
             self._wake.set()
 
+    def _stopped_outcome(self, job: ClaimedJob, reason: str | None) -> Outcome | None:
+        if reason == "cancel":
+            err = {
+                "type": "taskq.JobCancelled",
+                "message": "cancelled while running",
+                "traceback": "",
+            }
+            return Outcome(job.id, job.token, "cancelled", error=_dumps(err))
+        if reason == "lost":
+            return None  # another worker owns the job now: write nothing
+        return Outcome(job.id, job.token, "release")
+
     async def _call(self, task: Task[Any, Any], job: ClaimedJob) -> Any:
         args, kwargs = task.call_arguments(decode(job.args))
-        timeout = anyio.fail_after(task.timeout) if task.timeout else nullcontext()
-        with timeout:
+        timeout = asyncio.timeout(task.timeout) if task.timeout else nullcontext()
+        async with timeout:
             if task.is_async:
                 return await task.fn(*args, **kwargs)
             # A sync function runs in a thread, bounded by the same concurrency.
@@ -678,8 +750,7 @@ class Worker:
                                     "job %s: this worker lost its lease; cancelling it here",
                                     job_id,
                                 )
-                                running.stop_reason = "lost"
-                                running.scope.cancel()
+                                running.stop("lost")
                     now = time.monotonic()
                     if now - last_rescue >= cfg.rescue_interval:
                         last_rescue = now

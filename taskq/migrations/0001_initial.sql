@@ -73,14 +73,22 @@ CREATE TABLE {schema}.tasks (
     last_seen_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Wake idle workers: one notification per queue per statement (Postgres
--- folds duplicates within a transaction and delivers them only on commit, so
--- a producer's rolled-back job wakes no one).
+-- Wake idle workers: per statement, one notification per queue with jobs due
+-- now ("emails"), and one naming the earliest future start of the others
+-- ("emails@1764000000.5", epoch seconds) so that a worker can sleep until
+-- then without scanning for it. Postgres folds duplicates within a
+-- transaction and delivers them only on commit, so a producer's rolled-back
+-- job wakes no one.
 CREATE FUNCTION {schema}.notify_enqueued() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('taskq:' || TG_TABLE_SCHEMA || ':enqueued', q.queue)
-    FROM (SELECT DISTINCT queue FROM new_jobs) AS q;
+    PERFORM pg_notify('taskq:' || TG_TABLE_SCHEMA || ':enqueued', q.payload)
+    FROM (
+        SELECT queue AS payload FROM new_jobs WHERE run_at <= now() GROUP BY queue
+        UNION ALL
+        SELECT queue || '@' || extract(epoch FROM min(run_at))::text
+        FROM new_jobs WHERE run_at > now() GROUP BY queue
+    ) AS q;
     RETURN NULL;
 END
 $$;
@@ -88,3 +96,79 @@ $$;
 CREATE TRIGGER jobs_notify_enqueued AFTER INSERT ON {schema}.jobs
     REFERENCING NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION {schema}.notify_enqueued();
+
+-- The claim. SKIP LOCKED lets many workers claim at once without waiting on
+-- each other's rows; the ORDER BY ... LIMIT walks a partial index in claim
+-- order and stops after p_limit rows, so a deep backlog costs nothing.
+--
+-- The planner story this function guards against: autovacuum often analyzes
+-- a queue table while it is nearly empty; with such statistics the planner
+-- prefers a bitmap scan plus a sort of the whole backlog (measured: 7.5 ms to
+-- claim 10 of 20,000 jobs, against 0.2 ms for the ordered index scan). The
+-- SET clauses below make the ordered index scan the only sensible plan
+-- whatever the statistics say.
+--
+-- Only tasks the worker can run are taken: a job of a task it does not know
+-- waits for a worker that does (rolling deploys).
+CREATE FUNCTION {schema}.claim(
+    p_queues text[], p_tasks text[], p_limit integer, p_worker text, p_lease double precision
+) RETURNS TABLE (
+    id bigint, task text, queue text, args text, attempts integer, max_attempts integer,
+    lease_token uuid, priority smallint
+)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET enable_sort = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF p_queues IS NULL THEN
+        RETURN QUERY
+        WITH picked AS (
+            SELECT j.id FROM {schema}.jobs AS j
+            WHERE j.state = 'queued' AND j.task = ANY(p_tasks) AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT p_limit FOR UPDATE SKIP LOCKED
+        )
+        UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
+            worker_id = p_worker, lease_token = gen_random_uuid(),
+            lease_expires_at = now() + make_interval(secs => p_lease), started_at = now()
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
+            j.lease_token, j.priority;
+    ELSIF cardinality(p_queues) = 1 THEN
+        RETURN QUERY
+        WITH picked AS (
+            SELECT j.id FROM {schema}.jobs AS j
+            WHERE j.state = 'queued' AND j.queue = p_queues[1] AND j.task = ANY(p_tasks)
+                AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT p_limit FOR UPDATE SKIP LOCKED
+        )
+        UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
+            worker_id = p_worker, lease_token = gen_random_uuid(),
+            lease_expires_at = now() + make_interval(secs => p_lease), started_at = now()
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
+            j.lease_token, j.priority;
+    ELSE
+        -- Several queues: walk the all-queues index in claim order, skipping
+        -- other queues' rows, rather than sort the union of their backlogs.
+        RETURN QUERY
+        WITH picked AS (
+            SELECT j.id FROM {schema}.jobs AS j
+            WHERE j.state = 'queued' AND j.queue = ANY(p_queues) AND j.task = ANY(p_tasks)
+                AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT p_limit FOR UPDATE SKIP LOCKED
+        )
+        UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
+            worker_id = p_worker, lease_token = gen_random_uuid(),
+            lease_expires_at = now() + make_interval(secs => p_lease), started_at = now()
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
+            j.lease_token, j.priority;
+    END IF;
+END
+$$;
