@@ -148,6 +148,32 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     return await run_demo(dsn=args.dsn, jobs=args.jobs, concurrency=args.concurrency)
 
 
+async def _cmd_embedded(args: argparse.Namespace) -> int:
+    from . import _embedded
+
+    data_dir = _embedded._default_data_dir()
+    if args.action == "stop":
+        if not (data_dir / "PG_VERSION").exists():
+            print(f"no embedded Postgres in {data_dir}")
+            return EXIT_OK
+        server = _embedded.EmbeddedServer(
+            dsn="",
+            data_dir=data_dir,
+            log_file=data_dir / "server.log",
+            bin_dir=_embedded._bin_dir_for((data_dir / "PG_VERSION").read_text().strip()),
+            started=False,
+        )
+        server.stop()
+        print(f"stopped the embedded Postgres in {data_dir}")
+        return EXIT_OK
+    server = _embedded.ensure_server(data_dir)
+    print(f"embedded Postgres {'started' if server.started else 'running'}")
+    print(f"  data: {server.data_dir}")
+    print(f"  log:  {server.log_file}")
+    print(f"  dsn:  {server.dsn}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m taskq", description="taskq: background jobs on Postgres."
@@ -204,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=500, help="how many sample jobs (default 500)")
     demo.add_argument("--concurrency", type=int, default=20)
     demo.set_defaults(handler=_cmd_demo)
+    embedded = sub.add_parser(
+        "embedded", help="the local Postgres used when no DSN is given: start it, or stop it"
+    )
+    embedded.add_argument("action", choices=["start", "stop"])
+    embedded.set_defaults(handler=_cmd_embedded)
     return parser
 
 

@@ -121,7 +121,13 @@ async def run_demo(*, dsn: str | None, jobs: int, concurrency: int) -> int:
             out.write(f"  dead letter: job {job_id} {task}: {message}\n")
         out.write(
             "  look around: python -m taskq status --schema taskq_demo\n"
-            "  your own jobs: see the README quickstart\n"
+            + (
+                "  the embedded Postgres keeps running for next time; "
+                "stop it with: python -m taskq embedded stop\n"
+                if app.embedded is not None
+                else ""
+            )
+            + "  your own jobs: see the README quickstart\n"
         )
     return 0
 

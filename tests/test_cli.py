@@ -206,6 +206,19 @@ def test_demo_on_the_embedded_default_with_no_dsn(tmp_path: object) -> None:
         assert f"embedded Postgres: data in {home / 'postgres'}" in done.stdout
         assert "summary" in done.stdout
         assert "60 jobs" in done.stdout
+        assert "python -m taskq embedded stop" in done.stdout
+        # The server outlives the demo (reused next time) until stopped.
+        assert _embedded._read_live_pidfile(home / "postgres") is not None
+        stop = subprocess.run(
+            [PYTHON, "-m", "taskq", "embedded", "stop"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert stop.returncode == 0, stop.stderr
+        assert "stopped the embedded Postgres" in stop.stdout
+        assert _embedded._read_live_pidfile(home / "postgres") is None
     finally:
         if (home / "postgres" / "PG_VERSION").exists():
             _embedded.ensure_server(home / "postgres").stop()
