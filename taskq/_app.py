@@ -22,7 +22,7 @@ from ._errors import (
     TaskqError,
     UnknownTaskError,
 )
-from ._job import Job, JobStatus, status_from_row
+from ._job import Job, JobState, JobStatus, status_from_row
 from ._names import DEFAULT_QUEUE, DEFAULT_SCHEMA, check_queue, check_task_name, quote_schema
 from ._notifier import Notifier
 from ._retry import Retry, coerce_retry
@@ -560,17 +560,17 @@ class App:
 
     async def _cancel(self, job_id: int) -> bool:
         async with self._acquire("cancelling a job") as conn:
-            if await self._store.cancel_queued(conn, job_id):
-                return True
-            row = await self._store.get_job(conn, job_id)
-            if row is None:
-                raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
-            if row["state"] == "running":
-                await self._store.request_cancel(conn, job_id)
-                return True
-            if row["state"] == "queued":  # claimed and released between our two reads
-                return await self._store.cancel_queued(conn, job_id)
-            log.info("job %s is already %s; nothing to cancel", job_id, row["state"])
+            for _ in range(3):  # the job may move between queued and running meanwhile
+                if await self._store.cancel_queued(conn, job_id):
+                    return True
+                if await self._store.request_cancel(conn, job_id):
+                    return True
+                row = await self._store.get_job(conn, job_id)
+                if row is None:
+                    raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
+                if JobState(row["state"]).finished:
+                    log.info("job %s is already %s; nothing to cancel", job_id, row["state"])
+                    return False
             return False
 
     async def _rerun(self, job_id: int) -> bool:

@@ -106,11 +106,12 @@ class Store:
             "WHERE u.kind IN ('succeeded', 'failed', 'cancelled') AND j.id = u.id "
             "AND j.lease_token = u.token "
             "RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, "
-            "j.enqueued_at, j.started_at, j.worker_id, u.kind, u.result, u.error), "
+            "j.rescues, j.enqueued_at, j.started_at, j.worker_id, u.kind, u.result, u.error), "
             f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
-            "attempts, max_attempts, enqueued_at, started_at, worker_id, result, error) "
-            "SELECT id, queue, task, args, kind, priority, attempts, max_attempts, enqueued_at, "
-            "started_at, worker_id, result::jsonb, error::jsonb FROM finished RETURNING id) "
+            "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, result, error) "
+            "SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues, "
+            "enqueued_at, started_at, worker_id, result::jsonb, error::jsonb FROM finished "
+            "RETURNING id) "
             "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
             "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS archived, "
             # NOTIFY payloads are capped at 8000 bytes: announce ids in chunks.
@@ -127,38 +128,46 @@ class Store:
         self._renew = (
             f"UPDATE {s}.jobs AS j SET lease_expires_at = now() + make_interval(secs => $3) "
             "FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token) "
-            "WHERE j.id = u.id AND j.lease_token = u.token RETURNING j.id"
+            "WHERE j.id = u.id AND j.lease_token = u.token RETURNING j.id, j.cancel_requested"
         )
-        # Rescue: a running job whose lease ran out belongs to a dead or
-        # partitioned worker. Conditioning on the expiry inside the UPDATE
-        # (re-checked after the row lock) means a completion that lands first
-        # wins: the row is gone or its lease is fresh, and nothing is re-queued.
         # Rescue: a running job whose lease ran out belongs to a dead or
         # partitioned worker. The rows are locked and re-checked in the same
         # statement (FOR UPDATE re-evaluates the condition on the newest row
-        # version), so a completion or renewal that lands first wins and
-        # nothing is re-queued behind its back. A job whose attempts are used
-        # up is not run again: it crashed its worker as often as it may fail.
-        lease_error = (
-            "jsonb_build_object('type', 'taskq.LeaseExpired', 'message', "
-            "'the worker running this job stopped renewing its lease (it crashed, was "
-            "killed or lost its database connection)', 'traceback', '')"
-        )
+        # version, and SKIP LOCKED passes over a row that a completion is
+        # writing), so a completion or renewal that lands first wins and
+        # nothing is re-queued behind its back. A job is not queued again when
+        # its attempts are used up, when it was rescued too often (poison: it
+        # takes its worker down every time), or when it was being cancelled.
         self._rescue = (
             f"WITH expired AS (SELECT id FROM {s}.jobs WHERE state = 'running' "
             "AND lease_expires_at < now() LIMIT 1000 FOR UPDATE SKIP LOCKED), "
             f"requeued AS (UPDATE {s}.jobs AS j SET state = 'queued', run_at = now(), "
             "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, "
-            f"last_error = {lease_error} FROM expired AS e "
-            "WHERE j.id = e.id AND j.attempts < j.max_attempts RETURNING j.id, j.queue), "
-            f"dead AS (DELETE FROM {s}.jobs AS j USING expired AS e "
-            "WHERE j.id = e.id AND j.attempts >= j.max_attempts RETURNING j.*), "
+            "rescues = j.rescues + 1, last_error = jsonb_build_object('type', "
+            "'taskq.LeaseExpired', 'message', 'the worker running this job stopped renewing "
+            "its lease (it crashed, was killed or lost its database connection)', "
+            "'traceback', '') FROM expired AS e "
+            "WHERE j.id = e.id AND NOT j.cancel_requested AND j.attempts < j.max_attempts "
+            "AND j.rescues + 1 < $3 RETURNING j.id, j.queue), "
+            f"ended AS (DELETE FROM {s}.jobs AS j USING expired AS e "
+            "WHERE j.id = e.id AND (j.cancel_requested OR j.attempts >= j.max_attempts "
+            "OR j.rescues + 1 >= $3) RETURNING j.*), "
             f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
-            "attempts, max_attempts, enqueued_at, started_at, worker_id, error) "
-            "SELECT id, queue, task, args, 'failed', priority, attempts, max_attempts, "
-            f"enqueued_at, started_at, worker_id, {lease_error} FROM dead RETURNING id) "
+            "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, error) "
+            "SELECT id, queue, task, args, "
+            "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END, priority, attempts, "
+            "max_attempts, rescues + 1, enqueued_at, started_at, worker_id, CASE "
+            "WHEN cancel_requested THEN jsonb_build_object('type', 'taskq.JobCancelled', "
+            "'message', 'cancelled; its worker stopped renewing the lease', 'traceback', '') "
+            "WHEN rescues + 1 >= $3 THEN jsonb_build_object('type', 'taskq.PoisonJob', "
+            "'message', format('its worker stopped renewing the lease %s times in a row (it "
+            "crashed, was killed or was cut off each time it ran this job); not run again', "
+            "rescues + 1), 'traceback', '') "
+            "ELSE jsonb_build_object('type', 'taskq.LeaseExpired', 'message', 'the worker "
+            "running its last attempt stopped renewing the lease; no attempts left', "
+            "'traceback', '') END FROM ended RETURNING id, state) "
             "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
-            "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS failed, "
+            "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS ended, "
             "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
             "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
             "GROUP BY chunk) AS n) AS notified, "
@@ -177,11 +186,15 @@ class Store:
         self._cancel_queued = (
             f"WITH c AS (DELETE FROM {s}.jobs WHERE id = $1 AND state = 'queued' RETURNING *), "
             f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
-            "max_attempts, enqueued_at, started_at, error) "
+            "max_attempts, rescues, enqueued_at, started_at, error) "
             "SELECT id, queue, task, args, 'cancelled', priority, attempts, max_attempts, "
-            "enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
+            "rescues, enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
             "'message', 'cancelled while queued', 'traceback', '') FROM c RETURNING id) "
             "SELECT id, pg_notify($2, id::text) FROM h"
+        )
+        self._request_cancel = (
+            f"UPDATE {s}.jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' "
+            "RETURNING id, pg_notify($2, id::text)"
         )
         self._rerun = (
             f"WITH h AS (DELETE FROM {s}.history WHERE id = $1 "
@@ -294,17 +307,23 @@ class Store:
 
     async def renew_leases(
         self, conn: Conn, leases: list[tuple[int, uuid.UUID]], lease_seconds: float
-    ) -> set[int]:
-        """Extend the leases this worker still holds; return the ids renewed."""
+    ) -> dict[int, bool]:
+        """Extend the leases this worker still holds: {renewed id: cancel requested}."""
         rows = await conn.fetch(
             self._renew, [j for j, _ in leases], [t for _, t in leases], lease_seconds
         )
-        return {r[0] for r in rows}
+        return {r[0]: r[1] for r in rows}
 
-    async def rescue_expired(self, conn: Conn) -> tuple[list[int], list[int]]:
-        """Re-queue jobs whose lease expired; return (re-queued ids, failed ids)."""
-        row = await conn.fetchrow(self._rescue, self.finished_channel, self.enqueued_channel)
-        return list(row["requeued"]), list(row["failed"])
+    async def rescue_expired(self, conn: Conn, max_rescues: int = 3) -> tuple[list[int], list[int]]:
+        """Re-queue jobs whose lease expired; return (re-queued ids, ended ids).
+
+        Ended jobs went to history as failed (no attempts left, or poison after
+        ``max_rescues`` rescues) or cancelled (a cancel was pending).
+        """
+        row = await conn.fetchrow(
+            self._rescue, self.finished_channel, self.enqueued_channel, max_rescues
+        )
+        return list(row["requeued"]), list(row["ended"])
 
     async def register_worker(
         self,
@@ -359,8 +378,9 @@ class Store:
     async def cancel_queued(self, conn: Conn, job_id: int) -> bool:
         return await conn.fetchrow(self._cancel_queued, job_id, self.finished_channel) is not None
 
-    async def request_cancel(self, conn: Conn, job_id: int) -> None:
-        await conn.execute("SELECT pg_notify($1, $2)", self.cancel_channel, str(job_id))
+    async def request_cancel(self, conn: Conn, job_id: int) -> bool:
+        """Flag a running job for cancellation and tell its worker; False if not running."""
+        return await conn.fetchrow(self._request_cancel, job_id, self.cancel_channel) is not None
 
     async def rerun(self, conn: Conn, job_id: int) -> bool:
         return await conn.fetchval(self._rerun, job_id) is not None

@@ -64,9 +64,17 @@ MAX_KNOWN_DUE_TIMES = 256
 JOB_CANCEL_GRACE_SECONDS = 10.0
 #: Longest a single write-back may take before it is abandoned and retried.
 FLUSH_TIMEOUT_SECONDS = 30.0
-#: How often expired leases are looked for and history is pruned.
-DEFAULT_RESCUE_INTERVAL = 15.0
+#: How often history is pruned. Expired leases are looked for every half
+#: lease (15 s by default), so a crashed worker's jobs run again within about
+#: 1.5 leases (45 s).
 DEFAULT_PRUNE_INTERVAL = 60.0
+#: A job whose worker stops renewing its lease this many times (it crashes
+#: the worker, or is killed with it, every time) is failed as poison.
+DEFAULT_MAX_RESCUES = 3
+#: A worker that could not renew a job's lease for this share of the lease
+#: cancels the job itself, before the lease runs out and another worker may
+#: start it.
+LEASE_GIVE_UP_FRACTION = 0.75
 #: Longest traceback kept with a failed attempt, in characters.
 MAX_TRACEBACK_CHARS = 16_000
 
@@ -85,7 +93,8 @@ class WorkerConfig:
         batch_size: most jobs claimed, or outcomes written back, per statement (500).
         max_pending_outcomes: outcomes buffered while Postgres is unreachable
             before the worker stops claiming (5000).
-        rescue_interval: seconds between looks for expired leases (15).
+        rescue_interval: seconds between looks for expired leases (half the lease).
+        max_rescues: rescues after which a job is failed as poison (3).
         prune_interval: seconds between history prunes (60).
     """
 
@@ -96,7 +105,13 @@ class WorkerConfig:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     batch_size: int = DEFAULT_BATCH_SIZE
     max_pending_outcomes: int = DEFAULT_MAX_PENDING_OUTCOMES
-    rescue_interval: float = DEFAULT_RESCUE_INTERVAL
+    rescue_interval: float = 0.0  # 0: half the lease
+    max_rescues: int = DEFAULT_MAX_RESCUES
+
+    def __post_init__(self) -> None:
+        lease = self.lease_seconds
+        if not self.rescue_interval and isinstance(lease, int | float) and lease > 0:
+            object.__setattr__(self, "rescue_interval", lease / 2)
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
 
     @classmethod
@@ -114,7 +129,7 @@ class WorkerConfig:
         if qs is not None and not qs:
             raise ConfigurationError("queues must not be empty (None means: all queues)")
         config = cls(queues=qs, **settings)
-        for name in ("concurrency", "batch_size", "max_pending_outcomes"):
+        for name in ("concurrency", "batch_size", "max_pending_outcomes", "max_rescues"):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
@@ -181,6 +196,9 @@ class _Flag:
 @dataclass(slots=True)
 class _Running:
     job: ClaimedJob
+    # Monotonic time by which the lease in Postgres surely expires unless
+    # renewed (measured from before the claim or renewal was sent).
+    lease_deadline: float
     task: asyncio.Task[None] | None = None
     # Why we cancelled it, if we did: "release" (shutdown), "cancel" (the user
     # asked), "lost" (our lease was taken over).
@@ -318,6 +336,7 @@ class Worker:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._flush_loop)
                 services.start_soon(self._maintenance_loop)
+                services.start_soon(self._lease_watchdog)
                 task_status.started()
                 try:
                     await self._claim_loop(until_empty)
@@ -432,6 +451,7 @@ class Worker:
             # runs sets the flag again and we look once more instead of sleeping.
             self._wake.clear()
             limit = min(free, cfg.batch_size)
+            sent = time.monotonic()
             try:
                 async with app._acquire("claiming jobs") as conn:
                     claimed = await app._store.claim(
@@ -457,7 +477,7 @@ class Worker:
                 # One plain asyncio task per job (not an anyio task group child):
                 # spawning and cancelling are a third of the cost per job, and the
                 # worker tracks and winds down these tasks itself.
-                running = self._running[job.id] = _Running(job)
+                running = self._running[job.id] = _Running(job, sent + cfg.lease_seconds)
                 running.task = loop.create_task(self._run_job(running))
             if len(claimed) == limit:
                 continue
@@ -731,49 +751,101 @@ class Worker:
             )
 
     async def _maintenance_loop(self) -> None:
-        app, cfg = self.app, self.config
+        """Heartbeat: renew leases, pick up missed cancels, rescue, prune."""
+        cfg = self.config
         interval = min(cfg.lease_seconds / 3, cfg.rescue_interval, cfg.prune_interval)
         last_rescue = last_prune = time.monotonic()
         while True:
             await anyio.sleep(interval)
-            try:
-                async with app._acquire("renewing leases") as conn:
-                    await app._store.heartbeat(conn, self.id)
-                    held = [(r.job.id, r.job.token) for r in self._running.values()]
-                    held += [(o.job_id, o.token) for o in self._outcomes]
-                    if held:
-                        renewed = await app._store.renew_leases(conn, held, cfg.lease_seconds)
-                        for job_id, _ in held:
-                            running = self._running.get(job_id)
-                            if job_id not in renewed and running and running.stop_reason is None:
-                                log.warning(
-                                    "job %s: this worker lost its lease; cancelling it here",
-                                    job_id,
-                                )
-                                running.stop("lost")
+            # Bounded: a database that hangs must not stop the next heartbeat
+            # from trying again (the lease watchdog acts if none gets through).
+            with anyio.move_on_after(max(interval, 1.0)):
+                try:
+                    await self._renew()
                     now = time.monotonic()
                     if now - last_rescue >= cfg.rescue_interval:
                         last_rescue = now
-                        rescued, dead = await app._store.rescue_expired(conn)
-                        if rescued:
-                            log.warning(
-                                "re-queued %d job(s) whose worker stopped renewing their lease: %s",
-                                len(rescued),
-                                rescued[:20],
-                            )
-                            self._wake.set()
-                        if dead:
-                            log.error(
-                                "failed %d job(s) whose lease expired with no attempts left: %s",
-                                len(dead),
-                                dead[:20],
-                            )
-                        await app._store.forget_dead_workers(conn, cfg.lease_seconds * 10)
+                        await self._rescue()
                     if now - last_prune >= cfg.prune_interval:
                         last_prune = now
-                        await app._store.prune_history(conn, app.history_retention.total_seconds())
-            except DatabaseError as exc:
-                log.warning("worker %s upkeep failed: %s", self.id, exc)
+                        async with self.app._acquire("pruning history") as conn:
+                            await self.app._store.prune_history(
+                                conn, self.app.history_retention.total_seconds()
+                            )
+                except DatabaseError as exc:
+                    log.warning("worker %s upkeep failed: %s", self.id, exc)
+
+    async def _renew(self) -> None:
+        app, cfg = self.app, self.config
+        sent = time.monotonic()
+        async with app._acquire("renewing leases") as conn:
+            await app._store.heartbeat(conn, self.id)
+            held = [(r.job.id, r.job.token) for r in self._running.values()]
+            held += [(o.job_id, o.token) for o in self._outcomes]
+            if not held:
+                return
+            renewed = await app._store.renew_leases(conn, held, cfg.lease_seconds)
+        for job_id, _ in held:
+            running = self._running.get(job_id)
+            if running is None or running.stop_reason is not None:
+                continue
+            if job_id not in renewed:
+                log.warning("job %s: this worker lost its lease; cancelling it here", job_id)
+                running.stop("lost")
+                continue
+            running.lease_deadline = sent + cfg.lease_seconds
+            if renewed[job_id]:  # a cancel whose notification we missed
+                log.info("job %s: cancel requested", job_id)
+                running.stop("cancel")
+
+    async def _rescue(self) -> None:
+        app, cfg = self.app, self.config
+        async with app._acquire("rescuing jobs") as conn:
+            rescued, ended = await app._store.rescue_expired(conn, cfg.max_rescues)
+            await app._store.forget_dead_workers(conn, cfg.lease_seconds * 10)
+        if rescued:
+            log.warning(
+                "re-queued %d job(s) whose worker stopped renewing their lease: %s",
+                len(rescued),
+                rescued[:20],
+            )
+            self._wake.set()
+        if ended:
+            log.error(
+                "ended %d job(s) whose lease expired and that may not run again "
+                "(no attempts left, poison, or being cancelled): %s",
+                len(ended),
+                ended[:20],
+            )
+
+    async def _lease_watchdog(self) -> None:
+        """Cancel our own jobs when their leases could not be renewed for most of their time.
+
+        A worker cut off from Postgres keeps running its jobs while, after the
+        lease expires, another worker may start them again. Giving up a little
+        before expiry keeps the two runs from overlapping.
+        """
+        cfg = self.config
+        margin = cfg.lease_seconds * (1 - LEASE_GIVE_UP_FRACTION)
+        while True:
+            await anyio.sleep(max(cfg.lease_seconds / 20, 0.02))
+            now = time.monotonic()
+            doomed = [
+                r
+                for r in self._running.values()
+                if r.stop_reason is None and r.lease_deadline - now < margin
+            ]
+            if doomed:
+                log.warning(
+                    "worker %s could not renew its leases for %.1fs; cancelling %d job(s) "
+                    "before another worker takes them over: %s",
+                    self.id,
+                    cfg.lease_seconds - (min(r.lease_deadline for r in doomed) - now),
+                    len(doomed),
+                    [r.job.id for r in doomed[:20]],
+                )
+                for running in doomed:
+                    running.stop("lost")
 
 
 def _dumps(value: Any) -> str:

@@ -19,6 +19,12 @@ CREATE TABLE {schema}.jobs (
     worker_id        text,
     lease_token      uuid,
     lease_expires_at timestamptz,
+    -- Times the job's lease expired under a worker (crash, kill, partition).
+    -- A job that keeps taking its workers down is failed as poison.
+    rescues          integer     NOT NULL DEFAULT 0,
+    -- Set by job.cancel() on a running job; the holder sees it by NOTIFY at
+    -- once, or at its next lease renewal if the notification was lost.
+    cancel_requested boolean     NOT NULL DEFAULT false,
     last_error       jsonb
 );
 
@@ -42,6 +48,7 @@ CREATE TABLE {schema}.history (
     priority     smallint    NOT NULL,
     attempts     integer     NOT NULL,
     max_attempts integer     NOT NULL,
+    rescues      integer     NOT NULL DEFAULT 0,
     enqueued_at  timestamptz NOT NULL,
     started_at   timestamptz,
     finished_at  timestamptz NOT NULL DEFAULT now(),
