@@ -12,6 +12,7 @@ from typing import Any, TypeVar, overload
 
 import anyio
 import asyncpg
+import tenacity
 
 from . import _migrations
 from ._errors import (
@@ -43,6 +44,10 @@ DEFAULT_POOL_MAX_SIZE = 10
 #: While waiting for a result, re-read the job this often in case a
 #: notification was lost (the wake-up itself comes from LISTEN).
 RESULT_RECHECK_SECONDS = 5.0
+#: Seconds an operation keeps trying to get a connection before it fails:
+#: long enough to ride out a Postgres restart or failover blip, short enough
+#: that a web request does not hang on a dead database.
+DEFAULT_CONNECT_RETRY_SECONDS = 5.0
 #: Seconds to wait for a new connection before giving up.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Environment variable read when no DSN is given.
@@ -75,25 +80,39 @@ async def _reset(conn: _Connection) -> None:
         await conn.execute(query)
 
 
-_CONNECTION_ERRORS = (
+# Errors that mean "no connection could be had": nothing was sent, so trying
+# again cannot do anything twice.
+_CONNECT_ERRORS = (
     OSError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
     TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.PostgresConnectionError,
 )
 
 
 @contextlib.contextmanager
-def translate_errors(action: str) -> Iterator[None]:
-    """Map driver errors to DatabaseError so users never catch asyncpg.* from taskq."""
+def translate_errors(action: str, *, in_flight: bool = False) -> Iterator[None]:
+    """Map driver errors to DatabaseError so users never catch asyncpg.* from taskq.
+
+    ``in_flight``: a statement may have reached the server, so a lost
+    connection leaves its effect unknown, and the message says so.
+    """
     try:
         yield
     except TaskqError:
         raise
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+        if in_flight:
+            raise DatabaseError(
+                f"{action} failed: the connection to Postgres broke while the statement was "
+                f"under way ({exc!r}); it may or may not have taken effect"
+            ) from exc
+        raise DatabaseError(f"{action} failed: cannot reach Postgres ({exc!r})") from exc
     except asyncpg.PostgresError as exc:
         state = getattr(exc, "sqlstate", "") or ""
         raise DatabaseError(f"{action} failed: Postgres error {state}: {exc}") from exc
-    except _CONNECTION_ERRORS as exc:
+    except TimeoutError as exc:
         raise DatabaseError(f"{action} failed: cannot reach Postgres ({exc!r})") from exc
 
 
@@ -114,6 +133,9 @@ class App:
         pool_min_size / pool_max_size: asyncpg pool bounds.
         connect_kwargs: extra keyword arguments for ``asyncpg.connect``
             (ssl, timeouts, server_settings...).
+        connect_retry: seconds to keep trying to get a connection (Postgres
+            restarting, connection limit reached) before an operation such as
+            ``enqueue()`` raises :class:`taskq.DatabaseError` (default 5).
     """
 
     def __init__(
@@ -127,6 +149,7 @@ class App:
         pool_min_size: int = 1,
         pool_max_size: int = DEFAULT_POOL_MAX_SIZE,
         connect_kwargs: Mapping[str, Any] | None = None,
+        connect_retry: float = DEFAULT_CONNECT_RETRY_SECONDS,
     ) -> None:
         if dsn is not None and not isinstance(dsn, str):
             raise ConfigurationError(f"dsn must be a string or None, got {type(dsn).__name__}")
@@ -151,6 +174,9 @@ class App:
         self.pool_min_size = pool_min_size
         self.pool_max_size = pool_max_size
         self.connect_kwargs = dict(connect_kwargs or {})
+        if not isinstance(connect_retry, int | float) or connect_retry < 0:
+            raise ConfigurationError("connect_retry must be a number of seconds >= 0")
+        self.connect_retry = float(connect_retry)
         self._store = Store(schema)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.embedded: Any = None
@@ -349,11 +375,34 @@ class App:
 
     @contextlib.asynccontextmanager
     async def _acquire(self, action: str) -> AsyncIterator[Any]:
-        """A pool connection for taskq's own statements (skips the reset round trip)."""
+        """A pool connection for taskq's own statements (skips the reset round trip).
+
+        Getting the connection is retried for up to ``connect_retry`` seconds
+        (Postgres restarting, too many connections): nothing has been sent yet,
+        so a retry cannot do anything twice. Errors once a statement is under
+        way are not retried here.
+        """
+        pool = self.pool
         with translate_errors(action):
-            async with self.pool.acquire() as conn:
+            conn = await self._connect_retrying(pool)
+        try:
+            with translate_errors(action, in_flight=True):
                 yield conn
-                conn._taskq_mark_clean()
+            conn._taskq_mark_clean()
+        finally:
+            await pool.release(conn)
+
+    async def _connect_retrying(self, pool: asyncpg.Pool) -> Any:
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_delay(self.connect_retry),
+            wait=tenacity.wait_exponential_jitter(initial=0.05, max=1.0),
+            retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await pool.acquire()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def migrate(self, *, dry_run: bool = False) -> str | list[int]:
         """Apply pending migrations and return their versions; ``dry_run`` returns the SQL."""

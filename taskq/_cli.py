@@ -79,10 +79,13 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     if args.dsn:
         app._dsn_arg = args.dsn
+    settings: dict[str, Any] = {"shutdown_timeout": args.shutdown_timeout}
+    if args.lease_seconds is not None:
+        settings["lease_seconds"] = args.lease_seconds
+    if args.poll_interval is not None:
+        settings["poll_interval"] = args.poll_interval
     stats = await app.run_worker(
-        concurrency=args.concurrency,
-        queues=args.queue or None,
-        shutdown_timeout=args.shutdown_timeout,
+        concurrency=args.concurrency, queues=args.queue or None, **settings
     )
     log.info(
         "worker stopped: %d succeeded, %d failed, %d retried, %d cancelled, "
@@ -208,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds running jobs get to finish on SIGTERM (default 30)",
+    )
+    worker.add_argument(
+        "--lease-seconds",
+        type=float,
+        help="lease of a claimed job, renewed every third of it; a crashed worker's jobs "
+        "run again about 1.5 leases later (default 30)",
+    )
+    worker.add_argument(
+        "--poll-interval",
+        type=float,
+        help="seconds between fallback polls when no notification arrives (default 2)",
     )
     worker.add_argument("--dsn", help="override the App's DSN")
     worker.set_defaults(handler=_cmd_worker)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import tenacity
 
 log = logging.getLogger("taskq.notifier")
 
@@ -24,6 +24,8 @@ log = logging.getLogger("taskq.notifier")
 DEFAULT_HEALTH_CHECK_SECONDS = 10.0
 #: Longest pause between reconnect attempts (backoff starts at 0.1 s, with jitter).
 DEFAULT_MAX_RECONNECT_WAIT = 5.0
+
+_CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 Handler = Callable[[str], None]
@@ -93,25 +95,43 @@ class Notifier:
     def _on_termination(self, _conn: Any) -> None:
         self._lost.set()
 
+    async def _listen(self) -> asyncpg.Connection:
+        conn = await self._connect()
+        try:
+            conn.add_termination_listener(self._on_termination)
+            for channel in self._handlers:
+                await conn.add_listener(channel, self._dispatch)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _connect_retrying(self) -> asyncpg.Connection:
+        """Connect and LISTEN, retrying with jittered exponential backoff for ever."""
+        retrying = tenacity.AsyncRetrying(
+            wait=tenacity.wait_exponential_jitter(
+                initial=0.1, max=DEFAULT_MAX_RECONNECT_WAIT, jitter=0.5
+            ),
+            retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
+            before_sleep=lambda state: log.warning(
+                "taskq notifier cannot connect (%s); retrying in %.1fs",
+                state.outcome.exception() if state.outcome else "?",
+                state.upcoming_sleep,
+            ),
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._listen()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _run(self) -> None:
-        delay = 0.1
         first = True
         while True:
-            try:
-                conn = await self._connect()
-                conn.add_termination_listener(self._on_termination)
-                for channel in self._handlers:
-                    await conn.add_listener(channel, self._dispatch)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("taskq notifier cannot connect (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, DEFAULT_MAX_RECONNECT_WAIT)
-                continue
+            conn = await self._connect_retrying()
             self._conn = conn
             self.connected = True
             self._lost.clear()
             self._ready.set()
-            delay = 0.1
             if not first:
                 self.reconnects += 1
                 log.info("taskq notifier reconnected")
@@ -132,6 +152,6 @@ class Notifier:
                 pass
             try:
                 await asyncio.wait_for(conn.execute("SELECT 1"), DEFAULT_HEALTH_CHECK_SECONDS)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _CONNECT_ERRORS as exc:
                 log.warning("taskq notifier connection failed its health check: %s", exc)
                 return

@@ -112,6 +112,7 @@ class WorkerConfig:
         lease = self.lease_seconds
         if not self.rescue_interval and isinstance(lease, int | float) and lease > 0:
             object.__setattr__(self, "rescue_interval", lease / 2)
+
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
 
     @classmethod
