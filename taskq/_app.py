@@ -91,6 +91,17 @@ _CONNECT_ERRORS = (
 )
 
 
+# Errors after which a connection cannot be trusted. InternalClientError is
+# what asyncpg raises when the server ends a session in the middle of an
+# operation (a Postgres restart); such a connection must not go back to the pool.
+_BROKEN_CONNECTION = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+)
+
+
 @contextlib.contextmanager
 def translate_errors(action: str, *, in_flight: bool = False) -> Iterator[None]:
     """Map driver errors to DatabaseError so users never catch asyncpg.* from taskq.
@@ -102,7 +113,7 @@ def translate_errors(action: str, *, in_flight: bool = False) -> Iterator[None]:
         yield
     except TaskqError:
         raise
-    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+    except _BROKEN_CONNECTION as exc:
         if in_flight:
             raise DatabaseError(
                 f"{action} failed: the connection to Postgres broke while the statement was "
@@ -298,7 +309,7 @@ class App:
                     max_size=self.pool_max_size,
                     connection_class=_Connection,
                     reset=_reset,
-                    **self._connect_args("taskq"),
+                    **self._connect_args(f"taskq ({self.schema})"),
                 )
             try:
                 async with pool.acquire() as conn:
@@ -387,15 +398,24 @@ class App:
             conn = await self._connect_retrying(pool)
         try:
             with translate_errors(action, in_flight=True):
-                yield conn
+                try:
+                    yield conn
+                except _BROKEN_CONNECTION:
+                    conn.terminate()
+                    raise
             conn._taskq_mark_clean()
         finally:
             await pool.release(conn)
 
     async def _connect_retrying(self, pool: asyncpg.Pool) -> Any:
+        try:  # the common case, without building a retry loop
+            return await pool.acquire()
+        except _CONNECT_ERRORS:
+            if not self.connect_retry:
+                raise
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_delay(self.connect_retry),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=1.0),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0),
             retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
             reraise=True,
         )
@@ -417,7 +437,7 @@ class App:
         """The App's LISTEN connection, started on first use."""
         if self._notifier is None:
             dsn = self.dsn or ""
-            kwargs = self._connect_args("taskq-listener")
+            kwargs = self._connect_args(f"taskq-listener ({self.schema})")
 
             async def connect() -> asyncpg.Connection:
                 return await asyncpg.connect(dsn, **kwargs)

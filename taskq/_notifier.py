@@ -110,7 +110,7 @@ class Notifier:
         """Connect and LISTEN, retrying with jittered exponential backoff for ever."""
         retrying = tenacity.AsyncRetrying(
             wait=tenacity.wait_exponential_jitter(
-                initial=0.1, max=DEFAULT_MAX_RECONNECT_WAIT, jitter=0.5
+                multiplier=0.1, max=DEFAULT_MAX_RECONNECT_WAIT, jitter=0.5
             ),
             retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
             before_sleep=lambda state: log.warning(

@@ -362,7 +362,7 @@ class Worker:
                 try:
                     async with app._acquire("unregistering a worker") as conn:
                         await store.unregister_worker(conn, self.id)
-                except DatabaseError as exc:
+                except Exception as exc:  # a lost database or a driver fault must not end the loop
                     log.warning("could not unregister worker %s: %s", self.id, exc)
             if self._outcomes:
                 log.warning(
@@ -463,7 +463,7 @@ class Worker:
                         worker_id=self.id,
                         lease_seconds=cfg.lease_seconds,
                     )
-            except DatabaseError as exc:
+            except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
                     "worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff
                 )
@@ -504,7 +504,7 @@ class Worker:
                             conn, queues=queues, tasks=tasks
                         )
                     self._scan_due = False
-                except DatabaseError:
+                except Exception:
                     due = None
                 if due is not None:
                     self._add_due(time.monotonic() + due)
@@ -693,7 +693,7 @@ class Worker:
             while self._outcomes:
                 try:
                     await self._flush_batch()
-                except DatabaseError as exc:
+                except Exception as exc:  # a lost database or a driver fault must not end the loop
                     # Kept in memory and retried: the lease token makes a
                     # repeat of a write that did commit change nothing.
                     log.warning(
@@ -714,7 +714,7 @@ class Worker:
         while self._outcomes:
             try:
                 await self._flush_batch()
-            except DatabaseError as exc:
+            except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning("worker %s cannot write back outcomes: %s", self.id, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -773,7 +773,7 @@ class Worker:
                             await self.app._store.prune_history(
                                 conn, self.app.history_retention.total_seconds()
                             )
-                except DatabaseError as exc:
+                except Exception as exc:  # a lost database or a driver fault must not end the loop
                     log.warning("worker %s upkeep failed: %s", self.id, exc)
 
     async def _renew(self) -> None:
