@@ -482,3 +482,59 @@ async def test_enqueue_against_a_dead_database_is_a_typed_error_and_writes_nothi
         _embedded.ensure_server(own_server.data_dir)
         await job.enqueue()
         assert await val(app, "SELECT count(*) FROM {s}.jobs") == 2
+
+
+async def test_two_roles_owner_migrates_and_worker_needs_no_ddl(pg_dsn: str, schema: str) -> None:
+    """Migrations run as a non-superuser owner; the app's role has DML rights only."""
+    owner, worker = f"{schema}_owner", f"{schema}_app"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER')
+        await admin.execute(f'GRANT CREATE ON DATABASE {admin._params.database} TO "{owner}"')
+        await admin.execute(f'CREATE ROLE "{worker}" LOGIN NOSUPERUSER')
+        owner_dsn = pg_dsn.replace("postgres@", f"{owner}@", 1)
+        worker_dsn = pg_dsn.replace("postgres@", f"{worker}@", 1)
+        done = subprocess.run(
+            [PYTHON, "-m", "taskq", "migrate", "--dsn", owner_dsn, "--schema", schema],
+            env=subprocess_env(pg_dsn),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert (
+            await admin.fetchval(
+                "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = $1", schema
+            )
+            == f'"{owner}"'
+            or owner
+        )
+        # The grants the deployment guide gives the application's role.
+        as_owner = await asyncpg.connect(owner_dsn)
+        try:
+            await as_owner.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{worker}"')
+            await as_owner.execute(
+                f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" '
+                f'TO "{worker}"'
+            )
+        finally:
+            await as_owner.close()
+        app = taskq.App(worker_dsn, schema=schema, auto_migrate=False)
+
+        @app.task
+        async def add(a: int, b: int) -> int:
+            return a + b
+
+        async with app:
+            job = await add.enqueue(a=1, b=2)
+            await app.drain()
+            assert await job.result(timeout=5) == 3
+            async with app.pool.acquire() as c:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await c.execute(f'CREATE TABLE "{schema}".sneaky (x int)')
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        for role in (worker, owner):
+            await admin.execute(f'DROP OWNED BY "{role}"')
+            await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
