@@ -222,3 +222,48 @@ def test_demo_on_the_embedded_default_with_no_dsn(tmp_path: object) -> None:
     finally:
         if (home / "postgres" / "PG_VERSION").exists():
             _embedded.ensure_server(home / "postgres").stop()
+
+
+async def test_second_sigint_forces_shutdown_and_returns_the_job(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+    app.task(name="cli.sleep", retry=taskq.Retry(attempts=1))(lambda seconds: None)
+    app.task(name="cli.add", queue="math")(lambda a, b: a + b)
+    app.task(name="cli.pid")(lambda: 0)
+    async with app:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "taskq", "worker", "workerapp:app", "--shutdown-timeout", "600"],
+            env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            job = await app.enqueue("cli.sleep", {"seconds": 3600})
+            deadline = time.monotonic() + 30
+            while (await job.status()).state is not taskq.JobState.RUNNING:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.stdout is not None
+            stdout = proc.stdout
+
+            def read_until_waiting() -> str:
+                seen = ""
+                for line in stdout:
+                    seen += line
+                    if "waiting up to 600s for 1 running job" in line:
+                        break
+                return seen
+
+            first = await asyncio.wait_for(asyncio.to_thread(read_until_waiting), 30)
+            assert proc.poll() is None  # waiting for the job (grace period: 600 s)
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=30)  # far less than the grace period
+            out = first + rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, out
+        assert "SIGINT received again" in out
+        status = await job.status()
+        assert (status.state, status.attempts) == (taskq.JobState.QUEUED, 0)

@@ -704,3 +704,22 @@ async def test_auto_migrate_on_an_up_to_date_schema_needs_no_create_rights(
         await conn.execute(f'DROP OWNED BY "{role}"')
         await conn.execute(f'DROP ROLE "{role}"')
         await conn.close()
+
+
+async def test_cancel_reaches_the_worker_even_without_the_notification(app: taskq.App) -> None:
+    """The cancel flag is seen at the next lease renewal if the NOTIFY was lost."""
+    started = anyio.Event()
+
+    @app.task
+    async def long_job() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    async with app, app.worker(lease_seconds=0.6):
+        job = await long_job.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        # Set the flag the way cancel() does, but send no notification.
+        await fetchval(app, "UPDATE {s}.jobs SET cancel_requested = true WHERE id = $1", job.id)
+        with pytest.raises(taskq.JobCancelled):
+            await job.result(timeout=10)
