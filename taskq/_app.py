@@ -19,7 +19,6 @@ from ._errors import (
     ConfigurationError,
     DatabaseError,
     JobNotFound,
-    SerializationError,
     TaskqError,
     UnknownTaskError,
 )
@@ -27,7 +26,7 @@ from ._job import Job, JobState, JobStatus, status_from_row
 from ._names import DEFAULT_QUEUE, DEFAULT_SCHEMA, check_queue, check_task_name, quote_schema
 from ._notifier import Notifier
 from ._retry import Retry, coerce_retry
-from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES, encode
+from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES, encode, encode_many
 from ._store import Store
 from ._task import EnqueueOptions, Task, check_priority, with_defaults
 from ._worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
@@ -561,13 +560,9 @@ class App:
     ) -> list[Job]:
         if not stored:
             return []
-        what = f"arguments of task {name!r}"
-        payloads = []
-        for index, item in enumerate(stored):
-            try:
-                payloads.append(encode(item, what=what, max_bytes=self.max_payload_bytes))
-            except SerializationError as exc:
-                raise SerializationError(f"item {index}: {exc}", path=exc.path) from exc
+        payloads = encode_many(
+            stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes
+        )
         queue, attempts = await self._task_defaults(name, task)
         opts = with_defaults(opts, task, queue)
         kwargs: dict[str, Any] = dict(

@@ -68,18 +68,28 @@ class Store:
         self.finished_channel = f"taskq:{schema}:finished"
         self.cancel_channel = f"taskq:{schema}:cancel"
 
-        self._insert_one = (
-            f"INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
-            "VALUES ($1, $2, $3::text::jsonb, $4, "
-            "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7) "
-            "RETURNING id"
+        # Enqueue. Each statement also sends the wake-up (see the migration for
+        # the payload): "queue" when the jobs are due now, "queue@epoch" when
+        # they are due later. All jobs of one statement share queue and start.
+        wake = (
+            "pg_notify($8, CASE WHEN w.at <= now() THEN $1::text "
+            "ELSE $1::text || '@' || extract(epoch FROM w.at)::text END)"
         )
+        start = "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8)"
+        self._insert_one = (
+            f"WITH w AS (SELECT {start} AS at), "
+            f"ins AS (INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
+            "SELECT $1, $2, $3::text::jsonb, $4, w.at, $7 FROM w RETURNING id) "
+            f"SELECT ins.id, {wake} FROM ins, w"
+        )
+        # A bulk enqueue sends all arguments as one JSON array: one parse in
+        # Postgres instead of one per job, and one text value over the wire.
         self._insert_many = (
-            f"INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
-            "SELECT $1, $2, a::jsonb, $4, "
-            "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7 "
-            "FROM unnest($3::text[]) WITH ORDINALITY AS u(a, n) ORDER BY n "
-            "RETURNING id"
+            f"WITH w AS (SELECT {start} AS at), "
+            f"ins AS (INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
+            "SELECT $1, $2, a, $4, w.at, $7 FROM w, jsonb_array_elements($3::text::jsonb) AS a "
+            "RETURNING id) "
+            f"SELECT (SELECT array_agg(id ORDER BY id) FROM ins) AS ids, {wake} FROM w"
         )
         # The claim lives in a function (see the migration) so that its plan
         # does not depend on the table's statistics.
@@ -198,11 +208,12 @@ class Store:
         )
         self._rerun = (
             f"WITH h AS (DELETE FROM {s}.history WHERE id = $1 "
-            "AND state IN ('failed', 'cancelled') RETURNING *) "
-            f"INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
+            "AND state IN ('failed', 'cancelled') RETURNING *), "
+            f"ins AS (INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
             "max_attempts, enqueued_at, last_error) "
             "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error "
-            "FROM h RETURNING id"
+            "FROM h RETURNING id, queue) "
+            "SELECT id, pg_notify($2, queue) FROM ins"
         )
         self._counts = (
             f"SELECT queue, state, count(*) AS n FROM {s}.jobs GROUP BY queue, state "
@@ -247,7 +258,15 @@ class Store:
     ) -> int:
         return int(
             await conn.fetchval(
-                self._insert_one, queue, task, args, priority, run_at, delay, max_attempts
+                self._insert_one,
+                queue,
+                task,
+                args,
+                priority,
+                run_at,
+                delay,
+                max_attempts,
+                self.enqueued_channel,
             )
         )
 
@@ -257,16 +276,25 @@ class Store:
         *,
         queue: str,
         task: str,
-        args: list[str],
+        args: str,
         priority: int,
         run_at: datetime | None,
         delay: float,
         max_attempts: int,
     ) -> list[int]:
-        rows = await conn.fetch(
-            self._insert_many, queue, task, args, priority, run_at, delay, max_attempts
+        """Insert one job per element of ``args`` (a JSON array); ids in that order."""
+        ids = await conn.fetchval(
+            self._insert_many,
+            queue,
+            task,
+            args,
+            priority,
+            run_at,
+            delay,
+            max_attempts,
+            self.enqueued_channel,
         )
-        return [r[0] for r in rows]
+        return list(ids or [])
 
     # -- worker ----------------------------------------------------------------
 
@@ -383,7 +411,7 @@ class Store:
         return await conn.fetchrow(self._request_cancel, job_id, self.cancel_channel) is not None
 
     async def rerun(self, conn: Conn, job_id: int) -> bool:
-        return await conn.fetchval(self._rerun, job_id) is not None
+        return await conn.fetchrow(self._rerun, job_id, self.enqueued_channel) is not None
 
     async def counts(self, conn: Conn) -> list[tuple[str, str, int]]:
         return [(r[0], r[1], r[2]) for r in await conn.fetch(self._counts)]

@@ -166,6 +166,9 @@ async def test_enqueue_many_is_one_statement(app: taskq.App) -> None:
         return None
 
     async with app, app.pool.acquire() as conn:
+        # Warm up: asyncpg introspects result types once per connection.
+        await job.options(connection=conn).enqueue_many([{"i": -1}])
+        await conn.execute(f'DELETE FROM "{app.schema}".jobs')
         statements: list[str] = []
         conn.add_query_logger(lambda record: statements.append(record.query))
         jobs = await job.options(connection=conn).enqueue_many([{"i": i} for i in range(5000)])

@@ -723,3 +723,21 @@ async def test_cancel_reaches_the_worker_even_without_the_notification(app: task
         await fetchval(app, "UPDATE {s}.jobs SET cancel_requested = true WHERE id = $1", job.id)
         with pytest.raises(taskq.JobCancelled):
             await job.result(timeout=10)
+
+
+async def test_workers_serve_their_queues_only(app: taskq.App) -> None:
+    ran: list[str] = []
+
+    @app.task
+    async def job(q: str) -> None:
+        ran.append(q)
+
+    async with app:
+        for q in ("a", "b", "c", "d"):
+            await job.options(queue=q).enqueue_many([{"q": q}] * 3)
+        stats = await app.drain(queues=["a", "b"])
+        assert stats.succeeded == 6
+        assert sorted(ran) == ["a"] * 3 + ["b"] * 3
+        ran.clear()
+        stats = await app.drain()  # all queues: the rest
+        assert sorted(ran) == ["c"] * 3 + ["d"] * 3
