@@ -1,16 +1,21 @@
 """The process that runs one system's code: ``python -m benchmarks.agent SYSTEM COMMAND``.
 
-The runner starts it with the system's own interpreter (``System.python``) and
-passes the database in ``$TASKQ_BENCH_AGENT_DSN`` (not argv, where ``ps``
-shows it). It prints ``READY`` when a worker is about to claim and, at the end,
-one ``RESULT {json}`` line. Everything runs on uvloop.
+The runner starts it with the system's own interpreter (a peer's virtualenv)
+and passes the database in ``$TASKQ_BENCH_AGENT_DSN`` (not argv, where ``ps``
+shows it). A worker prints ``OPEN`` once connected and waits for a ``GO`` line
+on stdin (so that several worker processes start claiming together), then
+``READY`` when it is about to claim; every command ends with one
+``RESULT {json}`` line. Everything runs on uvloop. This module imports only
+what every system's virtualenv has: asyncpg, orjson and uvloop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
+import platform
 import signal
 import sys
 import time
@@ -23,10 +28,14 @@ import uvloop
 from . import systems
 
 DSN_ENV = "TASKQ_BENCH_AGENT_DSN"
+OPEN = "OPEN"
+GO = "GO"
 READY = "READY"
 RESULT = "RESULT "
-#: Longest a producer waits for its last job to start before giving up.
+#: Longest a latency producer waits for its last job to start before giving up.
 START_TIMEOUT = 60.0
+#: Body of a workload E job.
+SLEEP_SECONDS = 0.01
 
 
 def emit(line: str) -> None:
@@ -46,6 +55,16 @@ class Tally:
         self.seen.add(i)
 
 
+def versions(system: type[systems.System]) -> dict[str, Any]:
+    found = {}
+    for name in system.packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return {"python": platform.python_version(), "packages": found}
+
+
 async def enqueue_bulk(system: systems.System, jobs: int, batch: int) -> dict[str, Any]:
     batches = [[{"i": n} for n in range(s, min(s + batch, jobs))] for s in range(0, jobs, batch)]
     started = time.perf_counter()
@@ -54,14 +73,21 @@ async def enqueue_bulk(system: systems.System, jobs: int, batch: int) -> dict[st
     return {"seconds": time.perf_counter() - started}
 
 
-async def worker(system: systems.System, concurrency: int, mode: str) -> dict[str, Any]:
+async def worker(
+    system: systems.System, concurrency: int, mode: str, report_ids: bool
+) -> dict[str, Any]:
     tally = Tally()
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     pool: asyncpg.Pool | None = None
 
     async def noop(i: int) -> None:
         tally.add(i)
+
+    async def sleep(i: int) -> None:
+        tally.add(i)
+        await system.sleep(SLEEP_SECONDS)
 
     async def record_start(i: int) -> None:
         # clock_timestamp(): the start on the database clock, as close to the job's
@@ -79,16 +105,47 @@ async def worker(system: systems.System, concurrency: int, mode: str) -> dict[st
             server_settings={"synchronous_commit": "off", "application_name": "bench"},
         )
     try:
-        job = record_start if mode == "latency" else noop
+        emit(OPEN)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if line.strip() != GO:
+            raise SystemExit(f"expected {GO!r} on stdin, got {line!r}")
+        job = {"noop": noop, "sleep": sleep, "latency": record_start}[mode]
         await system.run_worker(concurrency, job, lambda: emit(READY), stop)
     finally:
         if pool is not None:
             await pool.close()
-    return {"executed": tally.executed, "distinct": len(tally.seen)}
+    result: dict[str, Any] = {"executed": tally.executed, "distinct": len(tally.seen)}
+    if report_ids:
+        result["ids"] = sorted(tally.seen)
+    return result
 
 
 async def produce(system: systems.System, rate: float, seconds: float) -> dict[str, Any]:
-    """Enqueue one job every 1/rate s, wait until all started, store their enqueue times."""
+    """Enqueue one job per call: every 1/rate s (C), or back to back if rate is 0 (B).
+
+    At a fixed rate, wait until all started and store their enqueue times; back
+    to back, count the backlog (jobs enqueued but not finished) at the end.
+    """
+    conn = await asyncpg.connect(system.dsn)
+    try:
+        if rate:
+            return await _produce_at_rate(system, conn, rate, seconds)
+        n = 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        while time.perf_counter() < deadline:
+            await system.enqueue_one({"i": n})
+            n += 1
+        elapsed = time.perf_counter() - started
+        backlog = await conn.fetchval(system.backlog_sql)
+        return {"enqueued": n, "seconds": elapsed, "backlog": backlog}
+    finally:
+        await conn.close()
+
+
+async def _produce_at_rate(
+    system: systems.System, conn: asyncpg.Connection, rate: float, seconds: float
+) -> dict[str, Any]:
     n = round(rate * seconds)
     interval = 1 / rate
     worst = 0.0
@@ -101,39 +158,43 @@ async def produce(system: systems.System, rate: float, seconds: float) -> dict[s
         worst = max(worst, -delay)
         await system.enqueue_one({"i": i})
     elapsed = time.perf_counter() - started
-    conn = await asyncpg.connect(system.dsn)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while await conn.fetchval("SELECT count(*) FROM bench.started") < n:
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        times = await system.enqueue_times()
-        await conn.copy_records_to_table(
-            "enqueued", schema_name="bench", records=list(times.items())
-        )
-    finally:
-        await conn.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while await conn.fetchval("SELECT count(*) FROM bench.started") < n:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    times = await system.enqueue_times()
+    await conn.copy_records_to_table("enqueued", schema_name="bench", records=list(times.items()))
     return {"enqueued": n, "seconds": elapsed, "rate": n / elapsed, "behind_max_s": worst}
 
 
 async def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.agent")
     parser.add_argument("system", choices=sorted(systems.SYSTEMS))
+    parser.add_argument("--variant", default="")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("versions")
     commands.add_parser("setup")
     bulk = commands.add_parser("enqueue-bulk")
     bulk.add_argument("--jobs", type=int, required=True)
     bulk.add_argument("--batch", type=int, required=True)
     work = commands.add_parser("worker")
     work.add_argument("--concurrency", type=int, required=True)
-    work.add_argument("--mode", choices=["noop", "latency"], required=True)
+    work.add_argument("--mode", choices=["noop", "sleep", "latency"], required=True)
+    work.add_argument("--processes", type=int, default=1, help="worker processes in the run")
+    work.add_argument("--ids", action="store_true", help="report the ids of the jobs run")
     prod = commands.add_parser("produce")
-    prod.add_argument("--rate", type=float, required=True)
+    prod.add_argument("--rate", type=float, required=True, help="jobs/s; 0: back to back")
     prod.add_argument("--seconds", type=float, required=True)
     args = parser.parse_args(argv)
 
-    system = systems.load(args.system)(os.environ[DSN_ENV])
+    cls = systems.load(args.system)
+    if args.command == "versions":
+        emit(RESULT + orjson.dumps(versions(cls)).decode())
+        return
+    system = cls(os.environ[DSN_ENV], args.variant)
+    if args.command == "worker":
+        system.processes = args.processes
     await system.open()
     try:
         result: dict[str, Any] = {}
@@ -142,7 +203,7 @@ async def main(argv: list[str]) -> None:
         elif args.command == "enqueue-bulk":
             result = await enqueue_bulk(system, args.jobs, args.batch)
         elif args.command == "worker":
-            result = await worker(system, args.concurrency, args.mode)
+            result = await worker(system, args.concurrency, args.mode, args.ids)
         else:
             result = await produce(system, args.rate, args.seconds)
     finally:

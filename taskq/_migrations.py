@@ -24,7 +24,14 @@ class Migration:
     template: str
 
     def sql(self, schema: str) -> str:
-        return self.template.replace("{schema}", quote_schema(schema))
+        # The schema name is validated by quote_schema (letters, digits, _),
+        # so the channel literals below cannot break out of their quotes.
+        quote_schema(schema)
+        return (
+            self.template.replace("{schema}", quote_schema(schema))
+            .replace("{finished_channel}", f"'taskq:{schema}:finished'")
+            .replace("{enqueued_channel}", f"'taskq:{schema}:enqueued'")
+        )
 
 
 def all_migrations() -> list[Migration]:

@@ -94,47 +94,16 @@ class Store:
         # The claim lives in a function (see the migration) so that its plan
         # does not depend on the table's statistics.
         self._claim = f"SELECT * FROM {s}.claim($1, $2, $3, $4, $5)"
+        self._claim_finishing = (
+            f"SELECT * FROM {s}.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        )
         self._next_due = (
             f"SELECT min(run_at) - now() FROM {s}.jobs "
             "WHERE state = 'queued' AND task = ANY($2::text[]) "
             "AND ($1::text[] IS NULL OR queue = ANY($1::text[]))"
         )
-        # Write back a batch of outcomes in one statement. Each row names its
-        # lease token: a worker whose lease was taken over (rescued, cancelled)
-        # changes nothing, so a job is never finished twice.
-        self._finish = (
-            "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], "
-            "$5::text[], $6::float8[]) AS u(id, token, kind, result, error, delay)), "
-            f"requeued AS (UPDATE {s}.jobs AS j SET state = 'queued', "
-            "run_at = now() + make_interval(secs => u.delay), "
-            "attempts = CASE WHEN u.kind = 'release' THEN j.attempts - 1 ELSE j.attempts END, "
-            "last_error = coalesce(u.error::jsonb, j.last_error), "
-            "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL "
-            "FROM u WHERE u.kind IN ('retry', 'release') AND j.id = u.id "
-            "AND j.lease_token = u.token RETURNING j.id, j.queue, j.run_at), "
-            f"finished AS (DELETE FROM {s}.jobs AS j USING u "
-            "WHERE u.kind IN ('succeeded', 'failed', 'cancelled') AND j.id = u.id "
-            "AND j.lease_token = u.token "
-            "RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, "
-            "j.rescues, j.enqueued_at, j.started_at, j.worker_id, u.kind, u.result, u.error), "
-            f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
-            "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, result, error) "
-            "SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues, "
-            "enqueued_at, started_at, worker_id, result::jsonb, error::jsonb FROM finished "
-            "RETURNING id) "
-            "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
-            "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS archived, "
-            # NOTIFY payloads are capped at 8000 bytes: announce ids in chunks.
-            "(SELECT count(pg_notify($7, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
-            "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
-            "GROUP BY chunk) AS n) AS notified, "
-            # Retried and released jobs wake workers like new ones (due now, or
-            # "queue@epoch" for a later retry).
-            "(SELECT count(pg_notify($8, CASE WHEN due THEN queue "
-            "ELSE queue || '@' || extract(epoch FROM first)::text END)) "
-            "FROM (SELECT queue, run_at <= now() AS due, min(run_at) AS first FROM requeued "
-            "GROUP BY 1, 2) AS r) AS woken"
-        )
+        # Write back a batch of outcomes (see finish() in the migration).
+        self._finish = f"SELECT {s}.finish($1, $2, $3, $4, $5, $6)"
         self._renew = (
             f"UPDATE {s}.jobs AS j SET lease_expires_at = now() + make_interval(secs => $3) "
             "FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token) "
@@ -307,9 +276,27 @@ class Store:
         limit: int,
         worker_id: str,
         lease_seconds: float,
-    ) -> list[ClaimedJob]:
-        rows = await conn.fetch(self._claim, queues, tasks, limit, worker_id, lease_seconds)
-        return [ClaimedJob(*r) for r in rows]
+        outcomes: list[Outcome] | None = None,
+    ) -> tuple[list[ClaimedJob], list[int]]:
+        """Claim up to ``limit`` jobs, first writing back ``outcomes`` if any.
+
+        Returns the claimed jobs and the ids of outcomes whose lease was lost.
+        """
+        if outcomes:
+            rows = await conn.fetch(
+                self._claim_finishing,
+                queues,
+                tasks,
+                limit,
+                worker_id,
+                lease_seconds,
+                *_outcome_arrays(outcomes),
+            )
+        else:
+            rows = await conn.fetch(self._claim, queues, tasks, limit, worker_id, lease_seconds)
+        jobs = [ClaimedJob(*r[:8]) for r in rows if not r[8]]
+        lost = [r[0] for r in rows if r[8]]
+        return jobs, lost
 
     async def seconds_until_next_due(
         self, conn: Conn, *, queues: list[str] | None, tasks: list[str]
@@ -318,20 +305,10 @@ class Store:
         gap = await conn.fetchval(self._next_due, queues, tasks)
         return None if gap is None else gap.total_seconds()
 
-    async def finish(self, conn: Conn, outcomes: list[Outcome]) -> tuple[list[int], list[int]]:
-        """Write back outcomes; return (requeued ids, archived ids) that took effect."""
-        row = await conn.fetchrow(
-            self._finish,
-            [o.job_id for o in outcomes],
-            [o.token for o in outcomes],
-            [o.kind for o in outcomes],
-            [o.result for o in outcomes],
-            [o.error for o in outcomes],
-            [o.delay for o in outcomes],
-            self.finished_channel,
-            self.enqueued_channel,
-        )
-        return list(row["requeued"]), list(row["archived"])
+    async def finish(self, conn: Conn, outcomes: list[Outcome]) -> list[int]:
+        """Write back outcomes; return the ids whose lease was lost (nothing written)."""
+        lost = await conn.fetchval(self._finish, *_outcome_arrays(outcomes))
+        return list(lost)
 
     async def renew_leases(
         self, conn: Conn, leases: list[tuple[int, uuid.UUID]], lease_seconds: float
@@ -420,3 +397,14 @@ class Store:
         """(default queue, max attempts) of a task some worker reported, or None."""
         row = await conn.fetchrow(self._lookup_task, name)
         return None if row is None else (str(row[0]), int(row[1]))
+
+
+def _outcome_arrays(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
+    return (
+        [o.job_id for o in outcomes],
+        [o.token for o in outcomes],
+        [o.kind for o in outcomes],
+        [o.result for o in outcomes],
+        [o.error for o in outcomes],
+        [o.delay for o in outcomes],
+    )

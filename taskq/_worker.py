@@ -62,6 +62,9 @@ CLAIM_GATHER_SECONDS = 0.002
 MAX_KNOWN_DUE_TIMES = 256
 #: How long cancelled jobs get to unwind (finally-blocks) at shutdown.
 JOB_CANCEL_GRACE_SECONDS = 10.0
+#: How long finished outcomes wait for a claim to carry them before they are
+#: written back on their own.
+FLUSH_DELAY_SECONDS = 0.005
 #: Longest a single write-back may take before it is abandoned and retried.
 FLUSH_TIMEOUT_SECONDS = 30.0
 #: How often history is pruned. Expired leases are looked for every half
@@ -251,7 +254,8 @@ class Worker:
         self._outcomes_ready = _Flag()
         self._flushed = _Flag()
         self._flushed.set()
-        self._flush_lock = anyio.Lock()
+        # Outcomes taken from the buffer by a write that has not returned yet.
+        self._writing: list[Outcome] = []
         self._stopping = False
         self._stopped = anyio.Event()
         self._forced = False
@@ -453,15 +457,18 @@ class Worker:
             self._wake.clear()
             limit = min(free, cfg.batch_size)
             sent = time.monotonic()
+            carried = self._take_outcomes()
+            lost: list[int] | None = None
             try:
                 async with app._acquire("claiming jobs") as conn:
-                    claimed = await app._store.claim(
+                    claimed, lost = await app._store.claim(
                         conn,
                         queues=queues,
                         tasks=tasks,
                         limit=limit,
                         worker_id=self.id,
                         lease_seconds=cfg.lease_seconds,
+                        outcomes=carried,
                     )
             except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
@@ -470,6 +477,12 @@ class Worker:
                 await self._wake.wait(backoff)
                 backoff = min(backoff * 2, cfg.poll_interval * 2)
                 continue
+            finally:
+                if carried:
+                    if lost is None:
+                        self._outcomes_not_written(carried)
+                    else:
+                        self._outcomes_written(carried, lost)
             backoff = 0.1
             self.stats.claims += 1
             self.stats.claimed += len(claimed)
@@ -681,21 +694,53 @@ class Worker:
     # -- write-back and upkeep -------------------------------------------------------
 
     async def _wait_flushed(self) -> None:
-        while self._outcomes:
+        while self._outcomes or self._writing:
             self._outcomes_ready.set()
             await self._flushed.wait(1.0)
+
+    def _take_outcomes(self) -> list[Outcome]:
+        """Move the oldest buffered outcomes (up to a batch) to the in-flight list."""
+        batch = self._outcomes[: self.config.batch_size]
+        del self._outcomes[: len(batch)]
+        self._writing.extend(batch)
+        return batch
+
+    def _outcomes_written(self, batch: list[Outcome], lost: list[int]) -> None:
+        for outcome in batch:
+            self._writing.remove(outcome)
+        self.stats.writebacks += 1
+        if not self._outcomes and not self._writing:
+            self._flushed.set()
+        if any(o.kind == "retry" for o in batch):
+            self._wake.set()  # a retry may be due soon: recompute when to wake
+        if lost:
+            log.warning(
+                "worker %s: lease lost for job(s) %s before their outcome was written; "
+                "another worker owns them now, outcome dropped",
+                self.id,
+                lost,
+            )
+
+    def _outcomes_not_written(self, batch: list[Outcome]) -> None:
+        # Back to the front of the buffer, to be sent again: the lease token
+        # makes a repeat of a write that did commit change nothing.
+        for outcome in batch:
+            self._writing.remove(outcome)
+        self._outcomes[:0] = batch
 
     async def _flush_loop(self) -> None:
         backoff = 0.05
         while True:
             await self._outcomes_ready.wait()
             self._outcomes_ready.clear()
+            if not self._stopping:
+                # Outcomes normally ride along with the next claim (one round
+                # trip for both); this loop writes what no claim picked up.
+                await anyio.sleep(FLUSH_DELAY_SECONDS)
             while self._outcomes:
                 try:
                     await self._flush_batch()
                 except Exception as exc:  # a lost database or a driver fault must not end the loop
-                    # Kept in memory and retried: the lease token makes a
-                    # repeat of a write that did commit change nothing.
                     log.warning(
                         "worker %s cannot write back %d outcome(s): %s",
                         self.id,
@@ -706,7 +751,6 @@ class Worker:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.05
-            self._flushed.set()
 
     async def _flush_all(self) -> None:
         """Write back every buffered outcome now, retrying until cancelled."""
@@ -718,38 +762,29 @@ class Worker:
                 log.warning("worker %s cannot write back outcomes: %s", self.id, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
-        self._flushed.set()
 
     async def _flush_batch(self) -> None:
         # Shielded: a write-back cancelled half-way (at shutdown) would commit
         # without the buffer knowing, then be sent again and look like a lost
         # lease. Bounded, so a hung database cannot hold shutdown for ever.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_TIMEOUT_SECONDS) as scope:
-            await self._flush_batch_now()
+        batch = self._take_outcomes()
+        if not batch:
+            return
+        lost: list[int] | None = None
+        try:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(FLUSH_TIMEOUT_SECONDS) as scope,
+            ):
+                async with self.app._acquire("writing back job outcomes") as conn:
+                    lost = await self.app._store.finish(conn, batch)
+        finally:
+            if lost is None:
+                self._outcomes_not_written(batch)
+            else:
+                self._outcomes_written(batch, lost)
         if scope.cancelled_caught:
             raise DatabaseError(f"writing back outcomes took over {FLUSH_TIMEOUT_SECONDS:.0f}s")
-
-    async def _flush_batch_now(self) -> None:
-        async with self._flush_lock:
-            batch = self._outcomes[: self.config.batch_size]
-            if not batch:
-                return
-            async with self.app._acquire("writing back job outcomes") as conn:
-                requeued, archived = await self.app._store.finish(conn, batch)
-            self.stats.writebacks += 1
-            del self._outcomes[: len(batch)]
-        if requeued:
-            # A retry is due later: let the claim loop recompute when to wake.
-            self._wake.set()
-        if len(requeued) + len(archived) != len(batch):
-            done = set(requeued) | set(archived)
-            missed = [o.job_id for o in batch if o.job_id not in done]
-            log.warning(
-                "worker %s: lease lost for job(s) %s before their outcome was written; "
-                "another worker owns them now, outcome dropped",
-                self.id,
-                missed,
-            )
 
     async def _maintenance_loop(self) -> None:
         """Heartbeat: renew leases, pick up missed cancels, rescue, prune."""
@@ -782,7 +817,7 @@ class Worker:
         async with app._acquire("renewing leases") as conn:
             await app._store.heartbeat(conn, self.id)
             held = [(r.job.id, r.job.token) for r in self._running.values()]
-            held += [(o.job_id, o.token) for o in self._outcomes]
+            held += [(o.job_id, o.token) for o in (*self._outcomes, *self._writing)]
             if not held:
                 return
             renewed = await app._store.renew_leases(conn, held, cfg.lease_seconds)

@@ -242,7 +242,7 @@ async def test_sigstopped_zombie_is_fenced_and_cancels_its_stale_jobs(
 
 async def claim_expired(app: taskq.App) -> Any:
     async with app.pool.acquire() as c:
-        (job,) = await app._store.claim(
+        (job,), _ = await app._store.claim(
             c, queues=None, tasks=list(app.tasks), limit=1, worker_id="w", lease_seconds=-1
         )
     return job
@@ -266,7 +266,7 @@ async def test_rescue_racing_a_completion_lets_the_completion_win(app: taskq.App
             done = await app._store.finish(
                 completer, [Outcome(claimed.id, claimed.token, "succeeded")]
             )
-            assert done == ([], [claimed.id])  # written, not yet committed
+            assert done == []  # written (none lost), not yet committed
             # The rescuer's read and write happen while the completion holds the row.
             assert await app._store.rescue_expired(rescuer) == ([], [])
             await tx.commit()
@@ -308,7 +308,7 @@ async def test_completion_racing_a_rescue_changes_nothing(app: taskq.App) -> Non
             )
             assert not finishing.done()
             await tx.commit()
-            assert await finishing == ([], [])  # stale token: nothing written
+            assert await finishing == [claimed.id]  # stale token: nothing written
             status = await handle.status()
             assert (status.state, status.attempts) == (taskq.JobState.QUEUED, 1)
             assert status.error is not None and status.error["type"] == "taskq.LeaseExpired"

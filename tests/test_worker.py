@@ -562,17 +562,18 @@ async def test_write_back_with_a_stale_lease_token_changes_nothing(app: taskq.Ap
     async with app:
         j = await job.enqueue()
         async with app.pool.acquire() as conn:
-            claimed = await app._store.claim(
+            claimed, _ = await app._store.claim(
                 conn, queues=None, tasks=list(app.tasks), limit=10, worker_id="w", lease_seconds=30
             )
             assert [c.id for c in claimed] == [j.id]
             stale = Outcome(j.id, uuid.uuid4(), "succeeded")
-            assert await app._store.finish(conn, [stale]) == ([], [])
+            assert await app._store.finish(conn, [stale]) == [j.id]  # lost: nothing written
             assert (await j.status()).state is taskq.JobState.RUNNING
             good = Outcome(j.id, claimed[0].token, "succeeded")
-            assert await app._store.finish(conn, [good]) == ([], [j.id])
+            assert await app._store.finish(conn, [good]) == []
             # Writing the same outcome again (e.g. a retry after a lost reply) is a no-op.
-            assert await app._store.finish(conn, [good]) == ([], [])
+            assert await app._store.finish(conn, [good]) == [j.id]
+            assert (await j.status()).state is taskq.JobState.SUCCEEDED
 
 
 async def test_many_open_close_cycles_leak_no_connections(app: taskq.App, pg_dsn: str) -> None:
@@ -629,7 +630,7 @@ async def test_rescue_requeues_expired_leases_and_fails_jobs_without_attempts_le
         j1 = await once.enqueue()
         j3 = await thrice.enqueue()
         async with app.pool.acquire() as conn:
-            claimed = await app._store.claim(
+            claimed, _ = await app._store.claim(
                 conn,
                 queues=None,
                 tasks=list(app.tasks),

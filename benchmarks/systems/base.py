@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -15,24 +15,63 @@ import asyncpg
 JobFn = Callable[[int], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class Venv:
+    """A peer's own virtualenv, made on demand by ``benchmarks.venvs``.
+
+    ``requirements`` are pip requirement strings with exact pins; the harness's
+    own needs (asyncpg, orjson, uvloop, psutil) are added at the versions the
+    runner itself uses, so that every system talks to Postgres through the same
+    driver build where it uses asyncpg at all.
+    """
+
+    name: str
+    version: str
+    requirements: tuple[str, ...]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
 class System(abc.ABC):
     """A queue under test, bound to one fresh database.
 
     The runner never calls the system's library itself: every method below the
     "system process" line runs in a subprocess (``python -m benchmarks.agent``)
-    started with :attr:`python`, so a peer can live in its own virtualenv. Only
-    :attr:`unfinished_sql` and :meth:`check` run in the runner, as plain SQL.
-    Adapters import their library inside methods, never at module level.
+    started with the system's interpreter (its own virtualenv for a peer, see
+    :attr:`venv`). Only the SQL attributes, :meth:`prepare` and :meth:`check`
+    run in the runner, as plain SQL. Adapters import their library inside
+    methods, never at module level.
     """
 
     name: ClassVar[str]
-    #: Interpreter for this system's processes (a peer points at its own venv).
-    python: ClassVar[str] = sys.executable
+    #: variant -> row label. A variant is one configuration of the system
+    #: (``pgqueuer`` at its defaults and tuned); ``""`` is the only one by default.
+    variants: ClassVar[dict[str, str]]
+    #: ``None``: runs in the runner's interpreter (taskq, the floor).
+    venv: ClassVar[Venv | None] = None
+    #: Distributions whose versions the report lists (read in the system's process).
+    packages: ClassVar[tuple[str, ...]] = ("asyncpg",)
     #: One row, one boolean: is any job still unfinished? Polled while a worker drains.
     unfinished_sql: ClassVar[str]
+    #: One row, one int: jobs enqueued but not finished yet (queued or running).
+    backlog_sql: ClassVar[str]
+    #: What the variant's settings are, in words, for the report.
+    settings: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, variant: str = "") -> None:
+        if variant not in self.variants:
+            raise ValueError(f"{self.name} has no variant {variant!r}")
         self.dsn = dsn
+        self.variant = variant
+        #: Worker processes of this run (workload D); set by the agent.
+        self.processes = 1
+
+    @classmethod
+    def describe(cls, variant: str, concurrency: int) -> str:
+        """The variant's settings in words, for the report."""
+        return cls.settings.get(variant, "")
 
     # -- in the system process ---------------------------------------------------
 
@@ -75,8 +114,19 @@ class System(abc.ABC):
         stop claiming, finish running jobs, write back, and return.
         """
 
+    async def sleep(self, seconds: float) -> None:
+        """The sleep a job body of this system would use (workload E)."""
+        await asyncio.sleep(seconds)
+
     # -- in the runner -------------------------------------------------------------
 
+    async def prepare(self, conn: asyncpg.Connection, options: dict[str, Any]) -> None:
+        """After setup, before the run: put the database in the state the run needs."""
+
     async def check(self, conn: asyncpg.Connection, expected: int) -> list[str]:
-        """After a drain: problems found in the system's own records (empty if none)."""
+        """After a drain: problems found in the system's own records (empty if none).
+
+        ``expected`` jobs were enqueued by the run; each must be finished,
+        successfully, once.
+        """
         return []

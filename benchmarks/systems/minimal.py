@@ -15,7 +15,10 @@ from .base import JobFn, System
 
 class MinimalSystem(System):
     name = "minimal"
+    variants = {"": "minimal"}
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {mq.SCHEMA}.jobs)"
+    backlog_sql = f"SELECT count(*) FROM {mq.SCHEMA}.jobs"
+    settings = {"": "claims up to its free slots, deletes finished jobs in batches"}
 
     async def open(self) -> None:
         # A producer holds its connection, as a minimal app would.

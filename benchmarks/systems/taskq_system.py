@@ -1,4 +1,10 @@
-"""taskq through its public API: ``enqueue_many``, ``enqueue``, ``app.worker(...)``."""
+"""taskq through its public API: ``enqueue_many``, ``enqueue``, ``app.worker(...)``.
+
+Variants (workload F, the cost of each feature): ``result`` returns a small
+dict that taskq stores; ``retry`` fails every job's first attempt under
+``taskq.Retry(attempts=2, wait=0)``; ``history`` runs with many finished jobs
+already in the history table (see :meth:`TaskqSystem.prepare`).
+"""
 
 from __future__ import annotations
 
@@ -15,22 +21,50 @@ if TYPE_CHECKING:
     import taskq
 
 SCHEMA = "taskq"
+TASK = "bench.job"
+
+
+class FirstAttemptFails(Exception):
+    """Raised by every job's first attempt in the ``retry`` variant."""
 
 
 class TaskqSystem(System):
     name = "taskq"
+    variants = {
+        "": "taskq",
+        "result": "taskq, results stored",
+        "retry": "taskq, every job retried once",
+        "history": "taskq, finished jobs in history",
+    }
+    packages = ("taskq", "asyncpg", "anyio", "orjson")
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {SCHEMA}.jobs)"
+    backlog_sql = f"SELECT count(*) FROM {SCHEMA}.jobs"
+    settings = {
+        "": "`app.worker(concurrency=N)` with every other setting at its default",
+        "result": "the job returns `{'i': i, 'ok': True}`, stored in history",
+        "retry": "`retry=taskq.Retry(attempts=2, wait=0)`; the first attempt raises",
+        "history": "history pre-filled by one `INSERT ... SELECT generate_series`, then "
+        "`VACUUM ANALYZE`",
+    }
 
     async def open(self) -> None:
         import taskq
 
         self._job: JobFn | None = None
+        self._failed: set[int] = set()
         self.app = taskq.App(self.dsn, schema=SCHEMA)
+        retry = taskq.Retry(attempts=2, wait=0) if self.variant == "retry" else None
+        returns = self.variant == "result"
+        fails_first = self.variant == "retry"
 
-        @self.app.task(name="bench.job")
-        async def bench_job(i: int) -> None:
+        @self.app.task(name=TASK, retry=retry)
+        async def bench_job(i: int) -> dict[str, Any] | None:
             assert self._job is not None, "only workers run jobs"
             await self._job(i)
+            if fails_first and i not in self._failed:
+                self._failed.add(i)
+                raise FirstAttemptFails(i)
+            return {"i": i, "ok": True} if returns else None
 
         self.task: taskq.Task[Any, Any] = bench_job
         await self.app.open()  # applies migrations on a fresh database
@@ -53,7 +87,7 @@ class TaskqSystem(System):
         # exactly one of the two tables even while workers move it.
         sql = (
             f"SELECT (args->>'i')::int, enqueued_at FROM {SCHEMA}.jobs UNION ALL "
-            f"SELECT (args->>'i')::int, enqueued_at FROM {SCHEMA}.history"
+            f"SELECT (args->>'i')::int, enqueued_at FROM {SCHEMA}.history WHERE task = '{TASK}'"
         )
         async with self.app.pool.acquire() as conn:
             return {i: at for i, at in await conn.fetch(sql)}
@@ -66,12 +100,43 @@ class TaskqSystem(System):
             ready()
             await stop.wait()
 
+    async def sleep(self, seconds: float) -> None:
+        import anyio
+
+        await anyio.sleep(seconds)
+
+    async def prepare(self, conn: asyncpg.Connection, options: dict[str, Any]) -> None:
+        rows = int(options.get("history_rows", 0))
+        if self.variant != "history" or not rows:
+            return
+        # Finished jobs of another task, one every 0.5 s back from now: inside the
+        # default 7-day retention (1,000,000 rows span 5.8 days), so the worker's
+        # pruning has nothing to delete. Ids are negative: below every new job's.
+        await conn.execute(
+            f"""
+            INSERT INTO {SCHEMA}.history (id, queue, task, args, state, priority, attempts,
+                max_attempts, enqueued_at, started_at, finished_at, worker_id, result)
+            SELECT -g, 'default', 'bench.old', jsonb_build_object('i', g), 'succeeded', 0, 1,
+                5, now() - g * interval '500 ms' - interval '20 ms',
+                now() - g * interval '500 ms' - interval '10 ms', now() - g * interval '500 ms',
+                'bench-old-worker', NULL
+            FROM generate_series(1, $1::int) AS g
+            """,
+            rows,
+        )
+        # A long-running install has vacuumed and analyzed its history; without
+        # this, autovacuum's first pass over the new rows would land in the run.
+        await conn.execute(f"VACUUM ANALYZE {SCHEMA}.history")
+
     async def check(self, conn: asyncpg.Connection, expected: int) -> list[str]:
+        mine = f"{SCHEMA}.history WHERE task = '{TASK}'"
         row = await conn.fetchrow(
             f"SELECT (SELECT count(*) FROM {SCHEMA}.jobs) AS live, "
-            f"(SELECT count(*) FROM {SCHEMA}.history WHERE state = 'succeeded') AS succeeded, "
-            f"(SELECT count(*) FROM {SCHEMA}.history) AS history, "
-            f"(SELECT count(DISTINCT args->>'i') FROM {SCHEMA}.history) AS distinct_i"
+            f"(SELECT count(*) FROM {mine} AND state = 'succeeded') AS succeeded, "
+            f"(SELECT count(*) FROM {mine}) AS history, "
+            f"(SELECT count(DISTINCT args->>'i') FROM {mine}) AS distinct_i, "
+            f"(SELECT count(*) FROM {mine} AND result IS NOT NULL) AS results, "
+            f"(SELECT count(*) FROM {mine} AND attempts = 2) AS retried"
         )
         problems = []
         if row["live"]:
@@ -79,4 +144,11 @@ class TaskqSystem(System):
         for key in ("succeeded", "history", "distinct_i"):
             if row[key] != expected:
                 problems.append(f"taskq.history {key} = {row[key]}, expected {expected}")
+        wanted = {
+            "results": expected if self.variant == "result" else 0,
+            "retried": expected if self.variant == "retry" else 0,
+        }
+        for key, value in wanted.items():
+            if row[key] != value:
+                problems.append(f"taskq.history {key} = {row[key]}, expected {value}")
         return problems

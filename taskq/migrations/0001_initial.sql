@@ -92,6 +92,72 @@ CREATE TABLE {schema}.tasks (
 -- asking. Postgres folds duplicate notifications within a transaction and
 -- delivers them only on commit, so a rolled-back job wakes no one.
 
+-- Write back a batch of outcomes. Each names its lease token: a worker whose
+-- lease was taken over (rescued, cancelled) changes nothing, so a job is
+-- never finished twice, and sending the same batch again (after a lost reply)
+-- is harmless. Kinds: succeeded / failed / cancelled move the job to history;
+-- retry puts it back after p_delays seconds; release puts it back at once and
+-- gives the attempt back (shutdown interrupted it). Returns the ids whose
+-- lease was no longer held (nothing was written for them).
+CREATE FUNCTION {schema}.finish(
+    p_ids bigint[], p_tokens uuid[], p_kinds text[], p_results text[], p_errors text[],
+    p_delays double precision[]
+) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done bigint[];
+BEGIN
+    WITH u AS (
+        SELECT * FROM unnest(p_ids, p_tokens, p_kinds, p_results, p_errors, p_delays)
+            AS u(id, token, kind, result, error, delay)
+    ),
+    requeued AS (
+        UPDATE {schema}.jobs AS j SET state = 'queued',
+            run_at = now() + make_interval(secs => u.delay),
+            attempts = CASE WHEN u.kind = 'release' THEN j.attempts - 1 ELSE j.attempts END,
+            last_error = coalesce(u.error::jsonb, j.last_error),
+            worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
+        FROM u
+        WHERE u.kind IN ('retry', 'release') AND j.id = u.id AND j.lease_token = u.token
+        RETURNING j.id, j.queue, j.run_at
+    ),
+    finished AS (
+        DELETE FROM {schema}.jobs AS j USING u
+        WHERE u.kind IN ('succeeded', 'failed', 'cancelled') AND j.id = u.id
+            AND j.lease_token = u.token
+        RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
+            j.rescues, j.enqueued_at, j.started_at, j.worker_id, u.kind, u.result, u.error
+    ),
+    archived AS (
+        INSERT INTO {schema}.history (id, queue, task, args, state, priority, attempts,
+            max_attempts, rescues, enqueued_at, started_at, worker_id, result, error)
+        SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues,
+            enqueued_at, started_at, worker_id, result::jsonb, error::jsonb
+        FROM finished
+        RETURNING id
+    ),
+    -- Waiters on results: NOTIFY payloads are capped at 8000 bytes, so the
+    -- finished ids go out in chunks.
+    told AS (
+        SELECT count(pg_notify({finished_channel}, ids)) AS n
+        FROM (SELECT string_agg(id::text, ',') AS ids
+              FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c
+              GROUP BY chunk) AS chunks
+    ),
+    -- Retried and released jobs wake workers like new ones.
+    woken AS (
+        SELECT count(pg_notify({enqueued_channel}, CASE WHEN due THEN queue
+            ELSE queue || '@' || extract(epoch FROM first)::text END)) AS n
+        FROM (SELECT queue, run_at <= now() AS due, min(run_at) AS first
+              FROM requeued GROUP BY 1, 2) AS r
+    )
+    SELECT array(SELECT id FROM requeued UNION ALL SELECT id FROM archived)
+    INTO v_done
+    FROM told, woken;
+    RETURN array(SELECT x FROM unnest(p_ids) AS x WHERE x <> ALL (v_done));
+END
+$$;
+
 -- The claim. SKIP LOCKED lets many workers claim at once without waiting on
 -- each other's rows; the ORDER BY ... LIMIT walks the jobs_claim index in
 -- claim order and stops after p_limit rows, so a deep backlog costs nothing.
@@ -110,11 +176,19 @@ CREATE TABLE {schema}.tasks (
 --
 -- Only tasks the worker can run are taken: a job of a task it does not know
 -- waits for a worker that does (rolling deploys).
+--
+-- A claim can carry the worker's finished outcomes (p_ids ... p_delays, as
+-- for finish()): writing them back and claiming the next jobs then costs one
+-- round trip and one commit instead of two. Rows with lost = true are not
+-- jobs: they name outcomes whose lease was no longer held.
 CREATE FUNCTION {schema}.claim(
-    p_queues text[], p_tasks text[], p_limit integer, p_worker text, p_lease double precision
+    p_queues text[], p_tasks text[], p_limit integer, p_worker text, p_lease double precision,
+    p_ids bigint[] DEFAULT NULL, p_tokens uuid[] DEFAULT NULL, p_kinds text[] DEFAULT NULL,
+    p_results text[] DEFAULT NULL, p_errors text[] DEFAULT NULL,
+    p_delays double precision[] DEFAULT NULL
 ) RETURNS TABLE (
     id bigint, task text, queue text, args text, attempts integer, max_attempts integer,
-    lease_token uuid, priority smallint
+    lease_token uuid, priority smallint, lost boolean
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off
@@ -129,6 +203,16 @@ DECLARE
     v_got integer;
     v_start integer;
 BEGIN
+    IF cardinality(p_ids) > 0 THEN
+        RETURN QUERY
+        SELECT x, NULL::text, NULL::text, NULL::text, NULL::integer, NULL::integer,
+            NULL::uuid, NULL::smallint, true
+        FROM unnest({schema}.finish(p_ids, p_tokens, p_kinds, p_results, p_errors, p_delays))
+            AS x;
+    END IF;
+    IF p_limit <= 0 THEN
+        RETURN;
+    END IF;
     IF v_queues IS NULL THEN
         WITH RECURSIVE q AS (
             (SELECT j.queue FROM {schema}.jobs AS j WHERE j.state = 'queued'
@@ -160,7 +244,7 @@ BEGIN
             lease_expires_at = now() + make_interval(secs => p_lease), started_at = now()
         FROM picked WHERE j.id = picked.id
         RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
-            j.lease_token, j.priority;
+            j.lease_token, j.priority, false;
         GET DIAGNOSTICS v_got = ROW_COUNT;
         v_left := v_left - v_got;
     END LOOP;
