@@ -605,8 +605,11 @@ class App:
         futures.append(fut)
         try:
             with anyio.fail_after(timeout):
+                # Ask for the announcement, then read: a finish landing between
+                # the two is seen by the read, one landing after is announced.
+                async with self._acquire("waiting for a job") as conn:
+                    await self._store.mark_awaited(conn, job_id)
                 while True:
-                    # Read after subscribing: a finish between the two is not missed.
                     status = await self._job_status(job_id)
                     if status.state.finished:
                         return status

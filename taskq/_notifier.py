@@ -135,10 +135,12 @@ class Notifier:
             if not first:
                 self.reconnects += 1
                 log.info("taskq notifier reconnected")
-                # Anything sent while we were away is lost: let consumers re-check.
-                for handler in list(self._reconnect_handlers):
-                    handler()
             first = False
+            # Anything sent before this LISTEN took effect is lost (including,
+            # on a slow first connect, what consumers subscribed to before
+            # start() gave up waiting): let them re-check.
+            for handler in list(self._reconnect_handlers):
+                handler()
             await self._watch(conn)
             await self._close()
 

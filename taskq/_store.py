@@ -171,6 +171,9 @@ class Store:
             "'message', 'cancelled while queued', 'traceback', '') FROM c RETURNING id) "
             "SELECT id, pg_notify($2, id::text) FROM h"
         )
+        # Ask the write-back to announce this job's end. Zero rows: it has
+        # already finished (or never existed), and the caller reads it.
+        self._await_job = f"UPDATE {s}.jobs SET awaited = true WHERE id = $1 AND NOT awaited"
         self._request_cancel = (
             f"UPDATE {s}.jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' "
             "RETURNING id, pg_notify($2, id::text)"
@@ -382,6 +385,10 @@ class Store:
 
     async def cancel_queued(self, conn: Conn, job_id: int) -> bool:
         return await conn.fetchrow(self._cancel_queued, job_id, self.finished_channel) is not None
+
+    async def mark_awaited(self, conn: Conn, job_id: int) -> None:
+        """Have the job's end announced on the finished channel."""
+        await conn.execute(self._await_job, job_id)
 
     async def request_cancel(self, conn: Conn, job_id: int) -> bool:
         """Flag a running job for cancellation and tell its worker; False if not running."""

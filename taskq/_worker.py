@@ -260,6 +260,8 @@ class Worker:
         self._stopped = anyio.Event()
         self._forced = False
         self._threads = anyio.CapacityLimiter(config.concurrency)
+        # The claim loop wants a batch: half the slots free (see _claim_loop).
+        self._wake_at_running = config.concurrency - max(1, config.concurrency // 2)
         self._queue_filter = None if config.queues is None else set(config.queues)
         # Monotonic times at which jobs enqueued for later fall due, nearest
         # first, learnt from notifications (no polling query per wake-up).
@@ -605,7 +607,10 @@ class Worker:
                 self._record(job, outcome, time.monotonic() - started)
             else:
                 self.stats.lost += 1
-            self._wake.set()
+            # Wake the claim loop only once enough slots are free for a
+            # worthwhile claim (it waits for that anyway), not on every job.
+            if len(self._running) <= self._wake_at_running or self._stopping:
+                self._wake.set()
 
     def _stopped_outcome(self, job: ClaimedJob, reason: str | None) -> Outcome | None:
         if reason == "cancel":

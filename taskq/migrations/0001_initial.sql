@@ -25,6 +25,10 @@ CREATE TABLE {schema}.jobs (
     -- Set by job.cancel() on a running job; the holder sees it by NOTIFY at
     -- once, or at its next lease renewal if the notification was lost.
     cancel_requested boolean     NOT NULL DEFAULT false,
+    -- Set by job.result() while someone waits: only then does the write-back
+    -- announce the job's end (a NOTIFY per batch for jobs nobody waits on
+    -- would serialise commits on Postgres's notification lock for nothing).
+    awaited          boolean     NOT NULL DEFAULT false,
     last_error       jsonb
 );
 
@@ -126,7 +130,8 @@ BEGIN
         WHERE u.kind IN ('succeeded', 'failed', 'cancelled') AND j.id = u.id
             AND j.lease_token = u.token
         RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
-            j.rescues, j.enqueued_at, j.started_at, j.worker_id, u.kind, u.result, u.error
+            j.rescues, j.enqueued_at, j.started_at, j.worker_id, j.awaited, u.kind, u.result,
+            u.error
     ),
     archived AS (
         INSERT INTO {schema}.history (id, queue, task, args, state, priority, attempts,
@@ -141,7 +146,8 @@ BEGIN
     told AS (
         SELECT count(pg_notify({finished_channel}, ids)) AS n
         FROM (SELECT string_agg(id::text, ',') AS ids
-              FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c
+              FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk
+                    FROM finished WHERE awaited) AS c
               GROUP BY chunk) AS chunks
     ),
     -- Retried and released jobs wake workers like new ones.
