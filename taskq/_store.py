@@ -193,10 +193,7 @@ class Store:
             f"SELECT queue, state, count(*) AS n FROM {s}.history GROUP BY queue, state "
             "ORDER BY queue, state"
         )
-        self._prune = (
-            f"DELETE FROM {s}.history WHERE id IN (SELECT id FROM {s}.history "
-            "WHERE finished_at < now() - make_interval(secs => $1) LIMIT $2)"
-        )
+        self._prune = f"SELECT {s}.prune($1, $2)"
         self._register_worker = (
             f"INSERT INTO {s}.workers (id, hostname, pid, queues, tasks, concurrency) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()"
@@ -370,8 +367,7 @@ class Store:
         """Delete history older than the retention, in batches; return rows deleted."""
         total = 0
         for _ in range(max_batches):
-            status = await conn.execute(self._prune, retention_seconds, batch)
-            deleted = int(status.split()[-1])
+            deleted = int(await conn.fetchval(self._prune, retention_seconds, batch))
             total += deleted
             if deleted < batch:
                 break

@@ -63,7 +63,8 @@ CREATE TABLE {schema}.history (
 );
 -- Pruning by age. Rows arrive roughly in finished_at order, so a BRIN
 -- index finds old ones for a tiny fraction of a btree's upkeep per insert.
-CREATE INDEX history_finished_at ON {schema}.history USING brin (finished_at);
+CREATE INDEX history_finished_at ON {schema}.history USING brin (finished_at)
+    WITH (autosummarize = on);
 CREATE INDEX history_dead ON {schema}.history (queue, finished_at) WHERE state = 'failed';
 
 -- Live worker processes, renewed on every heartbeat.
@@ -254,5 +255,29 @@ BEGIN
         GET DIAGNOSTICS v_got = ROW_COUNT;
         v_left := v_left - v_got;
     END LOOP;
+END
+$$;
+
+-- Delete up to p_limit finished jobs older than the retention. Every worker
+-- calls this every minute, so it must never read all of history: without
+-- statistics the planner would pick a sequential scan (which reads the whole
+-- table when nothing is old enough); the BRIN index visits only block ranges
+-- that may hold old rows.
+CREATE FUNCTION {schema}.prune(p_retention double precision, p_limit integer)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_deleted integer;
+BEGIN
+    DELETE FROM {schema}.history
+    WHERE id IN (
+        SELECT h.id FROM {schema}.history AS h
+        WHERE h.finished_at < now() - make_interval(secs => p_retention)
+        LIMIT p_limit
+    );
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    RETURN v_deleted;
 END
 $$;

@@ -1,0 +1,123 @@
+"""The hot queries keep their plans on a big table: index scans, no sequential scan, no sort.
+
+A guard on plan shapes, not on timings: the claim, the rescue, job lookups and
+history pruning must not degrade into scans of a million-row table. The claim
+runs inside a plpgsql function, so its inner plan is read with auto_explain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+
+import taskq
+
+pytestmark = pytest.mark.anyio
+
+ROWS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def explain(conn: asyncpg.Connection, sql: str, *args: Any) -> str:
+    rows = await conn.fetch("EXPLAIN " + sql, *args)
+    return "\n".join(r[0] for r in rows)
+
+
+async def inner_plans(conn: asyncpg.Connection, sql: str, *args: Any) -> str:
+    """Plans of the statements run inside functions, via auto_explain notices."""
+    notices: list[str] = []
+    conn.add_log_listener(lambda _c, msg: notices.append(str(msg.message)))
+    await conn.execute("LOAD 'auto_explain'")
+    await conn.execute("SET auto_explain.log_min_duration = 0")
+    await conn.execute("SET auto_explain.log_nested_statements = on")
+    await conn.execute("SET auto_explain.log_level = 'notice'")
+    await conn.execute("SET client_min_messages = 'notice'")
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.fetch(sql, *args)
+    finally:
+        await tx.rollback()  # the claim and the prune change nothing for good
+    await conn.execute("SET auto_explain.log_min_duration = -1")
+    return "\n".join(notices)
+
+
+def assert_no_scan_of_the_whole(plan: str, table: str) -> None:
+    for line in plan.splitlines():
+        assert not (
+            "Seq Scan on " + table in line or f"Seq Scan on {table.split('.')[-1]}" in line
+        ), plan
+
+
+async def fill(app: taskq.App, conn: asyncpg.Connection) -> None:
+    s = f'"{app.schema}"'
+    # A million queued jobs over 4 queues, a million finished ones in history.
+    await conn.execute(
+        f"INSERT INTO {s}.jobs (queue, task, args, run_at) "
+        f"SELECT 'q' || (g % 4), 'plan.task', '{{}}', now() - interval '1 hour' "
+        f"FROM generate_series(1, {ROWS}) AS g"
+    )
+    await conn.execute(
+        f"INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
+        "max_attempts, enqueued_at, finished_at) "
+        f"SELECT {ROWS} + g, 'q' || (g % 4), 'plan.task', '{{}}', "
+        "CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'succeeded' END, 0, 1, 1, "
+        f"now() - interval '30 days', now() - make_interval(secs => {ROWS} - g) "
+        f"FROM generate_series(1, {ROWS}) AS g"
+    )
+
+
+async def test_hot_queries_use_indexes_on_a_million_rows(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+
+    @app.task(name="plan.task")
+    async def task() -> None:
+        return None
+
+    async with app:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await fill(app, conn)
+            for analyzed in (False, True):
+                if analyzed:  # the same checks with fresh statistics
+                    await conn.execute(f'ANALYZE "{schema}".jobs, "{schema}".history')
+                await check_plans(app, conn)
+        finally:
+            await conn.close()
+
+
+async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    store = app._store
+    s = f'"{app.schema}"'
+
+    for queues in (["q1"], ["q1", "q2"], None):
+        plan = await inner_plans(
+            conn, f"SELECT * FROM {s}.claim($1, $2, 10, 'w', 30)", queues, ["plan.task"]
+        )
+        assert "Index Scan using jobs_claim" in plan, plan
+        assert "Seq Scan" not in plan, plan
+        assert "Sort" not in plan.replace("Sort Key", ""), plan
+        assert "history" not in plan, plan
+
+    plan = await explain(conn, store._rescue, "c1", "c2", 3)
+    assert "Seq Scan" not in plan, plan
+    assert "jobs_lease" in plan, plan
+    assert "Scan using history" not in plan, plan  # it only inserts into history
+
+    plan = await explain(conn, store._get_job, 123)
+    assert "Seq Scan" not in plan, plan
+    assert "jobs_pkey" in plan, plan
+    assert "history_pkey" in plan, plan
+
+    plan = await inner_plans(conn, store._prune, 7 * 86400.0, 5000)
+    assert "Seq Scan" not in plan, plan
+    assert "history_finished_at" in plan, plan
+
+    plan = await explain(conn, store._renew, [1, 2], [None, None], 30.0)
+    assert "Seq Scan" not in plan, plan
