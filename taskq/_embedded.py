@@ -73,9 +73,6 @@ def _default_data_dir() -> Path:
     return base / "taskq" / "postgres"
 
 
-DEFAULT_DATA_DIR: Path = _default_data_dir()
-
-
 class EmbeddedPostgresError(ConfigurationError):
     """The embedded Postgres server could not be found, initialised or started."""
 
@@ -477,7 +474,8 @@ def _start(data_dir: Path, log_file: Path) -> Path:
 
 
 def ensure_server(data_dir: Path | None = None, *, database: str = "postgres") -> EmbeddedServer:
-    """Start the server for ``data_dir`` (default DEFAULT_DATA_DIR) unless it already runs.
+    """Start the server for ``data_dir`` (default: $TASKQ_HOME/postgres, else
+    $XDG_DATA_HOME/taskq/postgres, else ~/.local/share/taskq/postgres, read at call time) unless it already runs.
 
     Synchronous and blocking (callers run it in a thread). Safe to call from several
     processes at once: an exclusive lock on ``<data_dir>.lock`` covers check, initdb and

@@ -50,8 +50,6 @@ class Outcome:
     delay: float = 0.0
 
 
-FINAL_KINDS = ("succeeded", "failed", "cancelled")
-
 _JOB_COLUMNS = (
     "id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
     "enqueued_at, run_at, started_at"

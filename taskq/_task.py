@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -264,6 +264,3 @@ def with_defaults(opts: EnqueueOptions, task: Task[Any, Any] | None, queue: str)
         queue=opts.queue or queue,
         priority=opts.priority if opts.priority is not None else (task.priority if task else 0),
     )
-
-
-TaskFunction = Callable[..., Awaitable[Any]] | Callable[..., Any]
