@@ -474,8 +474,10 @@ def _start(data_dir: Path, log_file: Path) -> Path:
 
 
 def ensure_server(data_dir: Path | None = None, *, database: str = "postgres") -> EmbeddedServer:
-    """Start the server for ``data_dir`` (default: $TASKQ_HOME/postgres, else
-    $XDG_DATA_HOME/taskq/postgres, else ~/.local/share/taskq/postgres, read at call time) unless it already runs.
+    """Start the server for ``data_dir`` unless it already runs.
+
+    The default data dir is read at call time: ``$TASKQ_HOME/postgres``, else
+    ``$XDG_DATA_HOME/taskq/postgres``, else ``~/.local/share/taskq/postgres``.
 
     Synchronous and blocking (callers run it in a thread). Safe to call from several
     processes at once: an exclusive lock on ``<data_dir>.lock`` covers check, initdb and
