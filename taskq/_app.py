@@ -414,7 +414,8 @@ class App:
                 raise
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_delay(self.connect_retry),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0)
+            + tenacity.wait_random(0, 0.05),
             retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
             reraise=True,
         )

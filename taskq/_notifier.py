@@ -109,9 +109,8 @@ class Notifier:
     async def _connect_retrying(self) -> asyncpg.Connection:
         """Connect and LISTEN, retrying with jittered exponential backoff for ever."""
         retrying = tenacity.AsyncRetrying(
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=0.1, max=DEFAULT_MAX_RECONNECT_WAIT, jitter=0.5
-            ),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=DEFAULT_MAX_RECONNECT_WAIT)
+            + tenacity.wait_random(0, 0.5),
             retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
             before_sleep=lambda state: log.warning(
                 "taskq notifier cannot connect (%s); retrying in %.1fs",

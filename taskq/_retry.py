@@ -17,9 +17,9 @@ from ._errors import ConfigurationError
 DEFAULT_ATTEMPTS = 5
 #: First retry after 10-15 s, then x3 each time (10, 30, 90, 270 s plus jitter),
 #: capped at one hour. Jitter keeps a burst of failures from retrying in lockstep.
-DEFAULT_WAIT: wait_base = tenacity.wait_exponential_jitter(
-    multiplier=10, exp_base=3, max=3600, jitter=5
-)
+DEFAULT_WAIT: wait_base = tenacity.wait_exponential(
+    multiplier=10, exp_base=3, max=3600
+) + tenacity.wait_random(0, 5)
 
 RetryPredicate = Callable[[tenacity.RetryCallState], bool]
 WaitStrategy = Callable[[tenacity.RetryCallState], float]

@@ -58,6 +58,11 @@ DEFAULT_MAX_PENDING_OUTCOMES = 5000
 #: When most slots are busy, wait up to this long for more to free up before
 #: claiming, so that claims come in batches rather than one job at a time.
 CLAIM_GATHER_SECONDS = 0.002
+#: Each prune round deletes old history in batches of PRUNE_BATCH rows for up
+#: to this long (then it goes on at the next round): enough to keep up with
+#: tens of thousands of finished jobs a second.
+PRUNE_BUDGET_SECONDS = 5.0
+PRUNE_BATCH = 5000
 #: Future due times a worker remembers (from notifications) to wake up for.
 MAX_KNOWN_DUE_TIMES = 256
 #: How long cancelled jobs get to unwind (finally-blocks) at shutdown.
@@ -262,6 +267,8 @@ class Worker:
         self._threads = anyio.CapacityLimiter(config.concurrency)
         # The claim loop wants a batch: half the slots free (see _claim_loop).
         self._wake_at_running = config.concurrency - max(1, config.concurrency // 2)
+        self._full = False  # the claim loop waits for a slot to free up
+        self._sleep_until = 0.0  # monotonic end of the claim loop's idle sleep, 0 if awake
         self._queue_filter = None if config.queues is None else set(config.queues)
         # Monotonic times at which jobs enqueued for later fall due, nearest
         # first, learnt from notifications (no polling query per wake-up).
@@ -344,6 +351,7 @@ class Worker:
                 services.start_soon(self._flush_loop)
                 services.start_soon(self._maintenance_loop)
                 services.start_soon(self._lease_watchdog)
+                services.start_soon(self._prune_loop)
                 task_status.started()
                 try:
                     await self._claim_loop(until_empty)
@@ -440,8 +448,12 @@ class Worker:
         while not self._stopping:
             free = cfg.concurrency - len(self._running)
             if free <= 0 or len(self._outcomes) >= cfg.max_pending_outcomes:
+                # Every slot busy: the first job to finish wakes us (then we
+                # gather a moment for more, see below).
                 self._wake.clear()
+                self._full = True
                 await self._wake.wait(cfg.poll_interval)
+                self._full = False
                 continue
             if free < cfg.concurrency // 2 and self._running:
                 # Most slots are busy: give running jobs a moment to finish so
@@ -531,7 +543,9 @@ class Worker:
             wait = cfg.poll_interval
             if self._due:
                 wait = min(wait, self._due[0] - now + 0.001)
+            self._sleep_until = now + wait
             await self._wake.wait(wait)
+            self._sleep_until = 0.0
 
     async def _more_due_now(self, *, conn_tasks: list[str], queues: list[str] | None) -> bool:
         async with self.app._acquire("looking for due jobs") as conn:
@@ -547,7 +561,13 @@ class Worker:
             return
         if epoch:
             with suppress(ValueError):
-                self._add_due(time.monotonic() + float(epoch) - time.time())
+                due = time.monotonic() + float(epoch) - time.time()
+                self._add_due(due)
+                # Only a sleeping claim loop that would wake too late needs
+                # to hear of it; anything else finds it in _due.
+                if self._sleep_until and due < self._sleep_until:
+                    self._wake.set()
+            return
         self._wake.set()
 
     def _on_reconnect(self) -> None:
@@ -607,10 +627,20 @@ class Worker:
                 self._record(job, outcome, time.monotonic() - started)
             else:
                 self.stats.lost += 1
-            # Wake the claim loop only once enough slots are free for a
-            # worthwhile claim (it waits for that anyway), not on every job.
-            if len(self._running) <= self._wake_at_running or self._stopping:
+            # Wake the claim loop when it waits for a free slot, or once
+            # enough slots are free for a worthwhile claim; not on every job.
+            if self._full or len(self._running) <= self._wake_at_running or self._stopping:
                 self._wake.set()
+
+    def _uncount(self, kind: str) -> None:
+        field = {
+            "succeeded": "succeeded",
+            "failed": "failed",
+            "retry": "retried",
+            "cancelled": "cancelled",
+            "release": "released",
+        }[kind]
+        setattr(self.stats, field, getattr(self.stats, field) - 1)
 
     def _stopped_outcome(self, job: ClaimedJob, reason: str | None) -> Outcome | None:
         if reason == "cancel":
@@ -714,6 +744,13 @@ class Worker:
         for outcome in batch:
             self._writing.remove(outcome)
         self.stats.writebacks += 1
+        if lost:
+            # Counted when recorded; another worker owns these jobs now.
+            gone = set(lost)
+            for outcome in batch:
+                if outcome.job_id in gone:
+                    self._uncount(outcome.kind)
+                    self.stats.lost += 1
         if not self._outcomes and not self._writing:
             self._flushed.set()
         if any(o.kind == "retry" for o in batch):
@@ -792,10 +829,10 @@ class Worker:
             raise DatabaseError(f"writing back outcomes took over {FLUSH_TIMEOUT_SECONDS:.0f}s")
 
     async def _maintenance_loop(self) -> None:
-        """Heartbeat: renew leases, pick up missed cancels, rescue, prune."""
+        """Heartbeat: renew leases, pick up missed cancels, rescue."""
         cfg = self.config
-        interval = min(cfg.lease_seconds / 3, cfg.rescue_interval, cfg.prune_interval)
-        last_rescue = last_prune = time.monotonic()
+        interval = min(cfg.lease_seconds / 3, cfg.rescue_interval)
+        last_rescue = time.monotonic()
         while True:
             await anyio.sleep(interval)
             # Bounded: a database that hangs must not stop the next heartbeat
@@ -807,14 +844,28 @@ class Worker:
                     if now - last_rescue >= cfg.rescue_interval:
                         last_rescue = now
                         await self._rescue()
-                    if now - last_prune >= cfg.prune_interval:
-                        last_prune = now
-                        async with self.app._acquire("pruning history") as conn:
-                            await self.app._store.prune_history(
-                                conn, self.app.history_retention.total_seconds()
-                            )
                 except Exception as exc:  # a lost database or a driver fault must not end the loop
                     log.warning("worker %s upkeep failed: %s", self.id, exc)
+
+    async def _prune_loop(self) -> None:
+        """Delete history past its retention, in its own loop so it never delays renewals."""
+        app, cfg = self.app, self.config
+        while True:
+            await anyio.sleep(cfg.prune_interval)
+            deadline = time.monotonic() + PRUNE_BUDGET_SECONDS
+            try:
+                while time.monotonic() < deadline:
+                    async with app._acquire("pruning history") as conn:
+                        deleted = await app._store.prune_history(
+                            conn,
+                            app.history_retention.total_seconds(),
+                            batch=PRUNE_BATCH,
+                            max_batches=1,
+                        )
+                    if deleted < PRUNE_BATCH:
+                        break  # caught up
+            except Exception as exc:  # a lost database or a driver fault must not end the loop
+                log.warning("worker %s could not prune history: %s", self.id, exc)
 
     async def _renew(self) -> None:
         app, cfg = self.app, self.config

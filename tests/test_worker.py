@@ -742,3 +742,49 @@ async def test_workers_serve_their_queues_only(app: taskq.App) -> None:
         ran.clear()
         stats = await app.drain()  # all queues: the rest
         assert sorted(ran) == ["c"] * 3 + ["d"] * 3
+
+
+async def test_a_slot_freed_while_others_run_long_is_used_at_once(app: taskq.App) -> None:
+    gate = anyio.Event()
+
+    @app.task
+    async def long_job() -> None:
+        await gate.wait()
+
+    @app.task
+    async def short_job(n: int) -> int:
+        await anyio.sleep(0.1)
+        return n
+
+    async with app:
+        await long_job.enqueue_many([{}] * 3)
+        first = await short_job.enqueue(n=1)
+        queued = await short_job.enqueue(n=2)
+        # Four slots, three held by long jobs for the whole test. With a 60 s
+        # poll, only the wake-up on the finished short job can start the next.
+        async with app.worker(concurrency=4, poll_interval=60):
+            assert await first.result(timeout=10) == 1
+            assert await queued.result(timeout=10) == 2
+            gate.set()
+
+
+async def test_a_retry_with_a_pending_cancel_ends_cancelled(app: taskq.App) -> None:
+    from taskq._store import Outcome
+
+    @app.task
+    async def job() -> None:
+        return None
+
+    async with app:
+        handle = await job.enqueue()
+        async with app.pool.acquire() as conn:
+            (claimed,), _ = await app._store.claim(
+                conn, queues=None, tasks=list(app.tasks), limit=1, worker_id="w", lease_seconds=30
+            )
+            assert await app._store.request_cancel(conn, handle.id) is True
+            # The attempt failed and would be retried, but a cancel is pending.
+            await app._store.finish(conn, [Outcome(claimed.id, claimed.token, "retry", delay=0)])
+        status = await handle.status()
+        assert status.state is taskq.JobState.CANCELLED
+        with pytest.raises(taskq.JobCancelled):
+            await handle.result(timeout=5)
