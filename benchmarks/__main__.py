@@ -2,24 +2,32 @@
 
 Examples::
 
-    python -m benchmarks --quick           # CI: one run each, short latency phase
+    python -m benchmarks --quick           # CI, < 1 minute: short runs; peers in A only
     python -m benchmarks --write           # full run; results/latest.{md,json}
-    python -m benchmarks --dsn postgresql://... --systems taskq --workloads A
+    python -m benchmarks --dsn postgresql://... --systems taskq,pgqueuer:tuned --workloads A
+
+Peers (pgqueuer, procrastinate) run in their own virtualenvs, made on first use
+under ``$TASKQ_BENCH_VENVS`` (default ``~/.cache/taskq-bench/venvs``); a peer
+whose virtualenv cannot be made is skipped with a note, never failing the run.
+The exit status is non-zero only when a run cannot be trusted (a process
+failed, or a job was lost or ran twice).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import orjson
 
-from . import report, runner, systems
+from . import report, runner, systems, venvs
 from .environment import BenchmarkError, machine_facts, server, server_facts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,17 +35,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 repetition, 3 s latency phase")
+    p.add_argument("--quick", action="store_true",
+                   help="1 run each, smaller and shorter; peers run A only")  # fmt: skip
     p.add_argument("--repeat", type=int, help="repetitions of each run (default 3; quick 1)")
     p.add_argument("--dsn", help="existing server (needs CREATEDB); default $TASKQ_BENCH_DSN, "
                    "else a throwaway embedded Postgres")  # fmt: skip
-    p.add_argument("--systems", default=",".join(systems.SYSTEMS), help="comma-separated")
-    p.add_argument("--workloads", default="A,C", help="comma-separated: A (bulk), C (latency)")
-    p.add_argument("--jobs", type=int, default=20_000, help="jobs in workload A")
-    p.add_argument("--batch", type=int, default=1_000, help="jobs per enqueue call in A")
-    p.add_argument("--concurrency", type=int, default=10, help="worker concurrency")
+    p.add_argument("--systems", default=",".join(systems.SYSTEMS),
+                   help="comma-separated names, NAME:VARIANT for one variant")  # fmt: skip
+    p.add_argument("--workloads", default=",".join(runner.WORKLOADS),
+                   help="comma-separated: A bulk, B streaming, C latency, D scaling, "
+                   "E sleeping jobs and memory, F taskq's feature costs")  # fmt: skip
+    p.add_argument("--jobs", type=int, help="jobs in A, D and F (default 20,000; quick 5,000)")
+    p.add_argument("--batch", type=int, default=1_000, help="jobs per batch enqueue call")
+    p.add_argument("--concurrency", type=int, default=10, help="worker concurrency (A-D, F)")
     p.add_argument("--rate", type=float, default=100.0, help="jobs/s enqueued in C")
     p.add_argument("--latency-seconds", type=float, help="length of C (default 15; quick 3)")
+    p.add_argument("--stream-seconds", type=float, help="length of B (default 15; quick 3)")
+    p.add_argument("--processes", default="2,4", help="worker processes in D, comma-separated")
+    p.add_argument("--sleep-jobs", type=int, help="jobs in E (default 100,000; quick 20,000)")
+    p.add_argument("--sleep-concurrency", type=int, default=1_000, help="concurrency in E")
+    p.add_argument("--history-rows", type=int,
+                   help="finished jobs in history in F (default 1e6; quick 1e5)")  # fmt: skip
     p.add_argument("--analyze", action="store_true",
                    help="ANALYZE after A's enqueue (fresh planner statistics)")  # fmt: skip
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy flame graphs of A drains")
@@ -45,25 +63,39 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
     args = p.parse_args(argv)
     names = [s for s in args.systems.split(",") if s]
     workloads = [w.upper() for w in args.workloads.split(",") if w]
-    if unknown := set(names) - set(systems.SYSTEMS):
+    if unknown := {n.partition(":")[0] for n in names} - set(systems.SYSTEMS):
         p.error(f"unknown system(s) {sorted(unknown)}; known: {sorted(systems.SYSTEMS)}")
+    for n in names:
+        name, _, variant = n.partition(":")
+        if variant and variant not in systems.load(name).variants:
+            p.error(f"{name} has no variant {variant!r}: {sorted(systems.load(name).variants)}")
     if unknown := set(workloads) - set(runner.WORKLOADS):
         p.error(f"unknown workload(s) {sorted(unknown)}; known: {sorted(runner.WORKLOADS)}")
-    # The floor first, so that every system's numbers print after the one they compare to.
-    names.sort(key=lambda s: s != report.FLOOR)
+    workloads.sort()
+    quick = args.quick
     cfg = runner.Config(
         systems=names,
         workloads=workloads,
-        repeat=args.repeat or (1 if args.quick else 3),
-        jobs=args.jobs,
+        repeat=args.repeat or (1 if quick else 3),
+        jobs=args.jobs or (5_000 if quick else 20_000),
         batch=args.batch,
         concurrency=args.concurrency,
         rate=args.rate,
-        latency_seconds=args.latency_seconds or (3.0 if args.quick else 15.0),
+        latency_seconds=args.latency_seconds or (3.0 if quick else 15.0),
+        stream_seconds=args.stream_seconds or (3.0 if quick else 15.0),
+        processes=tuple(int(k) for k in args.processes.split(",") if k),
+        sleep_jobs=args.sleep_jobs or (20_000 if quick else 100_000),
+        sleep_concurrency=args.sleep_concurrency,
+        history_rows=args.history_rows or (100_000 if quick else 1_000_000),
+        quick=quick,
+        peer_workloads=("A",) if quick else None,
         analyze=args.analyze,
         profile_dir=args.profile,
     )
-    if min(cfg.repeat, cfg.jobs, cfg.batch, cfg.concurrency, cfg.rate, cfg.latency_seconds) <= 0:
+    numbers = (cfg.repeat, cfg.jobs, cfg.batch, cfg.concurrency, cfg.rate, cfg.latency_seconds,
+               cfg.stream_seconds, cfg.sleep_jobs, cfg.sleep_concurrency, cfg.history_rows,
+               *cfg.processes)  # fmt: skip
+    if min(numbers) <= 0 or not cfg.processes:
         p.error("counts, rates and durations must be positive")
     return cfg, args
 
@@ -72,24 +104,37 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
 async def bench(cfg: runner.Config, args: argparse.Namespace) -> str:
+    started = time.monotonic()
+    load_before = _load()
+    plan = await runner.plan(cfg, log)
     with server(args.dsn) as srv:
         conn = await asyncpg.connect(srv.dsn)
         try:
             env = {"server": await server_facts(conn, srv), "machine": machine_facts()}
         finally:
             await conn.close()
+        env["machine"]["peer virtualenvs"] = str(venvs.cache_dir())
         log(f"Postgres: {env['server']['version']}")
-        runs = await runner.run(cfg, srv, log)
+        log("rows: " + ", ".join(s.label for s in plan.subjects + plan.features))
+        runs = await runner.run(cfg, srv, plan, log)
+    env["machine"]["wall time of the run"] = f"{time.monotonic() - started:.0f} s"
+    # Other work on the machine disturbs the numbers: the load says whether there was any.
+    env["machine"]["load average before the run"] = load_before
+    env["machine"]["load average after the run"] = _load()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]])
     summ = report.summary(runs)
-    md = report.markdown(cfg, summ, env, when, command)
+    md = report.markdown(cfg, plan, summ, env, when, command)
     if args.write:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "latest.md").write_text(md)
-        data = {"measured": when, "command": command, "config": cfg, "environment": env,
-                "summary": summ, "runs": runs}  # fmt: skip
+        data = {"measured": when, "command": command, "config": cfg, "plan": plan,
+                "environment": env, "summary": summ, "runs": runs}  # fmt: skip
         opts = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_DATACLASS
         (RESULTS / "latest.json").write_bytes(orjson.dumps(data, option=opts, default=str) + b"\n")
         log(f"wrote {RESULTS / 'latest.md'} and latest.json")

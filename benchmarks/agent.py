@@ -176,9 +176,11 @@ async def main(argv: list[str]) -> None:
     commands.add_parser("versions")
     commands.add_parser("setup")
     bulk = commands.add_parser("enqueue-bulk")
+    bulk.add_argument("--setup", action="store_true", help="install the schema first")
     bulk.add_argument("--jobs", type=int, required=True)
     bulk.add_argument("--batch", type=int, required=True)
     work = commands.add_parser("worker")
+    work.add_argument("--setup", action="store_true", help="install the schema first")
     work.add_argument("--concurrency", type=int, required=True)
     work.add_argument("--mode", choices=["noop", "sleep", "latency"], required=True)
     work.add_argument("--processes", type=int, default=1, help="worker processes in the run")
@@ -198,13 +200,13 @@ async def main(argv: list[str]) -> None:
     await system.open()
     try:
         result: dict[str, Any] = {}
-        if args.command == "setup":
+        if args.command == "setup" or getattr(args, "setup", False):
             await system.setup()
-        elif args.command == "enqueue-bulk":
+        if args.command == "enqueue-bulk":
             result = await enqueue_bulk(system, args.jobs, args.batch)
         elif args.command == "worker":
             result = await worker(system, args.concurrency, args.mode, args.ids)
-        else:
+        elif args.command == "produce":
             result = await produce(system, args.rate, args.seconds)
     finally:
         await system.close()

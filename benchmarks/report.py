@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
-from .runner import Config
+from .runner import FEATURES, FLOOR, Config, Plan
 
-FLOOR = "minimal"
+TASKQ = "taskq"
+PGQ_TUNED = "pgqueuer (tuned)"
+Stats = dict[str, float]
 
 
-def summarize(values: list[float | None]) -> dict[str, float] | None:
+def summarize(values: list[float | None]) -> Stats | None:
     known = [v for v in values if v is not None]
     if not known:
         return None
@@ -18,147 +21,413 @@ def summarize(values: list[float | None]) -> dict[str, float] | None:
 
 
 def summary(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Per system, workload and metric: median, min and max over the repetitions."""
+    """Per row, workload and metric: median, min and max over the repetitions."""
     out: dict[str, Any] = {}
-    for system, workloads in runs.items():
+    for label, workloads in runs.items():
         for workload, results in workloads.items():
             if results:
                 metrics = {k for r in results for k in r}
-                out.setdefault(system, {})[workload] = {
+                out.setdefault(label, {})[workload] = {
                     m: summarize([r.get(m) for r in results]) for m in sorted(metrics)
                 }
     return out
 
 
 def _num(value: float) -> str:
-    if value >= 1000:
+    if abs(value) >= 1000 or float(value).is_integer():
         return f"{value:,.0f}"
-    if value >= 100:
+    if abs(value) >= 100:
         return f"{value:.0f}"
-    if value >= 10:
+    if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
 
 
-def _cell(stats: dict[str, float] | None, repeat: int) -> str:
+def _cell(stats: Stats | None, repeat: int) -> str:
     if stats is None:
         return "n/a"
-    if repeat == 1:
+    if repeat == 1 or stats["min"] == stats["max"]:
         return _num(stats["median"])
     return f"{_num(stats['median'])} ({_num(stats['min'])}–{_num(stats['max'])})"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def _table(header: list[str], rows: list[list[str]], *, numbers: bool = True) -> list[str]:
+    align = "---:" if numbers else "---"
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        "|" + "|".join(["---"] + [align] * (len(header) - 1)) + "|",
     ]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+class Report:
+    def __init__(self, cfg: Config, plan: Plan, summ: dict[str, Any]) -> None:
+        self.cfg, self.plan, self.summ = cfg, plan, summ
+
+    def stats(self, label: str, workload: str, key: str) -> Stats | None:
+        found: Stats | None = self.summ.get(label, {}).get(workload, {}).get(key)
+        return found
+
+    def median(self, label: str, workload: str, key: str) -> float | None:
+        s = self.stats(label, workload, key)
+        return None if s is None else s["median"]
+
+    def rows(self, workload: str, keys: list[str]) -> list[list[str]]:
+        return [
+            [s.label] + [_cell(self.stats(s.label, workload, k), self.cfg.repeat) for k in keys]
+            for s in self.plan.subjects
+            if workload in self.summ.get(s.label, {})
+        ]
+
+
 def markdown(
-    cfg: Config, summ: dict[str, Any], env: dict[str, dict[str, str]], when: str, command: str
+    cfg: Config,
+    plan: Plan,
+    summ: dict[str, Any],
+    env: dict[str, dict[str, str]],
+    when: str,
+    command: str,
 ) -> str:
+    r = Report(cfg, plan, summ)
     rep = cfg.repeat
     cells = "one run" if rep == 1 else f"the median (min–max) of {rep} runs"
     out = [
         "# taskq benchmarks",
         "",
         f"Measured {when} with `{command}`. Each cell is {cells}, each run in a fresh "
-        f"database of one Postgres server. `{FLOOR}` is the floor: a hand-written asyncpg "
-        "queue (`benchmarks/minimal_queue.py`) with batched claim and acknowledgement.",
+        "database of one Postgres server, with the server's durability settings (below) for "
+        f"every system. `{FLOOR}` is the floor: a hand-written asyncpg queue "
+        "(`benchmarks/minimal_queue.py`) with batched claim and acknowledgement. Every "
+        "system runs in its own processes (`python -m benchmarks.agent`) on uvloop; peers "
+        "run in their own virtualenvs. After every run the runner checks that each job "
+        "ran exactly once, in the worker's count and in the system's own tables.",
     ]
+    out += _systems(r)
     if "A" in cfg.workloads:
-        out += [
-            "",
-            f"## A. Bulk: {cfg.jobs:,} no-op jobs",
-            "",
-            f"Enqueued with the system's batch API in batches of {cfg.batch:,}; then one worker "
-            f"process (concurrency {cfg.concurrency}, uvloop) drains them, timed from its "
-            "readiness until Postgres shows no job left. CPU is user + system time of the worker "
-            "process and of all Postgres processes during the drain; cores = CPU seconds per "
-            "second of drain.",
-            "",
-            "Planner statistics: "
-            + (
-                "`ANALYZE` ran after the enqueue (`--analyze`)."
-                if cfg.analyze
-                else "left to autovacuum, as a fresh install has them (none yet, for the drain "
-                "that follows the first bulk enqueue)."
-            ),
-            "",
-        ]
-        keys = [
-            ("enqueue_per_s", "enqueue jobs/s"),
-            ("drain_per_s", "drain jobs/s"),
-            ("worker_cpu_us_per_job", "worker CPU µs/job"),
-            ("worker_cpu_cores", "worker CPU cores"),
-            ("server_cpu_us_per_job", "Postgres CPU µs/job"),
-            ("server_cpu_cores", "Postgres CPU cores"),
-        ]
-        rows = [
-            [s] + [_cell(summ[s]["A"].get(k), rep) for k, _ in keys] for s in summ if "A" in summ[s]
-        ]
-        out += _table(["system"] + [h for _, h in keys], rows)
-        analyzed = [
-            s for s in summ if _max(summ[s].get("A", {}).get("autoanalyze_during_drain")) > 0
-        ]
-        if analyzed:
-            out += ["", f"Autovacuum analyzed tables during some drains of: {', '.join(analyzed)}."]
+        out += _bulk(r)
+    if "B" in cfg.workloads:
+        out += _stream(r)
     if "C" in cfg.workloads:
-        n = round(cfg.rate * cfg.latency_seconds)
-        out += [
-            "",
-            "## C. Latency: enqueue to start",
-            "",
-            f"One idle worker process (concurrency {cfg.concurrency}); one producer process "
-            f"enqueues one job every {1000 / cfg.rate:g} ms for {cfg.latency_seconds:g} s "
-            f"({n:,} jobs). Both ends are read on the database clock: the enqueue "
-            "statement's `now()` (as stored in, or returned from, the job row) and "
-            "`clock_timestamp()` written by the job as it starts.",
-            "",
-        ]
-        keys = [
-            ("p50_ms", "p50 ms"),
-            ("p95_ms", "p95 ms"),
-            ("p99_ms", "p99 ms"),
-            ("max_ms", "max ms"),
-        ]
-        rows = [
-            [s] + [_cell(summ[s]["C"].get(k), rep) for k, _ in keys] for s in summ if "C" in summ[s]
-        ]
-        out += _table(["system"] + [h for _, h in keys], rows)
-    ratios = _ratios(summ)
-    if ratios:
-        out += ["", f"## Ratios to `{FLOOR}` (medians)", ""]
-        out += _table(["system", *ratios[0]], ratios[1])
+        out += _latency(r)
+    if "D" in cfg.workloads:
+        out += _scaling(r)
+    if "E" in cfg.workloads:
+        out += _sleepers(r)
+    if "F" in cfg.workloads and plan.features:
+        out += _features(r)
+    out += _ratios(r)
+    out += _targets(r)
     out += ["", "## Environment", ""]
     out += [f"- {k}: {v}" for k, v in env["server"].items()]
     out += [f"- {k}: {v}" for k, v in env["machine"].items()]
     return "\n".join(out) + "\n"
 
 
-def _max(stats: dict[str, float] | None) -> float:
-    return 0.0 if stats is None else stats["max"]
-
-
-def _ratios(summ: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """system / floor for throughput (higher is better) and latency (lower is better)."""
-    if FLOOR not in summ or len(summ) < 2:
-        return None
-    cols = [("A", "enqueue_per_s", "A enqueue"), ("A", "drain_per_s", "A drain")]
-    cols += [("C", "p50_ms", "C p50"), ("C", "p99_ms", "C p99")]
-    cols = [c for c in cols if c[0] in summ[FLOOR]]
+def _systems(r: Report) -> list[str]:
+    out = ["", "## Systems", ""]
     rows = []
-    for system in summ:
-        if system == FLOOR:
+    for s in r.plan.subjects:
+        v = r.plan.versions.get(s.system, {})
+        pkgs = ", ".join(f"{k} {ver}" for k, ver in v.get("packages", {}).items())
+        where = "runner's venv" if s.cls.venv is None else f"own venv (`{s.cls.venv.dirname}`)"
+        rows.append(
+            [
+                s.label,
+                f"{pkgs}; Python {v.get('python', '?')}, {where}",
+                r.plan.settings.get(s.label, ""),
+            ]
+        )
+    out += _table(["system", "versions", "settings"], rows, numbers=False)
+    for name, why in r.plan.skipped.items():
+        out += ["", f"**Skipped {name}**: {why}"]
+    return out
+
+
+def _bulk(r: Report) -> list[str]:
+    cfg = r.cfg
+    out = [
+        "",
+        f"## A. Bulk: {cfg.jobs:,} no-op jobs",
+        "",
+        f"Enqueued with the system's batch API in batches of {cfg.batch:,}; then one worker "
+        f"process (concurrency {cfg.concurrency}) drains them, timed from its readiness until "
+        "Postgres shows no job left. CPU is user + system time of the worker process and of "
+        "all Postgres processes during the drain; cores = CPU seconds per second of drain. "
+        "Planner statistics: "
+        + (
+            "`ANALYZE` ran after the enqueue (`--analyze`)."
+            if cfg.analyze
+            else "left to autovacuum, as a fresh install has them."
+        ),
+        "",
+    ]
+    keys = [
+        ("enqueue_per_s", "enqueue jobs/s"),
+        ("drain_per_s", "drain jobs/s"),
+        ("worker_cpu_us_per_job", "worker CPU µs/job"),
+        ("worker_cpu_cores", "worker CPU cores"),
+        ("server_cpu_us_per_job", "Postgres CPU µs/job"),
+        ("server_cpu_cores", "Postgres CPU cores"),
+    ]
+    out += _table(["system"] + [h for _, h in keys], r.rows("A", [k for k, _ in keys]))
+    out += _fewer(r, "A", cfg.jobs)
+    analyzed = [
+        s.label
+        for s in r.plan.subjects
+        if (st := r.stats(s.label, "A", "autoanalyze_during_drain")) and st["max"] > 0
+    ]
+    if analyzed:
+        out += ["", f"Autovacuum analyzed tables during some drains of: {', '.join(analyzed)}."]
+    return out
+
+
+def _fewer(r: Report, workload: str, full: int | None) -> list[str]:
+    """Notes: rows that ran fewer jobs than the workload's count; peers left out."""
+    out = []
+    peers = r.cfg.peer_workloads
+    if peers is not None and workload not in peers and any(s.peer for s in r.plan.subjects):
+        out += ["", f"Quick run: the peers run workload {', '.join(peers)} only."]
+    fewer = []
+    for s in r.plan.subjects:
+        jobs = r.median(s.label, workload, "jobs")
+        if full is not None and jobs is not None and round(jobs) != full:
+            fewer.append(f"{s.label} {jobs:,.0f}")
+    if fewer:
+        out += [
+            "",
+            "Fewer jobs, to keep the run's length in bounds (rates are per second all the "
+            f"same): {'; '.join(fewer)}.",
+        ]
+    return out
+
+
+def _stream(r: Report) -> list[str]:
+    cfg = r.cfg
+    out = [
+        "",
+        f"## B. Streaming: one job per enqueue call for {cfg.stream_seconds:g} s",
+        "",
+        "One producer process enqueues one job per call, back to back, with the system's "
+        "single-job API (as a web handler would: for taskq `await task.enqueue(...)` on its "
+        f"App), while one worker process (concurrency {cfg.concurrency}) runs them. Executed/s "
+        "counts the jobs finished (per the system's tables) by the time the producer stopped; "
+        "backlog is what was still unfinished then, and the last column how long the worker "
+        "took to finish it.",
+        "",
+    ]
+    keys = [
+        ("enqueue_per_s", "enqueue jobs/s"),
+        ("executed_per_s", "executed jobs/s"),
+        ("backlog", "backlog at end"),
+        ("backlog_drain_seconds", "backlog drained in s"),
+    ]
+    out += _table(["system"] + [h for _, h in keys], r.rows("B", [k for k, _ in keys]))
+    return out + _fewer(r, "B", None)
+
+
+def _latency(r: Report) -> list[str]:
+    cfg = r.cfg
+    n = round(cfg.rate * cfg.latency_seconds)
+    out = [
+        "",
+        "## C. Latency: enqueue to start",
+        "",
+        f"One idle worker process (concurrency {cfg.concurrency}); one producer process "
+        f"enqueues one job every {1000 / cfg.rate:g} ms for {cfg.latency_seconds:g} s "
+        f"({n:,} jobs). Both ends are read on the database clock: the enqueue "
+        "statement's `now()` (as stored in, or returned from, the system's rows) and "
+        "`clock_timestamp()` written by the job as it starts.",
+        "",
+    ]
+    keys = [("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms")]
+    out += _table(["system"] + [h for _, h in keys], r.rows("C", [k for k, _ in keys]))
+    return out + _fewer(r, "C", None)
+
+
+def _scaling(r: Report) -> list[str]:
+    cfg = r.cfg
+    out = [
+        "",
+        f"## D. Scaling: A's drain with several worker processes ({cfg.jobs:,} jobs)",
+        "",
+        f"Each worker process at concurrency {cfg.concurrency}; all are connected first, then "
+        "released together, and the clock starts when the first is ready. The 1-process "
+        f"column is A's drain. The machine has {_cpus()} cores, shared with Postgres.",
+        "",
+    ]
+    header = ["system", "1 process (A)"]
+    header += [f"{k} processes" for k in cfg.processes]
+    header += [f"{k} vs 1" for k in cfg.processes]
+    rows = []
+    for s in r.plan.subjects:
+        if "D" not in r.summ.get(s.label, {}):
             continue
-        row = [system]
-        for workload, key, _ in cols:
-            mine = summ[system].get(workload, {}).get(key)
-            floor = summ[FLOOR][workload].get(key)
-            row.append(
-                "n/a" if not mine or not floor else f"{mine['median'] / floor['median']:.2f}×"
-            )
+        one = r.median(s.label, "A", "drain_per_s")
+        row = [s.label, _cell(r.stats(s.label, "A", "drain_per_s"), cfg.repeat)]
+        row += [_cell(r.stats(s.label, "D", f"drain_per_s_{k}"), cfg.repeat) for k in cfg.processes]
+        for k in cfg.processes:
+            many = r.median(s.label, "D", f"drain_per_s_{k}")
+            row.append("n/a" if not one or many is None else f"{many / one:.2f}×")
         rows.append(row)
-    return [c[2] for c in cols], rows
+    return out + _table(header, rows) + _fewer(r, "D", cfg.jobs)
+
+
+def _cpus() -> str:
+    import os
+
+    return str(os.cpu_count())
+
+
+def _sleepers(r: Report) -> list[str]:
+    cfg = r.cfg
+    out = [
+        "",
+        f"## E. {cfg.sleep_jobs:,} sleeping jobs at concurrency {cfg.sleep_concurrency:,}",
+        "",
+        "Each job's body is a 10 ms sleep (`anyio.sleep` in taskq, `asyncio.sleep` in the "
+        f"others); one worker process at concurrency {cfg.sleep_concurrency:,} drains them. "
+        "Memory is the worker process's resident set from /proc (MB = 10⁶ bytes): VmRSS when "
+        "it was ready, and VmHWM (its peak) when the drain ended. The worker also holds the "
+        "benchmark's own tally of the ids it ran (a set of ints, the same in every system).",
+        "",
+    ]
+    keys = [
+        ("drain_per_s", "drain jobs/s"),
+        ("drain_seconds", "drain s"),
+        ("rss_ready_mb", "RSS at ready MB"),
+        ("rss_peak_mb", "peak RSS MB"),
+    ]
+    out += _table(["system"] + [h for _, h in keys], r.rows("E", [k for k, _ in keys]))
+    return out + _fewer(r, "E", cfg.sleep_jobs)
+
+
+def _features(r: Report) -> list[str]:
+    cfg = r.cfg
+    out = [
+        "",
+        "## F. taskq: the cost of each feature",
+        "",
+        f"A's shape ({cfg.jobs:,} jobs enqueued in batches, one worker at concurrency "
+        f"{cfg.concurrency}) with one feature in use per row. A job retried once runs twice; "
+        "jobs/s counts jobs, not attempts. The history rows are finished jobs of another task "
+        "inserted with one `INSERT ... SELECT generate_series` after the schema, then "
+        "`VACUUM ANALYZE`, all before the enqueue.",
+        "",
+    ]
+    base = r.plan.features[0].label if r.plan.features else ""
+    base_rate = r.median(base, "F", "drain_per_s")
+    header = ["taskq with", "drain jobs/s", "vs (1)", "worker CPU µs/job", "Postgres CPU µs/job"]
+    rows = []
+    labels = {s.variant: s.label for s in r.plan.features}
+    for variant, what in FEATURES:
+        if variant is None:
+            rows.append([what, "not built yet", "", "", ""])
+            continue
+        label = labels.get(variant)
+        if label is None or "F" not in r.summ.get(label, {}):
+            continue
+        rate = r.median(label, "F", "drain_per_s")
+        rows.append(
+            [
+                label,
+                _cell(r.stats(label, "F", "drain_per_s"), cfg.repeat),
+                "n/a" if not base_rate or rate is None else f"{rate / base_rate:.2f}×",
+                _cell(r.stats(label, "F", "worker_cpu_us_per_job"), cfg.repeat),
+                _cell(r.stats(label, "F", "server_cpu_us_per_job"), cfg.repeat),
+            ]
+        )
+    return out + _table(header, rows)
+
+
+def _ratio(mine: float | None, floor: float | None) -> str:
+    return "n/a" if not mine or not floor else f"{mine / floor:.2f}×"
+
+
+def _ratios(r: Report) -> list[str]:
+    """Each row / the floor: throughput (higher is better), latency and memory (lower)."""
+    labels = [s.label for s in r.plan.subjects]
+    if FLOOR not in labels or len(labels) < 2:
+        return []
+    cols: list[tuple[str, str, str, Callable[[float | None, float | None], str]]] = [
+        ("A", "enqueue_per_s", "A enqueue", _ratio),
+        ("A", "drain_per_s", "A drain", _ratio),
+        ("B", "enqueue_per_s", "B enqueue/s", _ratio),
+        ("B", "executed_per_s", "B executed/s", _ratio),
+        ("C", "p50_ms", "C p50 (Δ ms)", _delta),
+        ("C", "p99_ms", "C p99", _ratio),
+        ("D", f"drain_per_s_{r.cfg.processes[0]}", f"D {r.cfg.processes[0]} processes", _ratio),
+        ("E", "drain_per_s", "E drain", _ratio),
+        ("E", "rss_peak_mb", "E peak RSS", _ratio),
+    ]
+    cols = [c for c in cols if c[0] in r.summ.get(FLOOR, {})]
+    if not cols:
+        return []
+    rows = []
+    for label in labels:
+        if label == FLOOR:
+            continue
+        rows.append(
+            [label] + [fn(r.median(label, w, k), r.median(FLOOR, w, k)) for w, k, _, fn in cols]
+        )
+    out = ["", f"## Ratios to `{FLOOR}` (medians)", ""]
+    out += _table(["system", *(c[2] for c in cols)], rows)
+    if TASKQ in labels and "A" in r.summ.get(TASKQ, {}):
+        peers = [lb for lb in labels if lb not in (TASKQ, FLOOR)]
+        mine = r.median(TASKQ, "A", "drain_per_s")
+        if peers:
+            out += ["", "taskq's A drain against each peer's (medians): " + ", ".join(
+                f"{_ratio(mine, r.median(p, 'A', 'drain_per_s'))} {p}" for p in peers
+            ) + "."]  # fmt: skip
+    return out
+
+
+def _delta(mine: float | None, floor: float | None) -> str:
+    return "n/a" if mine is None or floor is None else f"{mine - floor:+.2f}"
+
+
+def _targets(r: Report) -> list[str]:
+    """taskq's targets, each against the measured medians."""
+    if TASKQ not in r.summ:
+        return []
+    m = r.median
+    rows: list[list[str]] = []
+
+    def add(target: str, value: float | None, shown: str, ok: bool | None) -> None:
+        verdict = "n/a" if value is None or ok is None else ("yes" if ok else "**no**")
+        rows.append([target, shown if value is not None else "n/a", verdict])
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    q = ratio(m(TASKQ, "A", "drain_per_s"), m(FLOOR, "A", "drain_per_s"))
+    add("A drain ≥ 0.7× minimal", q, f"{q or 0:.2f}×", q is not None and q >= 0.7)
+    q = ratio(m(TASKQ, "A", "drain_per_s"), m(PGQ_TUNED, "A", "drain_per_s"))
+    add("A drain ≥ 2× pgqueuer (tuned)", q, f"{q or 0:.2f}×", q is not None and q >= 2)
+    q = ratio(m(TASKQ, "A", "enqueue_per_s"), m(FLOOR, "A", "enqueue_per_s"))
+    add("A enqueue ≥ 0.8× minimal", q, f"{q or 0:.2f}×", q is not None and q >= 0.8)
+    q = ratio(m(TASKQ, "B", "enqueue_per_s"), m(FLOOR, "B", "enqueue_per_s"))
+    add("B enqueue/s ≥ 0.9× minimal", q, f"{q or 0:.2f}×", q is not None and q >= 0.9)
+    backlog, jobs = m(TASKQ, "B", "backlog"), m(TASKQ, "B", "jobs")
+    add(
+        "B backlog near zero (≤ 1% of the jobs enqueued)",
+        backlog,
+        f"{backlog or 0:,.0f} of {jobs or 0:,.0f} (minimal: {m(FLOOR, 'B', 'backlog') or 0:,.0f})",
+        None if backlog is None or not jobs else backlog <= 0.01 * jobs,
+    )
+    mine, floor = m(TASKQ, "C", "p50_ms"), m(FLOOR, "C", "p50_ms")
+    d = None if mine is None or floor is None else mine - floor
+    add("C p50 within 0.5 ms of minimal", d, f"{d or 0:+.2f} ms", d is not None and d <= 0.5)
+    p99 = m(TASKQ, "C", "p99_ms")
+    add("C p99 < 5 ms", p99, f"{p99 or 0:.2f} ms", p99 is not None and p99 < 5)
+    two = r.cfg.processes[0]
+    q = ratio(m(TASKQ, "D", f"drain_per_s_{two}"), m(TASKQ, "A", "drain_per_s"))
+    add(f"D drain grows from 1 to {two} processes", q, f"{q or 0:.2f}×", q is not None and q > 1)
+    rss = m(TASKQ, "E", "rss_peak_mb")
+    add(
+        f"E peak worker RSS < 150 MB at concurrency {r.cfg.sleep_concurrency:,}",
+        rss,
+        f"{rss or 0:.0f} MB",
+        rss is not None and rss < 150,
+    )
+    out = ["", "## taskq's targets (medians)", ""]
+    return out + _table(["target", "measured", "met"], rows, numbers=False)

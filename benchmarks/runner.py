@@ -1,4 +1,12 @@
-"""The workloads: each run gets a fresh database and the system's own processes."""
+"""The workloads: each run gets a fresh database and the system's own processes.
+
+A  bulk: enqueue with the batch API, then one worker process drains.
+B  streaming: one producer enqueues one job per call, back to back, while a worker consumes.
+C  latency: one job every 1/rate s into an idle worker; enqueue-to-start times.
+D  scaling: A's drain with several worker processes.
+E  many sleeping jobs at high concurrency: drain rate and the worker's peak memory.
+F  taskq only: A's drain with each feature in use (results, retries, a big history).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,14 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -21,15 +30,25 @@ import asyncpg
 import orjson
 import psutil
 
-from . import agent, systems
+from . import agent, systems, venvs
 from .environment import ROOT, BenchmarkError, Server, cpu_seconds, database_dsn, postmaster
 
 #: How often the runner asks Postgres whether a drain is over.
 POLL_SECONDS = 0.02
 #: A drain or a process that takes longer than this is stuck, not slow.
-TIMEOUT_SECONDS = 300.0
-#: Lets the worker settle into its idle wait before the latency producer starts.
+TIMEOUT_SECONDS = 600.0
+#: Lets the worker settle into its idle wait before a producer starts.
 IDLE_SECONDS = 0.5
+#: The floor every ratio is taken against.
+FLOOR = "minimal"
+#: Workload F: taskq variant -> what the row measures. None: not built yet.
+FEATURES: list[tuple[str | None, str]] = [
+    ("", "(1) baseline: no-op returning None"),
+    ("result", "(2) results stored (returns a small dict)"),
+    ("retry", "(3) every job fails once, `Retry(attempts=2, wait=0)`"),
+    (None, "(4) global concurrency limit"),
+    ("history", "(5) {history_rows} finished jobs already in history"),
+]
 
 BENCH_SCHEMA = """
 CREATE SCHEMA bench;
@@ -54,8 +73,62 @@ class Config:
     concurrency: int
     rate: float
     latency_seconds: float
+    stream_seconds: float = 15.0
+    processes: tuple[int, ...] = (2, 4)
+    sleep_jobs: int = 100_000
+    sleep_concurrency: int = 1_000
+    history_rows: int = 1_000_000
+    quick: bool = False
+    #: Workloads the peers run (None: all); quick runs keep peers to A.
+    peer_workloads: tuple[str, ...] | None = None
     analyze: bool = False
     profile_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One row of the tables: a system in one variant, run by one interpreter."""
+
+    system: str
+    variant: str
+    label: str
+    python: str
+
+    @property
+    def cls(self) -> type[systems.System]:
+        return systems.load(self.system)
+
+    def make(self, dsn: str) -> systems.System:
+        return self.cls(dsn, self.variant)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"\W", "_", f"{self.system}_{self.variant}".strip("_"))
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.system, f"--variant={self.variant}", *args]
+
+    def jobs(self, n: int, workload: str) -> int:
+        """How many of a bulk workload's ``n`` jobs this row runs (see System.jobs_share)."""
+        return max(1, round(n * self.cls.jobs_share(self.variant, workload)))
+
+    @property
+    def peer(self) -> bool:
+        return self.system not in (FLOOR, "taskq")
+
+
+@dataclass
+class Plan:
+    """What the run measures: the rows, and what was skipped and why."""
+
+    subjects: list[Subject]
+    features: list[Subject]
+    skipped: dict[str, str]
+    versions: dict[str, dict[str, Any]]
+    settings: dict[str, str]
+
+
+# -- processes ---------------------------------------------------------------------
 
 
 class Agent:
@@ -66,21 +139,20 @@ class Agent:
 
     @classmethod
     async def start(
-        cls, system: type[systems.System], dsn: str, stderr: IO[bytes], *args: str
+        cls, subject: Subject, dsn: str, stderr: IO[bytes], *args: str, env: dict[str, str]
     ) -> Agent:
         proc = await asyncio.create_subprocess_exec(
-            system.python,
+            subject.python,
             "-m",
             "benchmarks.agent",
-            system.name,
-            *args,
+            *subject.argv(*args),
             cwd=ROOT,
-            env={**os.environ, agent.DSN_ENV: dsn},
-            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, **env, agent.DSN_ENV: dsn},
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
         )
-        return cls(proc, stderr, f"{system.name} {args[0]}")
+        return cls(proc, stderr, f"{subject.label} {args[0]}")
 
     async def _line(self, timeout: float) -> str:
         assert self.proc.stdout is not None
@@ -93,9 +165,13 @@ class Agent:
             raise self.failed(f"exited with code {self.proc.returncode}")
         return line.decode().rstrip("\n")
 
-    async def ready(self, timeout: float = 60.0) -> None:
-        while (line := await self._line(timeout)) != agent.READY:
+    async def expect(self, word: str, timeout: float = 60.0) -> None:
+        while (line := await self._line(timeout)) != word:
             print(f"[{self.what}] {line}", file=sys.stderr)
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
 
     async def result(self, timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
         while not (line := await self._line(timeout)).startswith(agent.RESULT):
@@ -123,19 +199,65 @@ class Agent:
 
 
 @contextlib.asynccontextmanager
-async def agent_process(system: type[systems.System], dsn: str, *args: str) -> AsyncIterator[Agent]:
+async def agent_process(
+    subject: Subject, dsn: str, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Agent]:
     # stderr goes to a file: a pipe nobody reads could fill up and stall the process.
     with tempfile.TemporaryFile() as stderr:
-        proc = await Agent.start(system, dsn, stderr, *args)
+        proc = await Agent.start(subject, dsn, stderr, *args, env=env or {})
         try:
             yield proc
         finally:
             await proc.kill()
 
 
-async def run_agent(system: type[systems.System], dsn: str, *args: str) -> dict[str, Any]:
-    async with agent_process(system, dsn, *args) as proc:
+async def run_agent(subject: Subject, dsn: str, *args: str) -> dict[str, Any]:
+    async with agent_process(subject, dsn, *args) as proc:
         return await proc.result()
+
+
+@contextlib.asynccontextmanager
+async def workers(
+    subject: Subject, dsn: str, count: int, concurrency: int, mode: str, *, setup: bool = False
+) -> AsyncIterator[tuple[list[Agent], float]]:
+    """``count`` worker processes, connected, then released together by GO.
+
+    Yields once all are ready, with the moment the first one was: from then on
+    jobs may run, so a drain's clock starts there. ``setup``: the first one
+    installs the schema before it connects (a fresh database, nothing enqueued).
+    """
+    args = [f"--concurrency={concurrency}", f"--mode={mode}", f"--processes={count}"]
+    if count > 1:
+        args.append("--ids")
+    async with contextlib.AsyncExitStack() as stack:
+        procs = []
+        for n in range(count):
+            extra = ["--setup"] if setup and n == 0 else []
+            procs.append(
+                await stack.enter_async_context(
+                    agent_process(subject, dsn, "worker", *args, *extra)
+                )
+            )
+            if extra:  # the others start on the installed schema
+                await procs[0].expect(agent.OPEN)
+        for p in procs[1 if setup else 0 :]:
+            await p.expect(agent.OPEN)
+        for p in procs:
+            p.send(agent.GO)
+        first = math.inf
+        for ready in asyncio.as_completed([p.expect(agent.READY) for p in procs]):
+            await ready
+            first = min(first, time.perf_counter())
+        yield procs, first
+
+
+async def stop_all(procs: list[Agent]) -> list[dict[str, Any]]:
+    for p in procs:
+        p.stop()
+    return list(await asyncio.gather(*(p.result() for p in procs)))
+
+
+# -- databases ---------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -145,13 +267,11 @@ async def fresh_database(srv: Server, name: str) -> AsyncIterator[tuple[str, asy
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{name}"')
-        # Restart the checkpoint timer, so that no timed checkpoint lands inside a run.
-        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
-            await admin.execute("CHECKPOINT")
         dsn = database_dsn(srv.dsn, name)
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute(BENCH_SCHEMA)
+            await checkpoint(conn)
             yield dsn, conn
         finally:
             await conn.close()
@@ -159,6 +279,17 @@ async def fresh_database(srv: Server, name: str) -> AsyncIterator[tuple[str, asy
         with contextlib.suppress(asyncpg.PostgresError):
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def checkpoint(conn: asyncpg.Connection) -> None:
+    """Flush what setup wrote and restart the checkpoint timer, so no checkpoint
+    lands inside the measurement."""
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+        await conn.execute("CHECKPOINT")
+
+
+def db_name(subject: Subject, workload: str, rep: int, suffix: str = "") -> str:
+    return f"bench_{subject.slug}_{workload}{suffix}_{rep}"
 
 
 @contextlib.contextmanager
@@ -185,86 +316,163 @@ def profiled(pid: int, out: Path | None) -> Iterator[None]:
         spy.wait(30)
 
 
-async def bulk(cfg: Config, srv: Server, system: type[systems.System], rep: int) -> dict[str, Any]:
+# -- the drain every throughput workload shares --------------------------------------
+
+
+async def wait_drained(
+    conn: asyncpg.Connection, subject: Subject, started: float, timeout: float
+) -> float:
+    """Poll until no job is unfinished; return when the last poll began.
+
+    The end is the start of the first poll that sees no job left: the snapshot
+    it reads is taken then. Resolution: POLL_SECONDS.
+    """
+    sql = subject.cls.unfinished_sql
+    while True:
+        now = time.perf_counter()
+        if not await conn.fetchval(sql):
+            return now
+        if now - started > timeout:
+            raise BenchmarkError(f"{subject.label}: drain not done after {now - started:.0f}s")
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def drain(
+    cfg: Config,
+    srv: Server,
+    subject: Subject,
+    dsn: str,
+    conn: asyncpg.Connection,
+    *,
+    jobs: int,
+    processes: int = 1,
+    concurrency: int,
+    mode: str = "noop",
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """Start worker processes on enqueued jobs; time them until none is left; verify."""
+    analyzed0 = await conn.fetchval(AUTOANALYZE_COUNT)
+    server = postmaster(srv)
+    async with workers(subject, dsn, processes, concurrency, mode) as (procs, started):
+        main = psutil.Process(procs[0].proc.pid)
+        rss_ready = _memory(main.pid, "VmRSS")
+        worker0, server0 = cpu_seconds(main), cpu_seconds(server, children=True)
+        with profiled(main.pid, profile):
+            ended = await wait_drained(conn, subject, started, TIMEOUT_SECONDS)
+        seconds = ended - started
+        worker1, server1 = cpu_seconds(main), cpu_seconds(server, children=True)
+        peak = _memory(main.pid, "VmHWM")
+        results = await stop_all(procs)
+    problems = exactly_once(results, jobs, subject.cls.runs_per_job(subject.variant))
+    problems += await subject.make(dsn).check(conn, jobs)
+    if problems:
+        raise BenchmarkError(f"{subject.label}: " + "; ".join(problems))
+    out: dict[str, Any] = {
+        "jobs": jobs,
+        "drain_seconds": seconds,
+        "drain_per_s": jobs / seconds,
+        "autoanalyze_during_drain": await conn.fetchval(AUTOANALYZE_COUNT) - analyzed0,
+    }
+    if processes == 1:
+        out |= {
+            "worker_cpu_us_per_job": _per_job(worker0, worker1, jobs),
+            # CPU seconds per wall second: 1.0 is one core kept busy for the whole drain.
+            "worker_cpu_cores": _per_second(worker0, worker1, seconds),
+            "server_cpu_us_per_job": _per_job(server0, server1, jobs),
+            "server_cpu_cores": _per_second(server0, server1, seconds),
+            "rss_ready_mb": rss_ready,
+            "rss_peak_mb": peak,
+        }
+    return out
+
+
+def _memory(pid: int, key: str) -> float | None:
+    """A /proc/PID/status memory line in MB (VmRSS now, VmHWM the peak so far)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / 1e6  # kB there are KiB
+    return None
+
+
+# -- the workloads -------------------------------------------------------------------
+
+
+async def bulk_enqueue(
+    subject: Subject, dsn: str, jobs: int, batch: int, *, setup: bool = True
+) -> float:
+    """Install the schema (unless done already) and enqueue ``jobs``; the enqueue's seconds."""
+    args = [f"--jobs={jobs}", f"--batch={batch}", *(["--setup"] if setup else [])]
+    res = await run_agent(subject, dsn, "enqueue-bulk", *args)
+    seconds: float = res["seconds"]
+    return seconds
+
+
+async def bulk(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
     """A: enqueue cfg.jobs in batches, then one worker process drains them."""
-    n = cfg.jobs
-    async with fresh_database(srv, f"bench_{system.name}_bulk_{rep}") as (dsn, conn):
-        await run_agent(system, dsn, "setup")
-        enq = await run_agent(system, dsn, "enqueue-bulk", f"--jobs={n}", f"--batch={cfg.batch}")
+    jobs = subject.jobs(cfg.jobs, "A")
+    async with fresh_database(srv, db_name(subject, "a", rep)) as (dsn, conn):
+        enq = await bulk_enqueue(subject, dsn, jobs, cfg.batch)
         if cfg.analyze:
             await conn.execute("ANALYZE")
-        # Whether autovacuum refreshed the planner's statistics mid-drain: a claim
-        # query whose plan depends on them can change speed at that moment.
-        analyzed0 = await conn.fetchval(AUTOANALYZE_COUNT)
-        server = postmaster(srv)
-        args = (f"--concurrency={cfg.concurrency}", "--mode=noop")
-        async with agent_process(system, dsn, "worker", *args) as worker:
-            await worker.ready()
-            proc = psutil.Process(worker.proc.pid)
-            worker0, server0 = cpu_seconds(proc), cpu_seconds(server, children=True)
-            started = time.perf_counter()
-            out = cfg.profile_dir and cfg.profile_dir / f"{system.name}-bulk-{rep}.svg"
-            with profiled(proc.pid, out):
-                # The end is the start of the first poll that sees no job left: the
-                # snapshot it reads is taken then. Resolution: POLL_SECONDS.
-                while True:
-                    now = time.perf_counter()
-                    if not await conn.fetchval(system.unfinished_sql):
-                        break
-                    if now - started > TIMEOUT_SECONDS:
-                        raise BenchmarkError(
-                            f"{system.name}: drain not done after {now - started}s"
-                        )
-                    await asyncio.sleep(POLL_SECONDS)
-            drain = now - started
-            worker1, server1 = cpu_seconds(proc), cpu_seconds(server, children=True)
-            worker.stop()
-            res = await worker.result()
-        autoanalyzed = await conn.fetchval(AUTOANALYZE_COUNT) - analyzed0
-        problems = exactly_once(res, n) + await system(dsn).check(conn, n)
+        out = cfg.profile_dir and cfg.profile_dir / f"{subject.slug}-bulk-{rep}.svg"
+        res = await drain(
+            cfg, srv, subject, dsn, conn, jobs=jobs, concurrency=cfg.concurrency, profile=out
+        )
+    return {"enqueue_seconds": enq, "enqueue_per_s": jobs / enq, **res}
+
+
+async def stream(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """B: a producer enqueues one job per call, back to back, while one worker consumes."""
+    async with fresh_database(srv, db_name(subject, "b", rep)) as (dsn, conn):
+        async with workers(subject, dsn, 1, cfg.concurrency, "noop", setup=True) as (procs, _):
+            await asyncio.sleep(IDLE_SECONDS)
+            prod = await run_agent(
+                subject, dsn, "produce", "--rate=0", f"--seconds={cfg.stream_seconds}"
+            )
+            # The backlog left when the producer stopped drains; how long it takes.
+            tail_start = time.perf_counter()
+            tail = await wait_drained(conn, subject, tail_start, TIMEOUT_SECONDS) - tail_start
+            results = await stop_all(procs)
+        n, seconds, backlog = prod["enqueued"], prod["seconds"], prod["backlog"]
+        problems = exactly_once(results, n, subject.cls.runs_per_job(subject.variant))
+        problems += await subject.make(dsn).check(conn, n)
         if problems:
-            raise BenchmarkError(f"{system.name} bulk run {rep}: " + "; ".join(problems))
+            raise BenchmarkError(f"{subject.label} streaming run {rep}: " + "; ".join(problems))
     return {
         "jobs": n,
-        "enqueue_seconds": enq["seconds"],
-        "enqueue_per_s": n / enq["seconds"],
-        "drain_seconds": drain,
-        "drain_per_s": n / drain,
-        "worker_cpu_us_per_job": _per_job(worker0, worker1, n),
-        # CPU seconds per wall second: 1.0 is one core kept busy for the whole drain.
-        "worker_cpu_cores": _per_second(worker0, worker1, drain),
-        "server_cpu_us_per_job": _per_job(server0, server1, n),
-        "server_cpu_cores": _per_second(server0, server1, drain),
-        "autoanalyze_during_drain": autoanalyzed,
+        "enqueue_per_s": n / seconds,
+        # Finished while the producer ran: enqueued minus what was still unfinished.
+        "executed_per_s": (n - backlog) / seconds,
+        "backlog": backlog,
+        "backlog_drain_seconds": tail,
     }
 
 
-async def latency(
-    cfg: Config, srv: Server, system: type[systems.System], rep: int
-) -> dict[str, Any]:
+async def latency(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
     """C: an idle worker; one producer enqueues cfg.rate jobs/s; enqueue-to-start latency."""
-    async with fresh_database(srv, f"bench_{system.name}_latency_{rep}") as (dsn, conn):
-        await run_agent(system, dsn, "setup")
-        args = (f"--concurrency={cfg.concurrency}", "--mode=latency")
-        async with agent_process(system, dsn, "worker", *args) as worker:
-            await worker.ready()
+    async with fresh_database(srv, db_name(subject, "c", rep)) as (dsn, conn):
+        async with workers(subject, dsn, 1, cfg.concurrency, "latency", setup=True) as (
+            procs,
+            _,
+        ):
             await asyncio.sleep(IDLE_SECONDS)
             prod = await run_agent(
-                system, dsn, "produce", f"--rate={cfg.rate}", f"--seconds={cfg.latency_seconds}"
+                subject, dsn, "produce", f"--rate={cfg.rate}", f"--seconds={cfg.latency_seconds}"
             )
-            worker.stop()
-            res = await worker.result()
+            results = await stop_all(procs)
         n = prod["enqueued"]
         counts = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM bench.started) AS started, "
             "(SELECT count(DISTINCT i) FROM bench.started) AS distinct_started, "
             "(SELECT count(DISTINCT i) FROM bench.enqueued) AS enqueued"
         )
-        problems = exactly_once(res, n) + [
+        problems = exactly_once(results, n, subject.cls.runs_per_job(subject.variant)) + [
             f"{key} = {value}, expected {n}" for key, value in counts.items() if value != n
         ]
+        problems += await subject.make(dsn).check(conn, n)
         if problems:
-            raise BenchmarkError(f"{system.name} latency run {rep}: " + "; ".join(problems))
+            raise BenchmarkError(f"{subject.label} latency run {rep}: " + "; ".join(problems))
         ms = sorted(
             await conn.fetchval(
                 "SELECT array_agg((extract(epoch FROM s.at - e.at) * 1000)::float8) "
@@ -280,28 +488,155 @@ async def latency(
     }
 
 
-WORKLOADS: dict[str, Callable[..., Any]] = {"A": bulk, "C": latency}
+async def scaling(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """D: A's drain with several worker processes, each at cfg.concurrency."""
+    out: dict[str, Any] = {}
+    jobs = subject.jobs(cfg.jobs, "D")
+    for k in cfg.processes:
+        async with fresh_database(srv, db_name(subject, "d", rep, f"_{k}")) as (dsn, conn):
+            await bulk_enqueue(subject, dsn, jobs, cfg.batch)
+            res = await drain(
+                cfg, srv, subject, dsn, conn, jobs=jobs, processes=k, concurrency=cfg.concurrency
+            )
+        out[f"drain_per_s_{k}"] = res["drain_per_s"]
+    out["jobs"] = jobs
+    return out
 
 
-async def run(cfg: Config, srv: Server, log: Callable[[str], None]) -> dict[str, Any]:
-    """Every (workload, system) cfg.repeat times; systems interleaved so drift hits all."""
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        s: {w: [] for w in cfg.workloads} for s in cfg.systems
-    }
+async def sleepers(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """E: many 10 ms sleeping jobs at high concurrency in one worker; its peak memory."""
+    jobs = subject.jobs(cfg.sleep_jobs, "E")
+    async with fresh_database(srv, db_name(subject, "e", rep)) as (dsn, conn):
+        await bulk_enqueue(subject, dsn, jobs, cfg.batch)
+        res = await drain(
+            cfg, srv, subject, dsn, conn, jobs=jobs, concurrency=cfg.sleep_concurrency,
+            mode="sleep",
+        )  # fmt: skip
+    keys = ("jobs", "drain_seconds", "drain_per_s", "rss_ready_mb", "rss_peak_mb")
+    return {k: res[k] for k in keys}
+
+
+async def feature(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """F: A's drain for one taskq variant (results, retries, a big history)."""
+    async with fresh_database(srv, db_name(subject, "f", rep)) as (dsn, conn):
+        await run_agent(subject, dsn, "setup")
+        await subject.make(dsn).prepare(conn, {"history_rows": cfg.history_rows})
+        await checkpoint(conn)  # the history insert's pages, before the clock starts
+        await bulk_enqueue(subject, dsn, cfg.jobs, cfg.batch, setup=False)
+        res = await drain(cfg, srv, subject, dsn, conn, jobs=cfg.jobs, concurrency=cfg.concurrency)
+    keys = ("drain_per_s", "worker_cpu_us_per_job", "server_cpu_us_per_job")
+    return {k: res[k] for k in keys}
+
+
+Workload = Callable[[Config, Server, Subject, int], Awaitable[dict[str, Any]]]
+WORKLOADS: dict[str, Workload] = {
+    "A": bulk,
+    "B": stream,
+    "C": latency,
+    "D": scaling,
+    "E": sleepers,
+    "F": feature,
+}
+
+
+# -- the plan and the run --------------------------------------------------------------
+
+
+async def plan(cfg: Config, log: Callable[[str], None]) -> Plan:
+    """Resolve the rows: each system's variants and interpreter (peers' virtualenvs)."""
+    subjects: list[Subject] = []
+    skipped: dict[str, str] = {}
+    versions: dict[str, dict[str, Any]] = {}
+    settings: dict[str, str] = {}
+    pythons: dict[str, str] = {}
+    for entry in cfg.systems:
+        name, _, only = entry.partition(":")
+        cls = systems.load(name)
+        if name not in pythons and name not in skipped:
+            try:
+                pythons[name] = interpreter(cls, cfg.quick, log)
+                versions[name] = await _versions(cls, pythons[name])
+            except (venvs.VenvUnavailable, BenchmarkError) as exc:
+                skipped[name] = str(exc)
+                log(f"skipping {name}: {exc}")
+        if name in skipped:
+            continue
+        for variant, label in cls.variants.items():
+            if (only and variant != only) or (not only and name == "taskq" and variant):
+                continue
+            subjects.append(Subject(name, variant, label, pythons[name]))
+            settings[label] = cls.describe(variant, (cfg.concurrency, cfg.sleep_concurrency))
+    subjects.sort(key=lambda s: s.system != FLOOR)  # the floor first
+    features: list[Subject] = []
+    if "F" in cfg.workloads and "taskq" in pythons:
+        cls = systems.load("taskq")
+        for feat, what in FEATURES:
+            if feat is not None:
+                label = what.format(history_rows=f"{cfg.history_rows:,}")
+                features.append(Subject("taskq", feat, label, pythons["taskq"]))
+                settings[label] = cls.describe(feat, (cfg.concurrency,))
+    return Plan(subjects, features, skipped, versions, settings)
+
+
+def interpreter(cls: type[systems.System], quick: bool, log: Callable[[str], None]) -> str:
+    if cls.venv is None:
+        return sys.executable
+    # Quick runs (CI) use a virtualenv only if it exists or can be made quickly.
+    timeout = 90.0 if quick else 900.0
+    pip_args = ("--retries=1", "--timeout=15") if quick else ()
+    return venvs.ensure(cls.venv, timeout=timeout, log=log, pip_args=pip_args)
+
+
+async def _versions(cls: type[systems.System], python: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        python, "-m", "benchmarks.agent", cls.name, "versions",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith(agent.RESULT)]
+    if proc.returncode or not lines:
+        raise BenchmarkError(f"{python} cannot run the agent: {err.decode()[-500:]}")
+    found: dict[str, Any] = orjson.loads(lines[-1].removeprefix(agent.RESULT))
+    return found
+
+
+async def run(
+    cfg: Config, srv: Server, plan_: Plan, log: Callable[[str], None]
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every (workload, row) cfg.repeat times; rows interleaved so drift hits all."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for rep in range(1, cfg.repeat + 1):
         for workload in cfg.workloads:
-            for name in cfg.systems:
-                result = await WORKLOADS[workload](cfg, srv, systems.load(name), rep)
-                runs[name][workload].append(result)
-                log(f"[{name}] {workload} run {rep}/{cfg.repeat}: {_brief(result)}")
+            rows = plan_.features if workload == "F" else plan_.subjects
+            if cfg.peer_workloads is not None and workload not in cfg.peer_workloads:
+                rows = [s for s in rows if not s.peer]
+            for subject in rows:
+                started = time.perf_counter()
+                result = await WORKLOADS[workload](cfg, srv, subject, rep)
+                # Whether other work shared the machine (the run itself adds ~1-2).
+                result["load_1m_after"] = os.getloadavg()[0]
+                runs.setdefault(subject.label, {}).setdefault(workload, []).append(result)
+                took = time.perf_counter() - started
+                log(f"[{subject.label}] {workload} run {rep}/{cfg.repeat} ({took:.0f} s): "
+                    f"{_brief(result)}")  # fmt: skip
     return runs
 
 
-def exactly_once(worker_result: dict[str, Any], expected: int) -> list[str]:
-    executed, distinct = worker_result["executed"], worker_result["distinct"]
-    if executed == distinct == expected:
-        return []
-    return [f"worker ran {executed} job(s), {distinct} distinct, expected {expected} once each"]
+def exactly_once(results: list[dict[str, Any]], jobs: int, runs_per_job: int = 1) -> list[str]:
+    """Every job ran, once (``runs_per_job`` times when each is retried), in one process."""
+    executed = sum(r["executed"] for r in results)
+    distinct = sum(r["distinct"] for r in results)
+    problems = []
+    if executed != jobs * runs_per_job or distinct != jobs:
+        problems.append(
+            f"workers ran {executed} job(s), {distinct} distinct, expected {jobs} "
+            f"{'once' if runs_per_job == 1 else f'{runs_per_job} times'} each"
+        )
+    if len(results) > 1:
+        union = set().union(*(r["ids"] for r in results))
+        if len(union) != jobs:
+            problems.append(f"{len(union)} distinct jobs ran across processes, expected {jobs}")
+    return problems
 
 
 def _per_job(before: float | None, after: float | None, n: int) -> float | None:
@@ -318,5 +653,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _brief(result: dict[str, Any]) -> str:
-    keys = ("enqueue_per_s", "drain_per_s", "p50_ms", "p99_ms", "max_ms")
-    return ", ".join(f"{k} {result[k]:,.1f}" for k in keys if k in result)
+    keys: tuple[str, ...] = ("enqueue_per_s", "drain_per_s", "executed_per_s", "backlog")
+    keys += ("p50_ms", "p99_ms")
+    keys += (*(k for k in result if k.startswith("drain_per_s_")), "rss_peak_mb")
+    return ", ".join(f"{k} {result[k]:,.1f}" for k in keys if result.get(k) is not None)

@@ -32,7 +32,7 @@ class ClaimedJob:
     priority: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Outcome:
     """How one attempt ended, waiting to be written back in a batch.
 

@@ -260,7 +260,7 @@ class Worker:
         self._flushed = _Flag()
         self._flushed.set()
         # Outcomes taken from the buffer by a write that has not returned yet.
-        self._writing: list[Outcome] = []
+        self._writing: dict[int, Outcome] = {}  # by job id
         self._stopping = False
         self._stopped = anyio.Event()
         self._forced = False
@@ -737,12 +737,12 @@ class Worker:
         """Move the oldest buffered outcomes (up to a batch) to the in-flight list."""
         batch = self._outcomes[: self.config.batch_size]
         del self._outcomes[: len(batch)]
-        self._writing.extend(batch)
+        self._writing.update((o.job_id, o) for o in batch)
         return batch
 
     def _outcomes_written(self, batch: list[Outcome], lost: list[int]) -> None:
         for outcome in batch:
-            self._writing.remove(outcome)
+            self._writing.pop(outcome.job_id, None)
         self.stats.writebacks += 1
         if lost:
             # Counted when recorded; another worker owns these jobs now.
@@ -767,7 +767,7 @@ class Worker:
         # Back to the front of the buffer, to be sent again: the lease token
         # makes a repeat of a write that did commit change nothing.
         for outcome in batch:
-            self._writing.remove(outcome)
+            self._writing.pop(outcome.job_id, None)
         self._outcomes[:0] = batch
 
     async def _flush_loop(self) -> None:
@@ -873,7 +873,7 @@ class Worker:
         async with app._acquire("renewing leases") as conn:
             await app._store.heartbeat(conn, self.id)
             held = [(r.job.id, r.job.token) for r in self._running.values()]
-            held += [(o.job_id, o.token) for o in (*self._outcomes, *self._writing)]
+            held += [(o.job_id, o.token) for o in (*self._outcomes, *self._writing.values())]
             if not held:
                 return
             renewed = await app._store.renew_leases(conn, held, cfg.lease_seconds)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-from .base import JobFn, System
+from .base import JobFn, System, Venv
 
 #: name -> "module:class". A peer adds a line here and its adapter module.
 SYSTEMS = {
     "minimal": "benchmarks.systems.minimal:MinimalSystem",
     "taskq": "benchmarks.systems.taskq_system:TaskqSystem",
+    "pgqueuer": "benchmarks.systems.pgqueuer_system:PgqueuerSystem",
+    "procrastinate": "benchmarks.systems.procrastinate_system:ProcrastinateSystem",
 }
 
 
@@ -19,4 +21,4 @@ def load(name: str) -> type[System]:
     return system
 
 
-__all__ = ["SYSTEMS", "JobFn", "System", "load"]
+__all__ = ["SYSTEMS", "JobFn", "System", "Venv", "load"]

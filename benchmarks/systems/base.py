@@ -69,9 +69,24 @@ class System(abc.ABC):
         self.processes = 1
 
     @classmethod
-    def describe(cls, variant: str, concurrency: int) -> str:
-        """The variant's settings in words, for the report."""
+    def describe(cls, variant: str, concurrencies: tuple[int, ...]) -> str:
+        """The variant's settings in words, for the report (at the run's concurrencies)."""
         return cls.settings.get(variant, "")
+
+    @classmethod
+    def runs_per_job(cls, variant: str) -> int:
+        """How often each job runs before it succeeds (2 when every job is retried once)."""
+        return 1
+
+    @classmethod
+    def jobs_share(cls, variant: str, workload: str) -> float:
+        """Share of a bulk workload's jobs this row runs (1: all).
+
+        A much slower peer drains fewer jobs so that the whole run stays within
+        its time; rates are per second all the same, and the report lists the
+        rows that ran fewer.
+        """
+        return 1.0
 
     # -- in the system process ---------------------------------------------------
 
@@ -120,7 +135,7 @@ class System(abc.ABC):
 
     # -- in the runner -------------------------------------------------------------
 
-    async def prepare(self, conn: asyncpg.Connection, options: dict[str, Any]) -> None:
+    async def prepare(self, conn: asyncpg.Connection, options: dict[str, Any]) -> None:  # noqa: B027
         """After setup, before the run: put the database in the state the run needs."""
 
     async def check(self, conn: asyncpg.Connection, expected: int) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 
@@ -15,10 +15,12 @@ from .base import JobFn, System
 
 class MinimalSystem(System):
     name = "minimal"
-    variants = {"": "minimal"}
+    variants: ClassVar[dict[str, str]] = {"": "minimal"}
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {mq.SCHEMA}.jobs)"
     backlog_sql = f"SELECT count(*) FROM {mq.SCHEMA}.jobs"
-    settings = {"": "claims up to its free slots, deletes finished jobs in batches"}
+    settings: ClassVar[dict[str, str]] = {
+        "": "claims up to its free slots, deletes finished jobs in batches"
+    }
 
     async def open(self) -> None:
         # A producer holds its connection, as a minimal app would.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncpg
 
@@ -30,7 +30,7 @@ class FirstAttemptFails(Exception):
 
 class TaskqSystem(System):
     name = "taskq"
-    variants = {
+    variants: ClassVar[dict[str, str]] = {
         "": "taskq",
         "result": "taskq, results stored",
         "retry": "taskq, every job retried once",
@@ -39,13 +39,17 @@ class TaskqSystem(System):
     packages = ("taskq", "asyncpg", "anyio", "orjson")
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {SCHEMA}.jobs)"
     backlog_sql = f"SELECT count(*) FROM {SCHEMA}.jobs"
-    settings = {
+    settings: ClassVar[dict[str, str]] = {
         "": "`app.worker(concurrency=N)` with every other setting at its default",
         "result": "the job returns `{'i': i, 'ok': True}`, stored in history",
         "retry": "`retry=taskq.Retry(attempts=2, wait=0)`; the first attempt raises",
         "history": "history pre-filled by one `INSERT ... SELECT generate_series`, then "
         "`VACUUM ANALYZE`",
     }
+
+    @classmethod
+    def runs_per_job(cls, variant: str) -> int:
+        return 2 if variant == "retry" else 1
 
     async def open(self) -> None:
         import taskq
