@@ -580,24 +580,7 @@ class App:
         payload = encode(
             stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes
         )
-        queue, attempts = await self._task_defaults(name, task)
-        opts = with_defaults(opts, task, queue)
-        insert = self._store.insert_job
-        kwargs: dict[str, Any] = dict(
-            queue=opts.queue,
-            task=name,
-            args=payload,
-            priority=opts.priority,
-            run_at=opts.run_at,
-            delay=opts.delay,
-            max_attempts=attempts,
-        )
-        if opts.connection is not None:
-            with translate_errors("enqueueing a job"):
-                job_id = await insert(opts.connection, **kwargs)
-        else:
-            async with self._acquire("enqueueing a job") as conn:
-                job_id = await insert(conn, **kwargs)
+        job_id = await self._insert(name, payload, opts, task, many=False)
         return Job(self, job_id)
 
     async def _enqueue_many(
@@ -612,24 +595,37 @@ class App:
         payloads = encode_many(
             stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes
         )
+        ids = await self._insert(name, payloads, opts, task, many=True)
+        return [Job(self, i) for i in ids]
+
+    async def _insert(
+        self,
+        name: str,
+        args: str,
+        opts: EnqueueOptions,
+        task: Task[Any, Any] | None,
+        *,
+        many: bool,
+    ) -> Any:
+        """Write encoded jobs, in the caller's transaction if it gave a connection."""
         queue, attempts = await self._task_defaults(name, task)
         opts = with_defaults(opts, task, queue)
+        insert = self._store.insert_jobs if many else self._store.insert_job
+        action = "enqueueing jobs" if many else "enqueueing a job"
         kwargs: dict[str, Any] = dict(
             queue=opts.queue,
             task=name,
-            args=payloads,
+            args=args,
             priority=opts.priority,
             run_at=opts.run_at,
             delay=opts.delay,
             max_attempts=attempts,
         )
         if opts.connection is not None:
-            with translate_errors("enqueueing jobs"):
-                ids = await self._store.insert_jobs(opts.connection, **kwargs)
-        else:
-            async with self._acquire("enqueueing jobs") as conn:
-                ids = await self._store.insert_jobs(conn, **kwargs)
-        return [Job(self, i) for i in ids]
+            with translate_errors(action):
+                return await insert(opts.connection, **kwargs)
+        async with self._acquire(action) as conn:
+            return await insert(conn, **kwargs)
 
     # -- jobs --------------------------------------------------------------------
 
