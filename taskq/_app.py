@@ -432,6 +432,13 @@ class App:
                     except _BROKEN_CONNECTION:
                         held.terminate()
                         raise
+                    except BaseException as exc:
+                        if not isinstance(exc, Exception):
+                            # Cancelled mid-statement: the protocol may still be
+                            # busy. Close it; the next call hands it back to the
+                            # pool and adopts a fresh one.
+                            held.terminate()
+                        raise
             finally:
                 self._held_busy = False
             return
