@@ -101,6 +101,21 @@ _BROKEN_CONNECTION = (
 )
 
 
+@contextlib.contextmanager
+def _statement_guard(conn: Any, action: str, *, close_on_cancel: bool) -> Iterator[None]:
+    """Translate errors of statements under way; close a connection that broke."""
+    with translate_errors(action, in_flight=True):
+        try:
+            yield
+        except _BROKEN_CONNECTION:
+            conn.terminate()
+            raise
+        except BaseException as exc:
+            if close_on_cancel and not isinstance(exc, Exception):
+                conn.terminate()
+            raise
+
+
 def _usable(conn: Any) -> bool:
     """Whether a pool connection proxy is still open and still ours."""
     try:
@@ -426,19 +441,10 @@ class App:
             # through the pool, 165 µs on a held connection).
             self._held_busy = True
             try:
-                with translate_errors(action, in_flight=True):
-                    try:
-                        yield held
-                    except _BROKEN_CONNECTION:
-                        held.terminate()
-                        raise
-                    except BaseException as exc:
-                        if not isinstance(exc, Exception):
-                            # Cancelled mid-statement: the protocol may still be
-                            # busy. Close it; the next call hands it back to the
-                            # pool and adopts a fresh one.
-                            held.terminate()
-                        raise
+                # Cancelled mid-statement, its protocol may still be busy: close
+                # it; the next call hands it back to the pool and adopts another.
+                with _statement_guard(held, action, close_on_cancel=True):
+                    yield held
             finally:
                 self._held_busy = False
             return
@@ -446,12 +452,9 @@ class App:
             conn = await self._connect_retrying(pool)
         clean = False
         try:
-            with translate_errors(action, in_flight=True):
-                try:
-                    yield conn
-                except _BROKEN_CONNECTION:
-                    conn.terminate()
-                    raise
+            # The pool waits out a cancelled statement itself on release.
+            with _statement_guard(conn, action, close_on_cancel=False):
+                yield conn
             clean = True
         finally:
             if clean and self._held is None and self._pool is pool and _usable(conn):

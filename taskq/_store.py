@@ -211,35 +211,18 @@ class Store:
 
     # -- enqueue ---------------------------------------------------------------
 
-    async def insert_job(
-        self,
-        conn: Conn,
-        *,
-        queue: str,
-        task: str,
-        args: str,
-        priority: int,
-        run_at: datetime | None,
-        delay: float,
-        max_attempts: int,
-    ) -> int:
-        return int(
-            await conn.fetchval(
-                self._insert_one,
-                queue,
-                task,
-                args,
-                priority,
-                run_at,
-                delay,
-                max_attempts,
-                self.enqueued_channel,
-            )
-        )
+    async def insert_job(self, conn: Conn, **job: Any) -> int:
+        """Insert one job (``args`` is its JSON text); return its id."""
+        return int(await self._insert(conn, self._insert_one, **job))
 
-    async def insert_jobs(
+    async def insert_jobs(self, conn: Conn, **jobs: Any) -> list[int]:
+        """Insert one job per element of ``args`` (a JSON array); ids in that order."""
+        return list(await self._insert(conn, self._insert_many, **jobs) or [])
+
+    async def _insert(
         self,
         conn: Conn,
+        sql: str,
         *,
         queue: str,
         task: str,
@@ -248,20 +231,10 @@ class Store:
         run_at: datetime | None,
         delay: float,
         max_attempts: int,
-    ) -> list[int]:
-        """Insert one job per element of ``args`` (a JSON array); ids in that order."""
-        ids = await conn.fetchval(
-            self._insert_many,
-            queue,
-            task,
-            args,
-            priority,
-            run_at,
-            delay,
-            max_attempts,
-            self.enqueued_channel,
+    ) -> Any:
+        return await conn.fetchval(
+            sql, queue, task, args, priority, run_at, delay, max_attempts, self.enqueued_channel
         )
-        return list(ids or [])
 
     # -- worker ----------------------------------------------------------------
 
