@@ -15,6 +15,7 @@ import asyncpg
 import tenacity
 
 from . import _migrations
+from ._cron import CronEntry
 from ._errors import (
     ConfigurationError,
     DatabaseError,
@@ -23,8 +24,10 @@ from ._errors import (
     UnknownTaskError,
 )
 from ._job import Job, JobState, JobStatus, status_from_row
+from ._limits import RateLimit
 from ._names import DEFAULT_QUEUE, DEFAULT_SCHEMA, check_queue, check_task_name, quote_schema
 from ._notifier import Notifier
+from ._queues import Queue, QueueInfo, info_from_row
 from ._retry import Retry, coerce_retry
 from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES, encode, encode_many
 from ._store import Store
@@ -221,6 +224,9 @@ class App:
         self._notifier: Notifier | None = None
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._known_tasks: dict[str, tuple[str, int]] = {}
+        #: Cron entries by name (``@app.cron``, ``app.add_cron``).
+        self.crons: dict[str, CronEntry] = {}
+        self._cron_listeners: list[Callable[[], None]] = []
         self._open_count = 0
         self._open_lock: asyncio.Lock | None = None
 
@@ -242,6 +248,7 @@ class App:
         priority: int = 0,
         retry: Retry | int | bool | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: RateLimit | str | tuple[int, Any] | None = None,
     ) -> Callable[[F], Task[Any, Any]]: ...
 
     def task(
@@ -254,6 +261,7 @@ class App:
         priority: int = 0,
         retry: Retry | int | bool | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: RateLimit | str | tuple[int, Any] | None = None,
     ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
         """Register a function (``async def`` or plain ``def``) as a task.
 
@@ -266,10 +274,14 @@ class App:
                 retry) or ``None`` (the default policy).
             timeout: seconds (or timedelta) one attempt may run before it is
                 cancelled and counted as a failure (``TimeoutError``); ``None``: no limit.
+            rate_limit: most starts of this task in any window of the period,
+                across all workers, e.g. ``"10/second"`` (see :class:`taskq.RateLimit`).
+                Workers record it in Postgres when they start.
         """
         check_queue(queue)
         check_priority(priority)
         policy = coerce_retry(retry)
+        rate = None if rate_limit is None else RateLimit.parse(rate_limit)
         seconds: float | None
         if timeout is None:
             seconds = None
@@ -298,6 +310,7 @@ class App:
                 priority=priority,
                 retry=policy,
                 timeout=seconds,
+                rate_limit=rate,
             )
             self.tasks[task_name] = task
             return task
@@ -305,6 +318,117 @@ class App:
         if fn is not None:
             return register(fn)
         return register
+
+    def cron(
+        self,
+        expression: str,
+        *,
+        timezone: str = "UTC",
+        name: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        missed: str = "latest",
+    ) -> Callable[[Any], Task[Any, Any]]:
+        """Run a task periodically: one job per slot of ``expression``, across the cluster.
+
+        Decorates a task (``@app.task`` below it) or a plain function (registered
+        as a task with the defaults). Every worker runs the scheduler (unless
+        started with ``cron=False``); Postgres makes sure each slot gives one job.
+
+        Args:
+            expression: five cron fields (minute hour day-of-month month
+                day-of-week), or six with seconds first.
+            timezone: IANA zone the expression is read in (default ``UTC``);
+                daylight-saving changes follow Debian cron (see the scheduling guide).
+            name: the entry's name (default: the task's name). Slots are tracked
+                by it, so keep it stable.
+            args: keyword arguments of every job (JSON).
+            queue / priority: override the task's defaults.
+            missed: slots that fell due while no worker ran: ``"latest"`` (default)
+                runs the newest once, ``"all"`` runs each, ``"skip"`` runs none.
+        """
+
+        def register(fn: Any) -> Task[Any, Any]:
+            task = fn if isinstance(fn, Task) else self.task(fn)
+            self.add_cron(
+                expression,
+                task,
+                timezone=timezone,
+                name=name,
+                args=args,
+                queue=queue,
+                priority=priority,
+                missed=missed,
+            )
+            return task
+
+        return register
+
+    def add_cron(
+        self,
+        expression: str,
+        task: Task[Any, Any] | str,
+        *,
+        timezone: str = "UTC",
+        name: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        missed: str = "latest",
+    ) -> CronEntry:
+        """Add a cron entry at run time (same arguments as :meth:`cron`).
+
+        Running workers of this App pick it up at once. ``task`` is a task of
+        this App or its name. Adding an entry under a name in use replaces it.
+        """
+        task_name = task.name if isinstance(task, Task) else task
+        local = self.tasks.get(task_name) if isinstance(task_name, str) else None
+        if local is None or (isinstance(task, Task) and local is not task):
+            raise ConfigurationError(
+                f"cron needs a task of this App, got {task!r}; register it with @app.task"
+            )
+        if args is not None and not isinstance(args, Mapping):
+            raise TypeError(f"args must be a mapping of keyword arguments, got {args!r}")
+        stored = local.bind_arguments((), args or {})
+        encode(stored, what=f"args of the cron entry of {task_name!r}")
+        if priority is not None:
+            check_priority(priority)
+        entry_name = name or task_name
+        entry = CronEntry(
+            name=entry_name,
+            expression=expression,
+            task=task_name,
+            timezone=timezone,
+            args=stored,
+            queue=queue,
+            priority=priority,
+            missed=missed,
+        )
+        old = self.crons.get(entry_name)
+        if old is not None and name is None and old.task == task_name and old != entry:
+            raise ConfigurationError(
+                f"task {task_name!r} already has a cron entry ({old.expression!r}); give "
+                "each further entry its own name=..."
+            )
+        self.crons[entry_name] = entry
+        for listener in list(self._cron_listeners):
+            listener()
+        return entry
+
+    def _on_cron_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self._cron_listeners.append(listener)
+        return lambda: self._cron_listeners.remove(listener)
+
+    def queue(self, name: str) -> Queue:
+        """A handle on a queue: pause, resume, cluster-wide limits, counts."""
+        return Queue(self, name)
+
+    async def queues(self) -> list[QueueInfo]:
+        """Every queue that has live jobs or settings, with its settings and counts."""
+        async with self._acquire("reading queues") as conn:
+            rows = await self._store.queue_overview(conn)
+        return [info_from_row(r) for r in rows]
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -540,6 +664,8 @@ class App:
         delay: float | timedelta | None = None,
         run_at: Any = None,
         connection: Any = None,
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
     ) -> Job:
         """Enqueue a job by task name, without importing the task's function.
 
@@ -557,7 +683,13 @@ class App:
                 f"args must be a mapping of keyword arguments, got {type(args).__name__}"
             )
         opts = EnqueueOptions.make(
-            queue=queue, priority=priority, delay=delay, run_at=run_at, connection=connection
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            connection=connection,
+            unique_key=unique_key,
+            unique_for=unique_for,
         )
         local = self.tasks.get(task)
         stored = local.bind_arguments((), args or {}) if local else dict(args or {})
@@ -590,6 +722,9 @@ class App:
         payload = encode(
             stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes
         )
+        if opts.unique_key is not None:
+            job_id, created = await self._insert(name, payload, opts, task, many=False)
+            return Job(self, job_id, duplicate=not created)
         job_id = await self._insert(name, payload, opts, task, many=False)
         return Job(self, job_id)
 
@@ -600,6 +735,10 @@ class App:
         opts: EnqueueOptions,
         task: Task[Any, Any] | None,
     ) -> list[Job]:
+        if opts.unique_key is not None:
+            raise ConfigurationError(
+                "unique_key applies to one job; enqueue unique jobs one by one with enqueue()"
+            )
         if not stored:
             return []
         payloads = encode_many(
@@ -620,7 +759,7 @@ class App:
         """Write encoded jobs, in the caller's transaction if it gave a connection."""
         queue, attempts = await self._task_defaults(name, task)
         opts = with_defaults(opts, task, queue)
-        insert = self._store.insert_jobs if many else self._store.insert_job
+        insert: Callable[..., Any] = self._store.insert_jobs if many else self._store.insert_job
         action = "enqueueing jobs" if many else "enqueueing a job"
         kwargs: dict[str, Any] = dict(
             queue=opts.queue,
@@ -631,6 +770,9 @@ class App:
             delay=opts.delay,
             max_attempts=attempts,
         )
+        if opts.unique_key is not None:
+            insert = self._store.insert_unique_job
+            kwargs.update(unique_key=opts.unique_key, unique_for=opts.unique_for)
         if opts.connection is not None:
             with translate_errors(action):
                 return await insert(opts.connection, **kwargs)

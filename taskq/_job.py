@@ -58,6 +58,8 @@ class JobStatus:
     error: dict[str, Any] | None
     result: Any
     worker_id: str | None
+    #: The key given with ``options(unique_key=...)``, if any.
+    unique_key: str | None = None
 
     @property
     def last_error(self) -> str | None:
@@ -70,11 +72,14 @@ class JobStatus:
 class Job:
     """A handle on one job. Cheap to make; every method asks the database."""
 
-    __slots__ = ("_app", "id")
+    __slots__ = ("_app", "duplicate", "id")
 
-    def __init__(self, app: App, job_id: int) -> None:
+    def __init__(self, app: App, job_id: int, *, duplicate: bool = False) -> None:
         self._app = app
         self.id = job_id
+        #: True when ``enqueue()`` with a unique key found the key taken and
+        #: returned the job holding it instead of writing a new one.
+        self.duplicate = duplicate
 
     def __repr__(self) -> str:
         return f"<taskq.Job {self.id}>"
@@ -119,7 +124,8 @@ class Job:
     async def retry(self) -> bool:
         """Run a failed or cancelled job again, with a fresh attempt budget.
 
-        Returns ``False`` if the job is not failed or cancelled.
+        Returns ``False`` if the job is not failed or cancelled, or if it has a
+        unique key that a live job holds now.
         """
         return await self._app._rerun(self.id)
 
@@ -152,4 +158,5 @@ def status_from_row(row: Any) -> JobStatus:
         error=decode(row["error"]),
         result=decode(row["result"]),
         worker_id=row["worker_id"],
+        unique_key=row["unique_key"],
     )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
+import asyncpg
+
 from ._names import quote_schema
 
 #: An asyncpg Connection or a pool's connection proxy (asyncpg ships no types).
@@ -52,8 +54,28 @@ class Outcome:
 
 _JOB_COLUMNS = (
     "id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
-    "enqueued_at, run_at, started_at"
+    "enqueued_at, run_at, started_at, unique_key"
 )
+
+_QUEUE_COLUMNS = (
+    "name, paused, concurrency_limit, rate_limit, rate_period, updated_at, "
+    "coalesce(cardinality(rate_log_at), 0) AS rate_log_len"
+)
+
+
+@dataclass(slots=True)
+class ClaimResult:
+    """What one claim statement returned.
+
+    ``held_back`` is true when a queue or task limit kept due jobs from being
+    claimed; ``retry_in`` is then the seconds until a rate window frees a start
+    (``None``: until a running job of a limited queue ends, which is announced).
+    """
+
+    jobs: list[ClaimedJob]
+    lost: list[int]
+    held_back: bool = False
+    retry_in: float | None = None
 
 
 class Store:
@@ -95,10 +117,61 @@ class Store:
         self._claim_finishing = (
             f"SELECT * FROM {s}.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         )
+        # A unique job: see enqueue_unique() in migration 2.
+        self._insert_unique = (
+            f"SELECT id, created FROM {s}.enqueue_unique($1, $2, $3, $4, "
+            "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7, $8, $9)"
+        )
         self._next_due = (
             f"SELECT min(run_at) - now() FROM {s}.jobs "
             "WHERE state = 'queued' AND task = ANY($2::text[]) "
-            "AND ($1::text[] IS NULL OR queue = ANY($1::text[]))"
+            "AND ($1::text[] IS NULL OR queue = ANY($1::text[])) "
+            f"AND queue NOT IN (SELECT name FROM {s}.queues WHERE paused)"
+        )
+        # Queue settings. NULL arguments leave a setting as it is; $6 clears
+        # the rate limit. Resuming wakes the workers.
+        self._configure_queue = (
+            f"WITH up AS (INSERT INTO {s}.queues AS q (name, paused, concurrency_limit, "
+            "rate_limit, rate_period) VALUES ($1, coalesce($2, false), $3, $4, $5) "
+            "ON CONFLICT (name) DO UPDATE SET paused = coalesce($2, q.paused), "
+            "concurrency_limit = CASE WHEN $7 THEN NULL "
+            "ELSE coalesce($3, q.concurrency_limit) END, "
+            "rate_limit = CASE WHEN $6 THEN NULL ELSE coalesce($4, q.rate_limit) END, "
+            "rate_period = CASE WHEN $6 THEN NULL ELSE coalesce($5, q.rate_period) END, "
+            "rate_log_at = CASE WHEN $6 THEN '{}' ELSE q.rate_log_at END, "
+            "rate_log_n = CASE WHEN $6 THEN '{}' ELSE q.rate_log_n END, "
+            f"updated_at = now() RETURNING {_QUEUE_COLUMNS}) "
+            "SELECT up.*, CASE WHEN NOT up.paused THEN pg_notify($8, up.name) END AS woken "
+            "FROM up"
+        )
+        self._queue_settings = f"SELECT {_QUEUE_COLUMNS} FROM {s}.queues ORDER BY name"
+        self._queue_overview = (
+            "SELECT n.queue, coalesce(sum(n.queued), 0)::bigint AS queued, "
+            "coalesce(sum(n.running), 0)::bigint AS running, bool_or(q.paused) AS paused, "
+            "max(q.concurrency_limit) AS concurrency_limit, max(q.rate_limit) AS rate_limit, "
+            "max(q.rate_period) AS rate_period FROM ("
+            "SELECT queue, count(*) FILTER (WHERE state = 'queued') AS queued, "
+            f"count(*) FILTER (WHERE state = 'running') AS running FROM {s}.jobs GROUP BY queue "
+            f"UNION ALL SELECT name, 0, 0 FROM {s}.queues) AS n "
+            f"LEFT JOIN {s}.queues AS q ON q.name = n.queue GROUP BY n.queue ORDER BY n.queue"
+        )
+        # Cron entries (see cron_fire() in migration 2). A changed expression
+        # or time zone starts the entry afresh from $9, the newest slot at or
+        # before now: its old slots say nothing about the new schedule.
+        self._register_cron = (
+            f"INSERT INTO {s}.crons AS c (name, expression, timezone, task, queue, args, "
+            "priority, missed, last_slot) VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9) "
+            "ON CONFLICT (name) DO UPDATE SET expression = excluded.expression, "
+            "timezone = excluded.timezone, task = excluded.task, queue = excluded.queue, "
+            "args = excluded.args, priority = excluded.priority, missed = excluded.missed, "
+            "registered_at = now(), last_slot = CASE WHEN (c.expression, c.timezone) "
+            "IS DISTINCT FROM (excluded.expression, excluded.timezone) THEN excluded.last_slot "
+            "ELSE c.last_slot END RETURNING last_slot"
+        )
+        self._cron_fire = f"SELECT {s}.cron_fire($1, $2, $3, $4, $5, $6, $7, $8)"
+        self._list_crons = (
+            "SELECT name, expression, timezone, task, queue, args::text AS args, priority, "
+            f"missed, last_slot, last_job_id, registered_at FROM {s}.crons ORDER BY name"
         )
         # Write back a batch of outcomes (see finish() in the migration).
         self._finish = f"SELECT {s}.finish($1, $2, $3, $4, $5, $6)"
@@ -130,7 +203,8 @@ class Store:
             "WHERE j.id = e.id AND (j.cancel_requested OR j.attempts >= j.max_attempts "
             "OR j.rescues + 1 >= $3) RETURNING j.*), "
             f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
-            "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, error) "
+            "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, error, "
+            "unique_key) "
             "SELECT id, queue, task, args, "
             "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END, priority, attempts, "
             "max_attempts, rescues + 1, enqueued_at, started_at, worker_id, CASE "
@@ -142,7 +216,7 @@ class Store:
             "rescues + 1), 'traceback', '') "
             "ELSE jsonb_build_object('type', 'taskq.LeaseExpired', 'message', 'the worker "
             "running its last attempt stopped renewing the lease; no attempts left', "
-            "'traceback', '') END FROM ended RETURNING id, state) "
+            "'traceback', '') END, unique_key FROM ended RETURNING id, state) "
             "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
             "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS ended, "
             "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
@@ -156,17 +230,18 @@ class Store:
             f"NULL::text AS result, worker_id FROM {s}.jobs WHERE id = $1 "
             "UNION ALL "
             "SELECT id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
-            "enqueued_at, NULL::timestamptz AS run_at, started_at, finished_at, error, "
-            "result::text AS result, "
+            "enqueued_at, NULL::timestamptz AS run_at, started_at, unique_key, finished_at, "
+            "error, result::text AS result, "
             f"worker_id FROM {s}.history WHERE id = $1"
         )
         self._cancel_queued = (
             f"WITH c AS (DELETE FROM {s}.jobs WHERE id = $1 AND state = 'queued' RETURNING *), "
             f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
-            "max_attempts, rescues, enqueued_at, started_at, error) "
+            "max_attempts, rescues, enqueued_at, started_at, error, unique_key) "
             "SELECT id, queue, task, args, 'cancelled', priority, attempts, max_attempts, "
             "rescues, enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
-            "'message', 'cancelled while queued', 'traceback', '') FROM c RETURNING id) "
+            "'message', 'cancelled while queued', 'traceback', ''), unique_key FROM c "
+            "RETURNING id) "
             "SELECT id, pg_notify($2, id::text) FROM h"
         )
         # Ask the write-back to announce this job's end. Zero rows: it has
@@ -176,13 +251,17 @@ class Store:
             f"UPDATE {s}.jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' "
             "RETURNING id, pg_notify($2, id::text)"
         )
+        # A unique job goes back only while no other live job holds its key;
+        # the unique index settles a race with a producer (the caller reports it).
         self._rerun = (
-            f"WITH h AS (DELETE FROM {s}.history WHERE id = $1 "
-            "AND state IN ('failed', 'cancelled') RETURNING *), "
+            f"WITH h AS (DELETE FROM {s}.history AS h WHERE h.id = $1 "
+            "AND h.state IN ('failed', 'cancelled') AND (h.unique_key IS NULL OR NOT EXISTS "
+            f"(SELECT 1 FROM {s}.jobs AS j WHERE j.queue = h.queue "
+            "AND j.unique_key = h.unique_key)) RETURNING *), "
             f"ins AS (INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
-            "max_attempts, enqueued_at, last_error) "
-            "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error "
-            "FROM h RETURNING id, queue) "
+            "max_attempts, enqueued_at, last_error, unique_key) "
+            "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error, "
+            "unique_key FROM h RETURNING id, queue) "
             "SELECT id, pg_notify($2, queue) FROM ins"
         )
         self._counts = (
@@ -197,10 +276,15 @@ class Store:
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()"
         )
         self._register_tasks = (
-            f"INSERT INTO {s}.tasks (name, queue, max_attempts) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::int[]) "
+            f"INSERT INTO {s}.tasks AS t (name, queue, max_attempts, rate_limit, rate_period) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::float8[]) "
             "ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, "
-            "max_attempts = excluded.max_attempts, last_seen_at = now()"
+            "max_attempts = excluded.max_attempts, last_seen_at = now(), "
+            "rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, "
+            "rate_log_at = CASE WHEN t.rate_period IS NOT DISTINCT FROM excluded.rate_period "
+            "THEN t.rate_log_at ELSE '{}' END, "
+            "rate_log_n = CASE WHEN t.rate_period IS NOT DISTINCT FROM excluded.rate_period "
+            "THEN t.rate_log_n ELSE '{}' END"
         )
         self._heartbeat = f"UPDATE {s}.workers SET heartbeat_at = now() WHERE id = $1"
         self._unregister_worker = f"DELETE FROM {s}.workers WHERE id = $1"
@@ -218,6 +302,25 @@ class Store:
     async def insert_jobs(self, conn: Conn, **jobs: Any) -> list[int]:
         """Insert one job per element of ``args`` (a JSON array); ids in that order."""
         return list(await self._insert(conn, self._insert_many, **jobs) or [])
+
+    async def insert_unique_job(
+        self, conn: Conn, *, unique_key: str, unique_for: float, **job: Any
+    ) -> tuple[int, bool]:
+        """Insert one job unless a live one (or one finished within ``unique_for``
+        seconds) holds ``unique_key`` in its queue: (job id, created)."""
+        row = await conn.fetchrow(
+            self._insert_unique,
+            job["queue"],
+            job["task"],
+            job["args"],
+            job["priority"],
+            job["run_at"],
+            job["delay"],
+            job["max_attempts"],
+            unique_key,
+            unique_for,
+        )
+        return int(row[0]), bool(row[1])
 
     async def _insert(
         self,
@@ -248,11 +351,8 @@ class Store:
         worker_id: str,
         lease_seconds: float,
         outcomes: list[Outcome] | None = None,
-    ) -> tuple[list[ClaimedJob], list[int]]:
-        """Claim up to ``limit`` jobs, first writing back ``outcomes`` if any.
-
-        Returns the claimed jobs and the ids of outcomes whose lease was lost.
-        """
+    ) -> ClaimResult:
+        """Claim up to ``limit`` jobs, first writing back ``outcomes`` if any."""
         if outcomes:
             rows = await conn.fetch(
                 self._claim_finishing,
@@ -265,9 +365,16 @@ class Store:
             )
         else:
             rows = await conn.fetch(self._claim, queues, tasks, limit, worker_id, lease_seconds)
-        jobs = [ClaimedJob(*r[:8]) for r in rows if not r[8]]
-        lost = [r[0] for r in rows if r[8]]
-        return jobs, lost
+        result = ClaimResult([], [])
+        for r in rows:
+            if r[8] is False:
+                result.jobs.append(ClaimedJob(*r[:8]))
+            elif r[8]:
+                result.lost.append(r[0])
+            else:
+                result.held_back = True
+                result.retry_in = r[9]
+        return result
 
     async def seconds_until_next_due(
         self, conn: Conn, *, queues: list[str] | None, tasks: list[str]
@@ -309,18 +416,17 @@ class Store:
         hostname: str,
         pid: int,
         queues: list[str] | None,
-        tasks: dict[str, tuple[str, int]],
+        tasks: dict[str, tuple[str, int, int | None, float | None]],
         concurrency: int,
     ) -> None:
+        """Record a live worker and its tasks: {name: (queue, attempts, rate limit, period)}."""
         async with conn.transaction():
             await conn.execute(
                 self._register_worker, worker_id, hostname, pid, queues, list(tasks), concurrency
             )
+            rows = list(tasks.values())
             await conn.execute(
-                self._register_tasks,
-                list(tasks),
-                [queue for queue, _ in tasks.values()],
-                [attempts for _, attempts in tasks.values()],
+                self._register_tasks, list(tasks), *([row[i] for row in rows] for i in range(4))
             )
 
     async def heartbeat(self, conn: Conn, worker_id: str) -> None:
@@ -362,7 +468,96 @@ class Store:
         return await conn.fetchrow(self._request_cancel, job_id, self.cancel_channel) is not None
 
     async def rerun(self, conn: Conn, job_id: int) -> bool:
-        return await conn.fetchrow(self._rerun, job_id, self.enqueued_channel) is not None
+        try:
+            return await conn.fetchrow(self._rerun, job_id, self.enqueued_channel) is not None
+        except asyncpg.UniqueViolationError:
+            return False  # a producer gave the job's unique key to a new job meanwhile
+
+    # -- queues ----------------------------------------------------------------
+
+    async def configure_queue(
+        self,
+        conn: Conn,
+        name: str,
+        *,
+        paused: bool | None = None,
+        concurrency_limit: int | None = None,
+        clear_concurrency_limit: bool = False,
+        rate: tuple[int, float] | None = None,
+        clear_rate: bool = False,
+    ) -> Any:
+        """Change a queue's settings (``None`` keeps one); return its settings row."""
+        return await conn.fetchrow(
+            self._configure_queue,
+            name,
+            paused,
+            concurrency_limit,
+            rate[0] if rate else None,
+            rate[1] if rate else None,
+            clear_rate,
+            clear_concurrency_limit,
+            self.enqueued_channel,
+        )
+
+    async def queue_settings(self, conn: Conn) -> list[Any]:
+        return list(await conn.fetch(self._queue_settings))
+
+    async def queue_overview(self, conn: Conn) -> list[Any]:
+        """Per queue: queued and running counts with its settings."""
+        return list(await conn.fetch(self._queue_overview))
+
+    # -- cron ------------------------------------------------------------------
+
+    async def register_cron(
+        self,
+        conn: Conn,
+        *,
+        name: str,
+        expression: str,
+        timezone: str,
+        task: str,
+        queue: str,
+        args: str,
+        priority: int,
+        missed: str,
+        newest_slot: datetime,
+    ) -> datetime:
+        """Record a cron entry; return the newest slot already handled."""
+        value = await conn.fetchval(
+            self._register_cron,
+            name,
+            expression,
+            timezone,
+            task,
+            queue,
+            args,
+            priority,
+            missed,
+            newest_slot,
+        )
+        return value  # type: ignore[no-any-return]
+
+    async def cron_fire(
+        self,
+        conn: Conn,
+        *,
+        name: str,
+        slot: datetime,
+        make_job: bool,
+        task: str,
+        queue: str,
+        args: str,
+        priority: int,
+        max_attempts: int,
+    ) -> int | None:
+        """Handle one slot: the new job's id, 0 if skipped, None if already handled."""
+        value = await conn.fetchval(
+            self._cron_fire, name, slot, make_job, task, queue, args, priority, max_attempts
+        )
+        return None if value is None else int(value)
+
+    async def list_crons(self, conn: Conn) -> list[Any]:
+        return list(await conn.fetch(self._list_crons))
 
     async def counts(self, conn: Conn) -> list[tuple[str, str, int]]:
         return [(r[0], r[1], r[2]) for r in await conn.fetch(self._counts)]

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from ._errors import ConfigurationError
+from ._limits import RateLimit
 from ._names import check_queue
 from ._retry import Retry
 
@@ -33,6 +34,8 @@ class EnqueueOptions:
     delay: float = 0.0
     run_at: datetime | None = None
     connection: Any = None
+    unique_key: str | None = None
+    unique_for: float = 0.0
 
     @classmethod
     def make(
@@ -43,23 +46,14 @@ class EnqueueOptions:
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
         connection: Any = None,
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
     ) -> EnqueueOptions:
         if queue is not None:
             check_queue(queue)
         if priority is not None:
             check_priority(priority)
-        seconds = 0.0
-        if delay is not None:
-            if isinstance(delay, timedelta):
-                seconds = delay.total_seconds()
-            elif isinstance(delay, int | float) and not isinstance(delay, bool):
-                seconds = float(delay)
-            else:
-                raise ConfigurationError(
-                    f"delay must be seconds (int/float) or a timedelta, got {delay!r}"
-                )
-            if not seconds >= 0:
-                raise ConfigurationError(f"delay must be >= 0 seconds, got {delay!r}")
+        seconds = 0.0 if delay is None else _seconds("delay", delay)
         if run_at is not None:
             if not isinstance(run_at, datetime):
                 raise ConfigurationError(f"run_at must be a datetime, got {run_at!r}")
@@ -74,7 +68,26 @@ class EnqueueOptions:
             raise ConfigurationError(
                 f"connection must be an asyncpg connection, got {type(connection).__name__}"
             )
-        return cls(queue, priority, seconds, run_at, connection)
+        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
+            raise ConfigurationError(f"unique_key must be a non-empty string, got {unique_key!r}")
+        window = 0.0 if unique_for is None else _seconds("unique_for", unique_for)
+        if window and unique_key is None:
+            raise ConfigurationError("unique_for needs a unique_key")
+        return cls(queue, priority, seconds, run_at, connection, unique_key, window)
+
+
+def _seconds(name: str, value: object) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigurationError(
+            f"{name} must be seconds (int/float) or a timedelta, got {value!r}"
+        )
+    if not 0 <= seconds < float("inf"):
+        raise ConfigurationError(f"{name} must be >= 0 seconds, got {value!r}")
+    return seconds
 
 
 def check_priority(priority: object) -> int:
@@ -153,6 +166,7 @@ class Task(Generic[P, R]):
         priority: int,
         retry: Retry,
         timeout: float | None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
@@ -161,6 +175,7 @@ class Task(Generic[P, R]):
         self.priority = priority
         self.retry = retry
         self.timeout = timeout
+        self.rate_limit = rate_limit
         self.is_async = inspect.iscoroutinefunction(fn)
         self._signature = _Signature(fn)
         functools.update_wrapper(self, fn)
@@ -179,6 +194,8 @@ class Task(Generic[P, R]):
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
         connection: Any = None,
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
     ) -> BoundTask[P, R]:
         """Enqueue with other settings than the task's defaults.
 
@@ -191,9 +208,20 @@ class Task(Generic[P, R]):
             connection: an asyncpg connection whose open transaction the job joins:
                 it exists if and only if that transaction commits, and workers are
                 woken only after the commit.
+            unique_key: at most one live (queued or running) job per key and queue:
+                if one exists, ``enqueue()`` returns it (``job.duplicate`` is true)
+                instead of writing a new one, even under concurrent producers.
+            unique_for: seconds (or a timedelta) during which a finished job still
+                holds its key, so that the same work is not done twice in that window.
         """
         opts = EnqueueOptions.make(
-            queue=queue, priority=priority, delay=delay, run_at=run_at, connection=connection
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            connection=connection,
+            unique_key=unique_key,
+            unique_for=unique_for,
         )
         return BoundTask(self, opts)
 
@@ -235,6 +263,8 @@ class BoundTask(Generic[P, R]):
             "delay": self.opts.delay or None,
             "run_at": self.opts.run_at,
             "connection": self.opts.connection,
+            "unique_key": self.opts.unique_key,
+            "unique_for": self.opts.unique_for or None,
         }
         merged.update(changes)
         return BoundTask(self.task, EnqueueOptions.make(**merged))

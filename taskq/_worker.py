@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
+from ._cron import Scheduler
 from ._errors import ConfigurationError, DatabaseError, SerializationError
 from ._names import check_queue
 from ._serialization import decode, encode
@@ -104,6 +105,7 @@ class WorkerConfig:
         rescue_interval: seconds between looks for expired leases (half the lease).
         max_rescues: rescues after which a job is failed as poison (3).
         prune_interval: seconds between history prunes (60).
+        cron: run the cron scheduler in this worker (True; ``drain()`` never does).
     """
 
     concurrency: int = DEFAULT_CONCURRENCY
@@ -122,6 +124,7 @@ class WorkerConfig:
             object.__setattr__(self, "rescue_interval", lease / 2)
 
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
+    cron: bool = True
 
     @classmethod
     def make(cls, *, queues: Any = None, **settings: Any) -> WorkerConfig:
@@ -146,6 +149,8 @@ class WorkerConfig:
             value = getattr(config, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
+        if not isinstance(config.cron, bool):
+            raise ConfigurationError(f"cron must be True or False, got {config.cron!r}")
         if not config.shutdown_timeout >= 0:
             raise ConfigurationError("shutdown_timeout must be >= 0 seconds")
         return config
@@ -274,6 +279,7 @@ class Worker:
         # first, learnt from notifications (no polling query per wake-up).
         self._due: list[float] = []
         self._scan_due = True
+        self.scheduler = Scheduler(app)
 
     def __repr__(self) -> str:
         return f"<taskq.Worker {self.id} running={len(self._running)}>"
@@ -352,6 +358,8 @@ class Worker:
                 services.start_soon(self._maintenance_loop)
                 services.start_soon(self._lease_watchdog)
                 services.start_soon(self._prune_loop)
+                if self.config.cron and not until_empty:
+                    services.start_soon(self.scheduler.run)
                 task_status.started()
                 try:
                     await self._claim_loop(until_empty)
@@ -388,7 +396,15 @@ class Worker:
             self._stopped.set()
 
     async def _register(self) -> None:
-        tasks = {name: (task.queue, task.retry.attempts) for name, task in self.app.tasks.items()}
+        tasks = {
+            name: (
+                task.queue,
+                task.retry.attempts,
+                task.rate_limit.limit if task.rate_limit else None,
+                task.rate_limit.period if task.rate_limit else None,
+            )
+            for name, task in self.app.tasks.items()
+        }
         async with self.app._acquire("registering a worker") as conn:
             await self.app._store.register_worker(
                 conn,
@@ -475,7 +491,7 @@ class Worker:
             lost: list[int] | None = None
             try:
                 async with app._acquire("claiming jobs") as conn:
-                    claimed, lost = await app._store.claim(
+                    result = await app._store.claim(
                         conn,
                         queues=queues,
                         tasks=tasks,
@@ -484,6 +500,7 @@ class Worker:
                         lease_seconds=cfg.lease_seconds,
                         outcomes=carried,
                     )
+                claimed, lost = result.jobs, result.lost
             except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
                     "worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff
@@ -509,12 +526,21 @@ class Worker:
                 running.task = loop.create_task(self._run_job(running))
             if len(claimed) == limit:
                 continue
+            if result.held_back and result.retry_in is not None:
+                # A rate window frees a start then (or a limit's lock was busy).
+                self._add_due(time.monotonic() + result.retry_in)
             if until_empty:
                 if self._running:
                     await self._wake.wait(cfg.poll_interval)
                     continue
                 # Retries due now become claimable only once written back.
                 await self._wait_flushed()
+                if result.held_back and not claimed:
+                    # Due jobs wait for a limit: look again when it may let them through.
+                    await self._wake.wait(
+                        min(result.retry_in or cfg.poll_interval, cfg.poll_interval)
+                    )
+                    continue
                 if (
                     not claimed
                     and not self._outcomes

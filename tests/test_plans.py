@@ -107,7 +107,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
 
     plan = await explain(conn, store._rescue, "c1", "c2", 3)
     assert "Seq Scan" not in plan, plan
-    assert "jobs_lease" in plan, plan
+    assert "jobs_running" in plan, plan
     assert "Scan using history" not in plan, plan  # it only inserts into history
 
     plan = await explain(conn, store._get_job, 123)

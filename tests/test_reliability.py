@@ -242,9 +242,11 @@ async def test_sigstopped_zombie_is_fenced_and_cancels_its_stale_jobs(
 
 async def claim_expired(app: taskq.App) -> Any:
     async with app.pool.acquire() as c:
-        (job,), _ = await app._store.claim(
-            c, queues=None, tasks=list(app.tasks), limit=1, worker_id="w", lease_seconds=-1
-        )
+        (job,) = (
+            await app._store.claim(
+                c, queues=None, tasks=list(app.tasks), limit=1, worker_id="w", lease_seconds=-1
+            )
+        ).jobs
     return job
 
 

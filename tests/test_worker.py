@@ -562,9 +562,16 @@ async def test_write_back_with_a_stale_lease_token_changes_nothing(app: taskq.Ap
     async with app:
         j = await job.enqueue()
         async with app.pool.acquire() as conn:
-            claimed, _ = await app._store.claim(
-                conn, queues=None, tasks=list(app.tasks), limit=10, worker_id="w", lease_seconds=30
-            )
+            claimed = (
+                await app._store.claim(
+                    conn,
+                    queues=None,
+                    tasks=list(app.tasks),
+                    limit=10,
+                    worker_id="w",
+                    lease_seconds=30,
+                )
+            ).jobs
             assert [c.id for c in claimed] == [j.id]
             stale = Outcome(j.id, uuid.uuid4(), "succeeded")
             assert await app._store.finish(conn, [stale]) == [j.id]  # lost: nothing written
@@ -630,7 +637,7 @@ async def test_rescue_requeues_expired_leases_and_fails_jobs_without_attempts_le
         j1 = await once.enqueue()
         j3 = await thrice.enqueue()
         async with app.pool.acquire() as conn:
-            claimed, _ = await app._store.claim(
+            claimed = await app._store.claim(
                 conn,
                 queues=None,
                 tasks=list(app.tasks),
@@ -638,7 +645,7 @@ async def test_rescue_requeues_expired_leases_and_fails_jobs_without_attempts_le
                 worker_id="gone",
                 lease_seconds=0.05,
             )
-            assert len(claimed) == 2
+            assert len(claimed.jobs) == 2
             await anyio.sleep(0.1)
             requeued, failed = await app._store.rescue_expired(conn)
         assert (requeued, failed) == ([j3.id], [j1.id])
@@ -778,9 +785,16 @@ async def test_a_retry_with_a_pending_cancel_ends_cancelled(app: taskq.App) -> N
     async with app:
         handle = await job.enqueue()
         async with app.pool.acquire() as conn:
-            (claimed,), _ = await app._store.claim(
-                conn, queues=None, tasks=list(app.tasks), limit=1, worker_id="w", lease_seconds=30
-            )
+            (claimed,) = (
+                await app._store.claim(
+                    conn,
+                    queues=None,
+                    tasks=list(app.tasks),
+                    limit=1,
+                    worker_id="w",
+                    lease_seconds=30,
+                )
+            ).jobs
             assert await app._store.request_cancel(conn, handle.id) is True
             # The attempt failed and would be retried, but a cancel is pending.
             await app._store.finish(conn, [Outcome(claimed.id, claimed.token, "retry", delay=0)])
