@@ -5,6 +5,7 @@ modules may change without notice.
 """
 
 from ._app import App
+from ._cron import CronEntry
 from ._errors import (
     ConfigurationError,
     DatabaseError,
@@ -18,6 +19,8 @@ from ._errors import (
     UnknownTaskError,
 )
 from ._job import Job, JobState, JobStatus
+from ._limits import RateLimit
+from ._queues import Queue, QueueInfo
 from ._retry import Retry
 from ._task import BoundTask, Task
 from ._worker import Worker, WorkerConfig, WorkerStats
@@ -28,6 +31,7 @@ __all__ = [
     "App",
     "BoundTask",
     "ConfigurationError",
+    "CronEntry",
     "DatabaseError",
     "Job",
     "JobCancelled",
@@ -36,6 +40,9 @@ __all__ = [
     "JobNotFound",
     "JobState",
     "JobStatus",
+    "Queue",
+    "QueueInfo",
+    "RateLimit",
     "Retry",
     "SchemaError",
     "SerializationError",

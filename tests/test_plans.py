@@ -102,8 +102,31 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
         )
         assert "Index Scan using jobs_claim" in plan, plan
         assert "Seq Scan" not in plan, plan
+        assert "JIT" not in plan, plan
         assert "Sort" not in plan.replace("Sort Key", ""), plan
         assert "history" not in plan, plan
+
+    # A queue with a concurrency limit and a rate limit: the claim also counts
+    # its running jobs (by index) and takes the settings row's lock.
+    await conn.execute(
+        f"INSERT INTO {s}.queues (name, concurrency_limit, rate_limit, rate_period) "
+        "VALUES ('q3', 100, 1000, 60) ON CONFLICT DO NOTHING"
+    )
+    plan = await inner_plans(
+        conn, f"SELECT * FROM {s}.claim($1, $2, 10, 'w', 30)", ["q3"], ["plan.task"]
+    )
+    assert "Index Scan using jobs_claim" in plan, plan
+    assert "jobs_running" in plan, plan
+    assert "Seq Scan" not in plan and "JIT" not in plan, plan
+
+    # A unique enqueue finds a live holder, and one in the window, by index.
+    plan = await inner_plans(
+        conn,
+        f"SELECT * FROM {s}.enqueue_unique('q1', 'plan.task', '{{}}', 0::smallint, now(), 1, "
+        "'k', 3600)",
+    )
+    assert "jobs_unique" in plan and "history_unique" in plan, plan
+    assert "Seq Scan" not in plan, plan
 
     plan = await explain(conn, store._rescue, "c1", "c2", 3)
     assert "Seq Scan" not in plan, plan

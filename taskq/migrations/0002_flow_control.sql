@@ -32,6 +32,12 @@ CREATE TABLE {schema}.queues (
     updated_at        timestamptz NOT NULL DEFAULT now(),
     CHECK ((rate_limit IS NULL) = (rate_period IS NULL))
 );
+-- Every claim asks which queues have settings that matter to it, and every
+-- write-back which have a concurrency limit: index probes of (usually) empty
+-- partial indexes, never a scan, whatever the planner settings.
+CREATE INDEX queues_restricted ON {schema}.queues (name)
+    WHERE paused OR concurrency_limit IS NOT NULL OR rate_limit IS NOT NULL;
+CREATE INDEX queues_limited ON {schema}.queues (name) WHERE concurrency_limit IS NOT NULL;
 
 -- Task rate limits come from @app.task(rate_limit=...), written by workers
 -- when they register, with the same sliding window as queues.
@@ -125,8 +131,10 @@ $$;
 
 -- Admit up to p_want starts under a sliding-window rate limit: at most
 -- p_limit starts in any p_period seconds. The caller holds the row lock of the
--- queue or task that owns the window. Returns how many may start now and,
--- when that is fewer than wanted, the seconds until the window frees a start.
+-- queue or task that owns the window (p_at, p_n: one entry per earlier claim).
+-- Returns how many may start now and, when that is fewer than wanted, the
+-- seconds until the window frees a start: when its oldest entry leaves it
+-- (or, if empty, the entry that this claim is about to add).
 CREATE FUNCTION {schema}.rate_budget(
     p_limit integer, p_period double precision, p_at timestamptz[], p_n integer[],
     p_now timestamptz, p_want integer, OUT allowed integer, OUT wait double precision
@@ -134,29 +142,20 @@ CREATE FUNCTION {schema}.rate_budget(
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     v_used integer := 0;
+    v_oldest timestamptz;
     v_cut timestamptz := p_now - make_interval(secs => p_period);
-    v_need integer;
 BEGIN
     FOR i IN 1 .. coalesce(cardinality(p_at), 0) LOOP
         IF p_at[i] > v_cut THEN
             v_used := v_used + p_n[i];
+            v_oldest := least(v_oldest, p_at[i]);
         END IF;
     END LOOP;
     allowed := greatest(0, least(p_want, p_limit - v_used));
     wait := NULL;
     IF allowed < p_want THEN
-        -- The window frees starts as its oldest entries age out of it.
-        v_need := v_used - (p_limit - p_want);
-        FOR i IN 1 .. coalesce(cardinality(p_at), 0) LOOP
-            IF p_at[i] > v_cut THEN
-                v_need := v_need - p_n[i];
-                IF v_need <= 0 THEN
-                    wait := greatest(0.001, extract(epoch FROM
-                        p_at[i] + make_interval(secs => p_period) - p_now)::double precision);
-                    EXIT;
-                END IF;
-            END IF;
-        END LOOP;
+        wait := greatest(0.001, extract(epoch FROM
+            coalesce(v_oldest, p_now) + make_interval(secs => p_period) - p_now)::double precision);
     END IF;
 END
 $$;
@@ -205,6 +204,9 @@ LANGUAGE plpgsql
 SET enable_seqscan = off
 SET enable_bitmapscan = off
 SET enable_sort = off
+-- A plan that had to use a disabled node carries a huge cost, which would
+-- trigger JIT compilation (a hundred milliseconds) for a sub-millisecond query.
+SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -399,7 +401,9 @@ CREATE OR REPLACE FUNCTION {schema}.finish(
     p_ids bigint[], p_tokens uuid[], p_kinds text[], p_results text[], p_errors text[],
     p_delays double precision[]
 ) RETURNS bigint[]
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET jit = off
+AS $$
 DECLARE
     v_done bigint[];
 BEGIN
