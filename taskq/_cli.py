@@ -1,4 +1,4 @@
-"""The ``python -m taskq`` command line: worker, migrate, status, demo."""
+"""The ``python -m taskq`` command line: worker, migrate, status, queues, cron, demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from ._app import App
 from ._errors import TaskqError
@@ -20,6 +23,9 @@ log = logging.getLogger("taskq.cli")
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+#: Default of options that leave a setting as it is.
+_KEEP: Any = object()
 
 
 def load_app(spec: str) -> App:
@@ -84,6 +90,8 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
         settings["lease_seconds"] = args.lease_seconds
     if args.poll_interval is not None:
         settings["poll_interval"] = args.poll_interval
+    if args.no_cron:
+        settings["cron"] = False
     stats = await app.run_worker(
         concurrency=args.concurrency, queues=args.queue or None, **settings
     )
@@ -142,6 +150,143 @@ async def _cmd_status(args: argparse.Namespace) -> int:
     print(f"{'queue':<{width}}  " + "  ".join(f"{s:>9}" for s in states))
     for queue in sorted(table):
         print(f"{queue:<{width}}  " + "  ".join(f"{table[queue].get(s, 0):>9}" for s in states))
+    return EXIT_OK
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _limit_arg(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'none', got {value!r}"
+        ) from None
+
+
+async def _cmd_queues(args: argparse.Namespace) -> int:
+    app = _app_for(args)
+    app.auto_migrate = False
+    async with app:
+        if args.action in ("pause", "resume", "set"):
+            if not args.name:
+                raise TaskqError(f"queues {args.action} needs a queue name")
+            queue = app.queue(args.name)
+            if args.action == "pause":
+                await queue.pause()
+            elif args.action == "resume":
+                await queue.resume()
+            else:
+                changes: dict[str, Any] = {}
+                if args.concurrency_limit is not _KEEP:
+                    changes["concurrency_limit"] = args.concurrency_limit
+                if args.rate_limit is not _KEEP:
+                    rate = args.rate_limit
+                    changes["rate_limit"] = None if rate.lower() == "none" else rate
+                if not changes:
+                    raise TaskqError("queues set needs --concurrency-limit and/or --rate-limit")
+                await queue.configure(**changes)
+            infos = [await queue.info()]
+        else:
+            if args.name:
+                raise TaskqError(f"unknown queues action {args.name!r}")
+            infos = await app.queues()
+    if args.json:
+        print(
+            orjson.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "paused": i.paused,
+                        "concurrency_limit": i.concurrency_limit,
+                        "rate_limit": None if i.rate_limit is None else str(i.rate_limit),
+                        "queued": i.queued,
+                        "running": i.running,
+                    }
+                    for i in infos
+                ]
+            ).decode()
+        )
+        return EXIT_OK
+    if not infos:
+        print("no queues")
+        return EXIT_OK
+    _print_table(
+        ["queue", "state", "queued", "running", "concurrency limit", "rate limit"],
+        [
+            [
+                i.name,
+                "paused" if i.paused else "active",
+                str(i.queued),
+                str(i.running),
+                "-" if i.concurrency_limit is None else str(i.concurrency_limit),
+                "-" if i.rate_limit is None else str(i.rate_limit),
+            ]
+            for i in infos
+        ],
+    )
+    return EXIT_OK
+
+
+async def _cmd_cron(args: argparse.Namespace) -> int:
+    from ._cron import CronEntry
+    from ._errors import ConfigurationError
+
+    app = _app_for(args)
+    app.auto_migrate = False
+    async with app, app._acquire("listing cron entries") as conn:
+        rows = await app._store.list_crons(conn)
+    now = datetime.now(UTC)
+    entries = []
+    for r in rows:
+        try:
+            entry = CronEntry(r["name"], r["expression"], r["task"], timezone=r["timezone"])
+            upcoming = entry.next_after(now)
+            next_run = None if upcoming is None else upcoming.astimezone(entry.zone)
+        except ConfigurationError:
+            next_run = None
+        entries.append(
+            {
+                "name": r["name"],
+                "expression": r["expression"],
+                "timezone": r["timezone"],
+                "task": r["task"],
+                "queue": r["queue"],
+                "missed": r["missed"],
+                "last_slot": r["last_slot"].isoformat(),
+                "last_job_id": r["last_job_id"],
+                "next_run": None if next_run is None else next_run.isoformat(),
+                "registered_at": r["registered_at"].isoformat(),
+            }
+        )
+    if args.json:
+        print(orjson.dumps(entries).decode())
+        return EXIT_OK
+    if not entries:
+        print("no cron entries (workers record theirs when they start)")
+        return EXIT_OK
+    _print_table(
+        ["name", "schedule", "timezone", "task", "queue", "next run", "last job"],
+        [
+            [
+                e["name"],
+                e["expression"],
+                e["timezone"],
+                e["task"],
+                e["queue"],
+                e["next_run"] or "never",
+                "-" if e["last_job_id"] is None else str(e["last_job_id"]),
+            ]
+            for e in entries
+        ],
+    )
     return EXIT_OK
 
 
@@ -223,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds between fallback polls when no notification arrives (default 2)",
     )
+    worker.add_argument(
+        "--no-cron", action="store_true", help="do not run the App's cron entries in this worker"
+    )
     worker.add_argument("--dsn", help="override the App's DSN")
     worker.set_defaults(handler=_cmd_worker)
 
@@ -236,6 +384,38 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="job counts by queue and state")
     db_options(status, with_app=True)
     status.set_defaults(handler=_cmd_status)
+
+    queues = sub.add_parser(
+        "queues",
+        help="list queues, pause or resume one, set its cluster-wide limits",
+        description="queues [list] | queues pause NAME | queues resume NAME | "
+        "queues set NAME [--concurrency-limit N|none] [--rate-limit 50/second|none]",
+    )
+    queues.add_argument(
+        "action", nargs="?", default="list", choices=["list", "pause", "resume", "set"]
+    )
+    queues.add_argument("name", nargs="?", help="the queue (for pause, resume and set)")
+    queues.add_argument(
+        "--concurrency-limit",
+        type=_limit_arg,
+        default=_KEEP,
+        metavar="N|none",
+        help="most jobs of the queue running at once across all workers",
+    )
+    queues.add_argument(
+        "--rate-limit",
+        default=_KEEP,
+        metavar="RATE|none",
+        help="most job starts per period across all workers, e.g. 100/minute",
+    )
+    queues.add_argument("--json", action="store_true", help="print JSON for scripts")
+    db_options(queues, with_app=True)
+    queues.set_defaults(handler=_cmd_queues)
+
+    cron = sub.add_parser("cron", help="cron entries recorded by workers, with their next run")
+    cron.add_argument("--json", action="store_true", help="print JSON for scripts")
+    db_options(cron, with_app=True)
+    cron.set_defaults(handler=_cmd_cron)
 
     demo = sub.add_parser("demo", help="run sample jobs (with failures and retries) on a worker")
     demo.add_argument(
