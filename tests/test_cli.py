@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -269,3 +270,96 @@ async def test_second_sigint_forces_shutdown_and_returns_the_job(pg_dsn: str, sc
         assert "SIGINT received again" in out
         status = await job.status()
         assert (status.state, status.attempts) == (taskq.JobState.QUEUED, 0)
+
+
+async def test_queues_commands_change_settings_that_the_api_sees(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+    async with app:  # installs the schema
+        pass
+    done = run_cli(
+        pg_dsn,
+        "queues",
+        "set",
+        "emails",
+        "--concurrency-limit",
+        "3",
+        "--rate-limit",
+        "100/minute",
+        schema=schema,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "emails" in done.stdout and "100/minute" in done.stdout
+    assert run_cli(pg_dsn, "queues", "pause", "emails", schema=schema).returncode == 0
+    listed = run_cli(pg_dsn, "queues", "--json", schema=schema)
+    assert json.loads(listed.stdout) == [
+        {
+            "name": "emails",
+            "paused": True,
+            "concurrency_limit": 3,
+            "rate_limit": "100/minute",
+            "queued": 0,
+            "running": 0,
+        }
+    ]
+    assert run_cli(pg_dsn, "queues", "resume", "emails", schema=schema).returncode == 0
+    cleared = run_cli(
+        pg_dsn,
+        "queues",
+        "set",
+        "emails",
+        "--rate-limit",
+        "none",
+        "--concurrency-limit",
+        "none",
+        schema=schema,
+    )
+    assert cleared.returncode == 0, cleared.stderr
+    async with app:
+        info = await app.queue("emails").info()
+    assert (info.paused, info.concurrency_limit, info.rate_limit) == (False, None, None)
+
+    # Error paths: clear messages, exit code 1 (2 for usage errors), nothing changed.
+    bad_rate = run_cli(
+        pg_dsn, "queues", "set", "emails", "--rate-limit", "5/fortnight", schema=schema
+    )
+    assert bad_rate.returncode == 1 and "bad rate limit" in bad_rate.stderr
+    no_name = run_cli(pg_dsn, "queues", "pause", schema=schema)
+    assert no_name.returncode == 1 and "needs a queue name" in no_name.stderr
+    nothing = run_cli(pg_dsn, "queues", "set", "emails", schema=schema)
+    assert nothing.returncode == 1 and "--concurrency-limit" in nothing.stderr
+    usage = run_cli(pg_dsn, "queues", "set", "emails", "--concurrency-limit", "lots", schema=schema)
+    assert usage.returncode == 2 and "positive integer" in usage.stderr
+    zero = run_cli(pg_dsn, "queues", "set", "emails", "--concurrency-limit", "0", schema=schema)
+    assert zero.returncode == 1 and "positive int" in zero.stderr
+    async with app:
+        assert (await app.queue("emails").info()).concurrency_limit is None
+
+
+async def test_upgrade_from_version_1_keeps_queued_jobs_runnable(pg_dsn: str, schema: str) -> None:
+    first = _migrations.all_migrations()[0]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(_migrations._bootstrap(schema))
+            await conn.execute(first.sql(schema))
+            await conn.execute(
+                f"INSERT INTO \"{schema}\".migrations VALUES (1, '{first.name}', now())"
+            )
+        await conn.execute(
+            f"INSERT INTO \"{schema}\".jobs (queue, task, args) VALUES ('default', 'up.add', "
+            """'{"a": 1, "b": 2}')"""
+        )
+    finally:
+        await conn.close()
+    app = taskq.App(pg_dsn, schema=schema)
+
+    @app.task(name="up.add")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with app:  # applies migration 2 over the live table
+        stats = await app.drain()
+        assert stats.succeeded == 1
+        job = await add.options(unique_key="after-upgrade").enqueue(a=2, b=3)
+        await app.drain()
+        assert await job.result(timeout=5) == 5
