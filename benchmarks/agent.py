@@ -174,7 +174,8 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--variant", default="")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("versions")
-    commands.add_parser("setup")
+    setup = commands.add_parser("setup")
+    setup.add_argument("--concurrency", type=int, help="the run's worker concurrency")
     bulk = commands.add_parser("enqueue-bulk")
     bulk.add_argument("--setup", action="store_true", help="install the schema first")
     bulk.add_argument("--jobs", type=int, required=True)
@@ -197,6 +198,7 @@ async def main(argv: list[str]) -> None:
     system = cls(os.environ[DSN_ENV], args.variant)
     if args.command == "worker":
         system.processes = args.processes
+    system.concurrency = getattr(args, "concurrency", None)
     await system.open()
     try:
         result: dict[str, Any] = {}

@@ -311,7 +311,15 @@ def _features(r: Report) -> list[str]:
         f"{cfg.concurrency}) with one feature in use per row. A job retried once runs twice; "
         "jobs/s counts jobs, not attempts. The history rows are finished jobs of another task "
         "inserted with one `INSERT ... SELECT generate_series` after the schema, then "
-        "`VACUUM ANALYZE`, all before the enqueue.",
+        "`VACUUM ANALYZE`, all before the enqueue. Rows (4a)–(4c) set a limit on the drained "
+        "queue with `app.queue(...).configure(...)` before the enqueue. (4a)'s global "
+        f"concurrency limit equals the worker's concurrency ({cfg.concurrency}), which the "
+        "worker's own slots already enforce, so it holds (next to) nothing back and the row is "
+        "the cost of the machinery: each claim takes the lock on the queue's settings row and "
+        "counts the queue's running jobs. (4b)'s limit of half the worker's concurrency binds: "
+        "the drain with at most that many jobs running. (4c)'s rate limit is far above any "
+        "drain, so the row is the cost of the sliding window each claim reads and rewrites "
+        "(one entry per claim in the last second).",
         "",
     ]
     base = r.plan.features[0].label if r.plan.features else ""

@@ -5,7 +5,8 @@ B  streaming: one producer enqueues one job per call, back to back, while a work
 C  latency: one job every 1/rate s into an idle worker; enqueue-to-start times.
 D  scaling: A's drain with several worker processes.
 E  many sleeping jobs at high concurrency: drain rate and the worker's peak memory.
-F  taskq only: A's drain with each feature in use (results, retries, a big history).
+F  taskq only: A's drain with each feature in use (results, retries, queue limits,
+   a big history).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ FEATURES: list[tuple[str | None, str]] = [
     ("", "(1) baseline: no-op returning None"),
     ("result", "(2) results stored (returns a small dict)"),
     ("retry", "(3) every job fails once, `Retry(attempts=2, wait=0)`"),
-    (None, "(4) global concurrency limit"),
+    ("limit", "(4a) global concurrency limit {concurrency} (= the worker's concurrency)"),
+    ("limit_half", "(4b) global concurrency limit {half_concurrency} (half the worker's)"),
+    ("rate_limit", "(4c) queue rate limit 1,000,000/second"),
     ("history", "(5) {history_rows} finished jobs already in history"),
 ]
 
@@ -517,9 +520,10 @@ async def sleepers(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict
 
 
 async def feature(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
-    """F: A's drain for one taskq variant (results, retries, a big history)."""
+    """F: A's drain for one taskq variant (results, retries, queue limits, a big history)."""
     async with fresh_database(srv, db_name(subject, "f", rep)) as (dsn, conn):
-        await run_agent(subject, dsn, "setup")
+        # The concurrency: the limit variants configure their queue from it.
+        await run_agent(subject, dsn, "setup", f"--concurrency={cfg.concurrency}")
         await subject.make(dsn).prepare(conn, {"history_rows": cfg.history_rows})
         await checkpoint(conn)  # the history insert's pages, before the clock starts
         await bulk_enqueue(subject, dsn, cfg.jobs, cfg.batch, setup=False)
@@ -570,9 +574,15 @@ async def plan(cfg: Config, log: Callable[[str], None]) -> Plan:
     features: list[Subject] = []
     if "F" in cfg.workloads and "taskq" in pythons:
         cls = systems.load("taskq")
+        from .systems.taskq_system import concurrency_limit  # loaded on demand, as above
+
         for feat, what in FEATURES:
             if feat is not None:
-                label = what.format(history_rows=f"{cfg.history_rows:,}")
+                label = what.format(
+                    history_rows=f"{cfg.history_rows:,}",
+                    concurrency=cfg.concurrency,
+                    half_concurrency=concurrency_limit("limit_half", cfg.concurrency),
+                )
                 features.append(Subject("taskq", feat, label, pythons["taskq"]))
                 settings[label] = cls.describe(feat, (cfg.concurrency,))
     return Plan(subjects, features, skipped, versions, settings)

@@ -26,8 +26,8 @@ _UNITS = {
     "days": 86400.0,
 }
 _RATE_RE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*")
-#: The sliding window keeps one entry per claim within the period; a limit
-#: this large would make each claim rewrite a long array.
+#: A sanity bound on the count. The window's size does not grow with it: it
+#: keeps at most about 64 entries per period (see rate_log_add() in migration 2).
 MAX_RATE_LIMIT = 1_000_000
 
 

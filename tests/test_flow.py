@@ -413,3 +413,23 @@ async def test_claim_reports_a_rate_window_holding_jobs_back(app: taskq.App) -> 
             assert len(result.jobs) == 2
             assert result.held_back and result.retry_in is not None
             assert 55 < result.retry_in <= 60
+
+
+async def test_rate_window_stays_small_however_many_claims_a_period_sees(
+    app: taskq.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(name="flow.many", queue="many")
+    async def many() -> None:
+        return None
+
+    async with app:
+        await app.queue("many").configure(rate_limit="1000000/minute")
+        await many.enqueue_many([{}] * 1500)
+        stats = await app.drain(concurrency=1)  # one claim per job
+        assert stats.succeeded == 1500 and stats.claims >= 1500
+        entries, total = await conn.fetchrow(
+            f"SELECT cardinality(rate_log_at), (SELECT sum(x) FROM unnest(rate_log_n) AS x) "
+            f"FROM \"{app.schema}\".queues WHERE name = 'many'"
+        )
+    assert entries <= 65
+    assert total == 1500  # every start is still counted

@@ -67,6 +67,9 @@ class System(abc.ABC):
         self.variant = variant
         #: Worker processes of this run (workload D); set by the agent.
         self.processes = 1
+        #: Worker concurrency of this run, when the command was given it (``worker``,
+        #: and ``setup`` in workload F, whose variants may configure limits from it).
+        self.concurrency: int | None = None
 
     @classmethod
     def describe(cls, variant: str, concurrencies: tuple[int, ...]) -> str:

@@ -3,7 +3,12 @@
 Variants (workload F, the cost of each feature): ``result`` returns a small
 dict that taskq stores; ``retry`` fails every job's first attempt under
 ``taskq.Retry(attempts=2, wait=0)``; ``history`` runs with many finished jobs
-already in the history table (see :meth:`TaskqSystem.prepare`).
+already in the history table (see :meth:`TaskqSystem.prepare`). The flow-control
+variants set a cluster-wide limit on the task's queue in :meth:`TaskqSystem.setup`,
+through ``app.queue(...).configure(...)``, before anything is enqueued:
+``limit`` a concurrency limit equal to the worker's concurrency (it does not
+bind: the worker never runs more), ``limit_half`` one of half the worker's
+concurrency (it binds), ``rate_limit`` a rate limit far above any drain rate.
 """
 
 from __future__ import annotations
@@ -22,6 +27,20 @@ if TYPE_CHECKING:
 
 SCHEMA = "taskq"
 TASK = "bench.job"
+#: The task's queue (taskq's default), the one the flow-control variants limit.
+QUEUE = "default"
+#: The ``rate_limit`` variant's queue rate limit: taskq's largest count in the
+#: shortest unit, far above any drain rate, so it never holds a job back.
+RATE_LIMIT = "1000000/second"
+
+
+def concurrency_limit(variant: str, concurrency: int) -> int | None:
+    """The global concurrency limit a variant sets, at the run's worker concurrency."""
+    if variant == "limit":
+        return concurrency  # the worker never runs more: the limit does not bind
+    if variant == "limit_half":
+        return max(1, concurrency // 2)
+    return None
 
 
 class FirstAttemptFails(Exception):
@@ -35,6 +54,9 @@ class TaskqSystem(System):
         "result": "taskq, results stored",
         "retry": "taskq, every job retried once",
         "history": "taskq, finished jobs in history",
+        "limit": "taskq, global concurrency limit = concurrency",
+        "limit_half": "taskq, global concurrency limit = half the concurrency",
+        "rate_limit": f"taskq, queue rate limit {RATE_LIMIT}",
     }
     packages = ("taskq", "asyncpg", "anyio", "orjson")
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {SCHEMA}.jobs)"
@@ -45,7 +67,16 @@ class TaskqSystem(System):
         "retry": "`retry=taskq.Retry(attempts=2, wait=0)`; the first attempt raises",
         "history": "history pre-filled by one `INSERT ... SELECT generate_series`, then "
         "`VACUUM ANALYZE`",
+        "rate_limit": f"`await app.queue(...).configure(rate_limit={RATE_LIMIT!r})` before the "
+        "enqueue",
     }
+
+    @classmethod
+    def describe(cls, variant: str, concurrencies: tuple[int, ...]) -> str:
+        limit = concurrency_limit(variant, concurrencies[0]) if concurrencies else None
+        if limit is None:
+            return super().describe(variant, concurrencies)
+        return f"`await app.queue(...).configure(concurrency_limit={limit})` before the enqueue"
 
     @classmethod
     def runs_per_job(cls, variant: str) -> int:
@@ -61,7 +92,7 @@ class TaskqSystem(System):
         returns = self.variant == "result"
         fails_first = self.variant == "retry"
 
-        @self.app.task(name=TASK, retry=retry)
+        @self.app.task(name=TASK, queue=QUEUE, retry=retry)
         async def bench_job(i: int) -> dict[str, Any] | None:
             assert self._job is not None, "only workers run jobs"
             await self._job(i)
@@ -78,6 +109,25 @@ class TaskqSystem(System):
 
     async def setup(self) -> None:
         await self.app.migrate()
+        # The flow-control variants: a limit on the task's queue, through the public
+        # API, stored in Postgres before anything is enqueued or claimed.
+        queue = self.app.queue(QUEUE)
+        if self.variant == "rate_limit":
+            info = await queue.configure(rate_limit=RATE_LIMIT)
+            if str(info.rate_limit) != RATE_LIMIT:
+                raise RuntimeError(f"queue {queue.name!r} has rate limit {info.rate_limit}")
+        elif self.variant in ("limit", "limit_half"):
+            if self.concurrency is None:
+                raise RuntimeError(
+                    f"variant {self.variant!r} needs the run's worker concurrency "
+                    "(set by `agent setup --concurrency=N`, as workload F does)"
+                )
+            limit = concurrency_limit(self.variant, self.concurrency)
+            info = await queue.configure(concurrency_limit=limit)
+            if info.concurrency_limit != limit:
+                raise RuntimeError(
+                    f"queue {queue.name!r} has concurrency limit {info.concurrency_limit}"
+                )
 
     async def enqueue_bulk(self, batch: list[dict[str, Any]]) -> None:
         await self.task.enqueue_many(batch)
@@ -155,4 +205,19 @@ class TaskqSystem(System):
         for key, value in wanted.items():
             if row[key] != value:
                 problems.append(f"taskq.history {key} = {row[key]}, expected {value}")
+        # The limit a flow-control variant set was in place for the whole drain.
+        limits = await conn.fetchrow(
+            f"SELECT concurrency_limit, rate_limit FROM {SCHEMA}.queues WHERE name = $1", QUEUE
+        )
+        has = {
+            "concurrency_limit": limits is not None and limits["concurrency_limit"] is not None,
+            "rate_limit": limits is not None and limits["rate_limit"] is not None,
+        }
+        should = {
+            "concurrency_limit": self.variant in ("limit", "limit_half"),
+            "rate_limit": self.variant == "rate_limit",
+        }
+        for key, value in should.items():
+            if has[key] != value:
+                problems.append(f"queue {QUEUE!r}: {key} {'missing' if value else 'set'}")
         return problems

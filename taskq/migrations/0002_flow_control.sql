@@ -160,16 +160,25 @@ BEGIN
 END
 $$;
 
--- The window after p_started starts at p_now: entries that left it dropped.
+-- The window after p_started starts at p_now, with the entries that left it
+-- dropped. An entry younger than a 64th of the period is merged into the new
+-- one and takes its (later) time: those starts then leave the window a little
+-- late, which errs on the safe side, and the window never holds more than
+-- about 64 entries however many claims a period sees.
 CREATE FUNCTION {schema}.rate_log_add(
     p_period double precision, p_at timestamptz[], p_n integer[], p_now timestamptz,
     p_started integer, OUT at timestamptz[], OUT n integer[]
 )
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(array_agg(a ORDER BY ord), '{}') || p_now,
-           coalesce(array_agg(c ORDER BY ord), '{}') || p_started
-    FROM unnest(p_at, p_n) WITH ORDINALITY AS u(a, c, ord)
-    WHERE a > p_now - make_interval(secs => p_period)
+    WITH kept AS (
+        SELECT a, c, ord, a > p_now - make_interval(secs => p_period / 64) AS recent
+        FROM unnest(p_at, p_n) WITH ORDINALITY AS u(a, c, ord)
+        WHERE a > p_now - make_interval(secs => p_period)
+    )
+    SELECT coalesce(array_agg(a ORDER BY ord) FILTER (WHERE NOT recent), '{}') || p_now,
+           coalesce(array_agg(c ORDER BY ord) FILTER (WHERE NOT recent), '{}')
+               || (p_started + coalesce(sum(c) FILTER (WHERE recent), 0))::integer
+    FROM kept
 $$;
 
 -- Claim, as in version 1, now also honouring queue settings and task rate
