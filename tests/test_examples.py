@@ -48,6 +48,33 @@ def test_quickstart_runs(pg_dsn: str, schema: str) -> None:
     assert done.stdout.strip() == "welcome mail sent to user 42"
 
 
+def test_scheduling_example_runs(pg_dsn: str, schema: str) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [PYTHON, "scheduling.py"],
+        cwd=EXAMPLES,
+        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [
+        "unique: second enqueue duplicate=True, same job=True",
+        "report for 2026-01-05",
+    ], done.stdout
+    exports = re.fullmatch(r"exports: 6 done, at most (\d+) at once \(limit 2\)", lines[2])
+    assert exports, done.stdout
+    assert 1 <= int(exports[1]) <= 2
+    cron = re.fullmatch(r"cron: (\d+) tick jobs ran", lines[3])
+    assert cron, done.stdout
+    # One job per second of the worker's life: the 3-second wait holds at least two slots.
+    assert 2 <= int(cron[1]) <= elapsed + 1
+    assert len(lines) == 4, done.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
