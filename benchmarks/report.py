@@ -319,7 +319,7 @@ def _features(r: Report) -> list[str]:
         "counts the queue's running jobs. (4b)'s limit of half the worker's concurrency binds: "
         "the drain with at most that many jobs running. (4c)'s rate limit is far above any "
         "drain, so the row is the cost of the sliding window each claim reads and rewrites "
-        "(one entry per claim in the last second).",
+        "(at most about 64 entries per period: entries younger than a 64th of it merge).",
         "",
     ]
     base = r.plan.features[0].label if r.plan.features else ""
