@@ -264,6 +264,13 @@ class Scheduler:
                 priority=entry.priority if entry.priority is not None else task.priority,
                 max_attempts=task.retry.attempts,
             )
+            if job_id == -1:
+                # Its row was deleted while we ran it: record it again next pass.
+                log.warning(
+                    "cron %s: entry missing from the database; recording it again", entry.name
+                )
+                self._registered.pop(entry.name, None)
+                return
             self._pointer[entry.name] = slot
             if job_id:
                 self.jobs_made += 1

@@ -550,7 +550,8 @@ class Store:
         priority: int,
         max_attempts: int,
     ) -> int | None:
-        """Handle one slot: the new job's id, 0 if skipped, None if already handled."""
+        """Handle one slot: the new job's id, 0 if skipped, None if already handled,
+        -1 if the entry is not recorded."""
         value = await conn.fetchval(
             self._cron_fire, name, slot, make_job, task, queue, args, priority, max_attempts
         )

@@ -333,3 +333,22 @@ def run_cli(pg_dsn: str, schema: str, *args: str) -> subprocess.CompletedProcess
         timeout=60,
         stdin=subprocess.DEVNULL,
     )
+
+
+async def test_an_entry_deleted_from_the_database_is_recorded_again(
+    pg_dsn: str, schema: str, conn: asyncpg.Connection
+) -> None:
+    app = cron_app(pg_dsn, schema, "* * * * *")
+    clock = Clock(utc(2026, 6, 1, 9, 0, 30))
+    scheduler = Scheduler(app, clock=clock)
+    async with app:
+        await scheduler.tick()
+        await conn.execute(f'DELETE FROM "{schema}".crons')
+        clock.now = utc(2026, 6, 1, 9, 1, 1)
+        await scheduler.tick()  # finds the row gone
+        clock.now = utc(2026, 6, 1, 9, 2, 1)
+        await scheduler.tick()  # recorded again at 09:02: from the next slot on
+        clock.now = utc(2026, 6, 1, 9, 3, 1)
+        await scheduler.tick()
+        assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".crons') == 1
+        assert await made_slots(conn, schema) == [utc(2026, 6, 1, 9, 3)]

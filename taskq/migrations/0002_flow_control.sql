@@ -482,7 +482,8 @@ $$;
 -- from an older slot) and, with p_make, enqueue its job in the same
 -- transaction (its run_at is the slot). Returns the new job's id; 0 when the slot was skipped on
 -- purpose (a missed slot under the entry's policy); NULL when the slot had
--- already been handled (by another worker, or by this one).
+-- already been handled (by another worker, or by this one); -1 when the
+-- entry is not recorded at all.
 CREATE FUNCTION {schema}.cron_fire(
     p_name text, p_slot timestamptz, p_make boolean, p_task text, p_queue text, p_args text,
     p_priority smallint, p_max_attempts integer
@@ -494,7 +495,9 @@ BEGIN
     UPDATE {schema}.crons SET last_slot = p_slot
     WHERE name = p_name AND last_slot < p_slot;
     IF NOT FOUND THEN
-        RETURN NULL;
+        -- -1: the entry's row is gone (deleted by hand); the caller records it again.
+        RETURN CASE WHEN EXISTS (SELECT 1 FROM {schema}.crons WHERE name = p_name)
+            THEN NULL ELSE -1 END;
     END IF;
     IF NOT p_make THEN
         RETURN 0;
