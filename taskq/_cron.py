@@ -154,6 +154,9 @@ class Scheduler:
         # Per entry name: the newest slot known to be handled.
         self._pointer: dict[str, datetime] = {}
         self._registered: dict[str, CronEntry] = {}
+        # Per entry name: the job each of its slots makes, resolved against
+        # the task's defaults once, when the entry is registered.
+        self._jobs: dict[str, dict[str, Any]] = {}
         self.jobs_made = 0
         self._changed: anyio.Event | None = None
 
@@ -206,21 +209,25 @@ class Scheduler:
 
     async def _register(self, conn: Any, entry: CronEntry, now: datetime) -> None:
         task = self.app.tasks[entry.task]
+        job: dict[str, Any] = {
+            "task": entry.task,
+            "queue": entry.queue or task.queue,
+            "args": encode(entry.args, what=f"args of cron entry {entry.name!r}"),
+            "priority": entry.priority if entry.priority is not None else task.priority,
+        }
         last = await self.app._store.register_cron(
             conn,
             name=entry.name,
             expression=entry.expression,
             timezone=entry.timezone,
-            task=entry.task,
-            queue=entry.queue or task.queue,
-            args=encode(entry.args, what=f"args of cron entry {entry.name!r}"),
-            priority=entry.priority if entry.priority is not None else task.priority,
             missed=entry.missed,
             # A new entry starts from now: its past slots were never its to run.
             newest_slot=entry.latest_at_or_before(now) or now,
+            **job,
         )
         self._pointer[entry.name] = last
         self._registered[entry.name] = entry
+        self._jobs[entry.name] = {**job, "max_attempts": task.retry.attempts}
 
     async def _handle(self, conn: Any, entry: CronEntry, now: datetime) -> bool:
         """Handle the entry's due slots; True if some are left for the next pass."""
@@ -250,19 +257,10 @@ class Scheduler:
         return len(recent) >= MAX_SLOTS_PER_PASS
 
     async def _fire(self, conn: Any, entry: CronEntry, plan: list[tuple[datetime, bool]]) -> None:
-        task = self.app.tasks[entry.task]
-        args = encode(entry.args, what=f"args of cron entry {entry.name!r}")
+        job = self._jobs[entry.name]
         for slot, make_job in plan:
             job_id = await self.app._store.cron_fire(
-                conn,
-                name=entry.name,
-                slot=slot,
-                make_job=make_job,
-                task=entry.task,
-                queue=entry.queue or task.queue,
-                args=args,
-                priority=entry.priority if entry.priority is not None else task.priority,
-                max_attempts=task.retry.attempts,
+                conn, name=entry.name, slot=slot, make_job=make_job, **job
             )
             if job_id == -1:
                 # Its row was deleted while we ran it: record it again next pass.
