@@ -20,6 +20,7 @@ from ._errors import (
 )
 from ._job import Job, JobState, JobStatus
 from ._limits import RateLimit
+from ._logging import JsonFormatter
 from ._queues import Queue, QueueInfo
 from ._retry import Retry
 from ._task import BoundTask, Task
@@ -40,6 +41,7 @@ __all__ = [
     "JobNotFound",
     "JobState",
     "JobStatus",
+    "JsonFormatter",
     "Queue",
     "QueueInfo",
     "RateLimit",
