@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,34 @@ class JobStatus:
     worker_id: str | None
     #: The key given with ``options(unique_key=...)``, if any.
     unique_key: str | None = None
+    #: Metadata carried with the job (``options(meta=...)``, and the trace
+    #: context added by tracing integrations); empty if none.
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as JSON-ready values: timestamps as ISO 8601 strings.
+
+        Handy for a web endpoint that reports a job, or for scripts.
+        """
+        return {
+            "id": self.id,
+            "task": self.task,
+            "queue": self.queue,
+            "state": str(self.state),
+            "args": self.args,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "enqueued_at": _iso(self.enqueued_at),
+            "run_at": _iso(self.run_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "error": self.error,
+            "result": self.result,
+            "worker_id": self.worker_id,
+            "unique_key": self.unique_key,
+            "meta": self.meta,
+        }
 
     @property
     def last_error(self) -> str | None:
@@ -159,4 +187,9 @@ def status_from_row(row: Any) -> JobStatus:
         result=decode(row["result"]),
         worker_id=row["worker_id"],
         unique_key=row["unique_key"],
+        meta=decode(row.get("meta")) or {},
     )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
