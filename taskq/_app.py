@@ -23,6 +23,12 @@ from ._errors import (
     TaskqError,
     UnknownTaskError,
 )
+from ._hooks import (
+    EnqueueContext,
+    EnqueueMiddleware,
+    Hooks,
+    JobMiddleware,
+)
 from ._job import Job, JobState, JobStatus, status_from_row
 from ._limits import RateLimit
 from ._names import DEFAULT_QUEUE, DEFAULT_SCHEMA, check_queue, check_task_name, quote_schema
@@ -37,6 +43,7 @@ from ._worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
 log = logging.getLogger("taskq")
 
 F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=Callable[..., Any])
 
 #: Finished jobs are kept this long in history (results, dead letters), then pruned.
 DEFAULT_HISTORY_RETENTION = timedelta(days=7)
@@ -229,6 +236,7 @@ class App:
         self._cron_listeners: list[Callable[[], None]] = []
         self._open_count = 0
         self._open_lock: asyncio.Lock | None = None
+        self._hooks = Hooks()
 
     def __repr__(self) -> str:
         return f"<taskq.App schema={self.schema!r} tasks={len(self.tasks)}>"
@@ -429,6 +437,60 @@ class App:
         async with self._acquire("reading queues") as conn:
             rows = await self._store.queue_overview(conn)
         return [info_from_row(r) for r in rows]
+
+    # -- hooks -----------------------------------------------------------------
+
+    def before_job(self, fn: H) -> H:
+        """Register ``fn(ctx: JobContext)``, called before each attempt runs its task.
+
+        Plain or async. It runs in the job's own asyncio task, so context
+        variables it sets are seen by the task function. Raising fails the
+        attempt like the task raising would (the task's retry policy applies).
+        """
+        self._hooks.add_before(fn)
+        return fn
+
+    def after_job(self, fn: H) -> H:
+        """Register ``fn(ctx: JobContext, outcome: JobOutcome)``, called after every attempt.
+
+        Plain or async; called for every outcome (succeeded, retried, failed,
+        cancelled, released) once it is decided, before it is written back.
+        Its exceptions are logged and change nothing.
+        """
+        self._hooks.add_after(fn)
+        return fn
+
+    def on_failure(self, fn: H) -> H:
+        """Register ``fn(ctx: JobContext, outcome: JobOutcome)``, called when an attempt raises.
+
+        ``outcome.kind`` is ``retried`` (it will run again) or ``failed`` (a
+        dead letter); ``outcome.exception`` is what it raised. Plain or async;
+        its exceptions are logged and change nothing.
+        """
+        self._hooks.add_failure(fn)
+        return fn
+
+    def middleware(self, fn: JobMiddleware) -> JobMiddleware:
+        """Register ``async fn(ctx: JobContext, call_next)`` around each task call.
+
+        ``await call_next()`` runs the rest of the chain and the task, and
+        returns the task's value, which the middleware returns (or replaces).
+        The first registered is the outermost. Exceptions raised by the
+        middleware fail the attempt like the task's own.
+        """
+        self._hooks.add_middleware(fn)
+        return fn
+
+    def enqueue_middleware(self, fn: EnqueueMiddleware) -> EnqueueMiddleware:
+        """Register ``async fn(ctx: EnqueueContext, call_next)`` around each enqueue.
+
+        It runs in the producer, after the arguments were checked and before
+        the jobs are written; ``await call_next()`` writes them and fills in
+        ``ctx.job_ids``. It may add JSON values to ``ctx.meta``, which every
+        job of the call carries. Cron jobs do not pass through it.
+        """
+        self._hooks.add_enqueue(fn)
+        return fn
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -666,6 +728,7 @@ class App:
         connection: Any = None,
         unique_key: str | None = None,
         unique_for: float | timedelta | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Job:
         """Enqueue a job by task name, without importing the task's function.
 
@@ -690,6 +753,7 @@ class App:
             connection=connection,
             unique_key=unique_key,
             unique_for=unique_for,
+            meta=meta,
         )
         local = self.tasks.get(task)
         stored = local.bind_arguments((), args or {}) if local else dict(args or {})
@@ -744,7 +808,7 @@ class App:
         payloads = encode_many(
             stored, what=f"arguments of task {name!r}", max_bytes=self.max_payload_bytes
         )
-        ids = await self._insert(name, payloads, opts, task, many=True)
+        ids = await self._insert(name, payloads, opts, task, many=True, count=len(stored))
         return [Job(self, i) for i in ids]
 
     async def _insert(
@@ -755,8 +819,12 @@ class App:
         task: Task[Any, Any] | None,
         *,
         many: bool,
+        count: int = 1,
     ) -> Any:
-        """Write encoded jobs, in the caller's transaction if it gave a connection."""
+        """Write encoded jobs, in the caller's transaction if it gave a connection.
+
+        With ``many``, ``args`` is a JSON array of ``count`` jobs' arguments.
+        """
         queue, attempts = await self._task_defaults(name, task)
         opts = with_defaults(opts, task, queue)
         insert: Callable[..., Any] = self._store.insert_jobs if many else self._store.insert_job
@@ -773,11 +841,45 @@ class App:
         if opts.unique_key is not None:
             insert = self._store.insert_unique_job
             kwargs.update(unique_key=opts.unique_key, unique_for=opts.unique_for)
-        if opts.connection is not None:
-            with translate_errors(action):
-                return await insert(opts.connection, **kwargs)
-        async with self._acquire(action) as conn:
-            return await insert(conn, **kwargs)
+
+        async def write(meta: Mapping[str, Any] | None) -> Any:
+            if meta:
+                kwargs["meta"] = encode(
+                    meta, what=f"meta of task {name!r}", max_bytes=self.max_payload_bytes
+                )
+            if opts.connection is not None:
+                with translate_errors(action):
+                    return await insert(opts.connection, **kwargs)
+            async with self._acquire(action) as conn:
+                return await insert(conn, **kwargs)
+
+        if not self._hooks.enqueue:
+            return await write(opts.meta)
+        ctx = EnqueueContext(
+            task=name,
+            queue=str(opts.queue),
+            count=count,
+            meta=dict(opts.meta or {}),
+            in_transaction=opts.connection is not None,
+        )
+
+        result: Any = None
+
+        async def call_next() -> Any:
+            nonlocal result
+            result = await write(ctx.meta)
+            if isinstance(result, tuple):  # a unique job: (id, created)
+                ctx.job_ids = [result[0]]
+            else:
+                ctx.job_ids = list(result) if many else [result]
+            return result
+
+        await self._hooks.run_enqueue(ctx, call_next)
+        if not ctx.job_ids:
+            raise TaskqError(
+                f"an enqueue middleware did not call call_next(): no {name!r} job was written"
+            )
+        return result
 
     # -- jobs --------------------------------------------------------------------
 

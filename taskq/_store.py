@@ -32,6 +32,8 @@ class ClaimedJob:
     max_attempts: int
     token: uuid.UUID
     priority: int
+    #: The job's metadata as JSON text, None when it has none.
+    meta: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -98,16 +100,19 @@ class Store:
         start = "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8)"
         self._insert_one = (
             f"WITH w AS (SELECT {start} AS at), "
-            f"ins AS (INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
-            "SELECT $1, $2, $3::text::jsonb, $4, w.at, $7 FROM w RETURNING id) "
+            f"ins AS (INSERT INTO {s}.jobs "
+            "(queue, task, args, priority, run_at, max_attempts, meta) "
+            "SELECT $1, $2, $3::text::jsonb, $4, w.at, $7, $9::text::jsonb FROM w RETURNING id) "
             f"SELECT ins.id, {wake} FROM ins, w"
         )
         # A bulk enqueue sends all arguments as one JSON array: one parse in
         # Postgres instead of one per job, and one text value over the wire.
         self._insert_many = (
             f"WITH w AS (SELECT {start} AS at), "
-            f"ins AS (INSERT INTO {s}.jobs (queue, task, args, priority, run_at, max_attempts) "
-            "SELECT $1, $2, a, $4, w.at, $7 FROM w, jsonb_array_elements($3::text::jsonb) AS a "
+            f"ins AS (INSERT INTO {s}.jobs "
+            "(queue, task, args, priority, run_at, max_attempts, meta) "
+            "SELECT $1, $2, a, $4, w.at, $7, $9::text::jsonb "
+            "FROM w, jsonb_array_elements($3::text::jsonb) AS a "
             "RETURNING id) "
             f"SELECT (SELECT array_agg(id ORDER BY id) FROM ins) AS ids, {wake} FROM w"
         )
@@ -117,10 +122,11 @@ class Store:
         self._claim_finishing = (
             f"SELECT * FROM {s}.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         )
-        # A unique job: see enqueue_unique() in migration 2.
+        # A unique job: see enqueue_unique() in migrations 2 and 3.
         self._insert_unique = (
             f"SELECT id, created FROM {s}.enqueue_unique($1, $2, $3, $4, "
-            "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7, $8, $9)"
+            "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7, $8, $9, "
+            "$10)"
         )
         self._next_due = (
             f"SELECT min(run_at) - now() FROM {s}.jobs "
@@ -204,7 +210,7 @@ class Store:
             "OR j.rescues + 1 >= $3) RETURNING j.*), "
             f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
             "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, error, "
-            "unique_key) "
+            "unique_key, meta) "
             "SELECT id, queue, task, args, "
             "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END, priority, attempts, "
             "max_attempts, rescues + 1, enqueued_at, started_at, worker_id, CASE "
@@ -216,7 +222,7 @@ class Store:
             "rescues + 1), 'traceback', '') "
             "ELSE jsonb_build_object('type', 'taskq.LeaseExpired', 'message', 'the worker "
             "running its last attempt stopped renewing the lease; no attempts left', "
-            "'traceback', '') END, unique_key FROM ended RETURNING id, state) "
+            "'traceback', '') END, unique_key, meta FROM ended RETURNING id, state) "
             "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
             "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS ended, "
             "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
@@ -227,20 +233,20 @@ class Store:
         )
         self._get_job = (
             f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
-            f"NULL::text AS result, worker_id FROM {s}.jobs WHERE id = $1 "
+            f"NULL::text AS result, worker_id, meta::text AS meta FROM {s}.jobs WHERE id = $1 "
             "UNION ALL "
             "SELECT id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
             "enqueued_at, NULL::timestamptz AS run_at, started_at, unique_key, finished_at, "
             "error, result::text AS result, "
-            f"worker_id FROM {s}.history WHERE id = $1"
+            f"worker_id, meta::text AS meta FROM {s}.history WHERE id = $1"
         )
         self._cancel_queued = (
             f"WITH c AS (DELETE FROM {s}.jobs WHERE id = $1 AND state = 'queued' RETURNING *), "
             f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
-            "max_attempts, rescues, enqueued_at, started_at, error, unique_key) "
+            "max_attempts, rescues, enqueued_at, started_at, error, unique_key, meta) "
             "SELECT id, queue, task, args, 'cancelled', priority, attempts, max_attempts, "
             "rescues, enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
-            "'message', 'cancelled while queued', 'traceback', ''), unique_key FROM c "
+            "'message', 'cancelled while queued', 'traceback', ''), unique_key, meta FROM c "
             "RETURNING id) "
             "SELECT id, pg_notify($2, id::text) FROM h"
         )
@@ -259,9 +265,9 @@ class Store:
             f"(SELECT 1 FROM {s}.jobs AS j WHERE j.queue = h.queue "
             "AND j.unique_key = h.unique_key)) RETURNING *), "
             f"ins AS (INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
-            "max_attempts, enqueued_at, last_error, unique_key) "
+            "max_attempts, enqueued_at, last_error, unique_key, meta) "
             "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error, "
-            "unique_key FROM h RETURNING id, queue) "
+            "unique_key, meta FROM h RETURNING id, queue) "
             "SELECT id, pg_notify($2, queue) FROM ins"
         )
         self._counts = (
@@ -319,6 +325,7 @@ class Store:
             job["max_attempts"],
             unique_key,
             unique_for,
+            job.get("meta"),
         )
         return int(row[0]), bool(row[1])
 
@@ -334,9 +341,19 @@ class Store:
         run_at: datetime | None,
         delay: float,
         max_attempts: int,
+        meta: str | None = None,
     ) -> Any:
         return await conn.fetchval(
-            sql, queue, task, args, priority, run_at, delay, max_attempts, self.enqueued_channel
+            sql,
+            queue,
+            task,
+            args,
+            priority,
+            run_at,
+            delay,
+            max_attempts,
+            self.enqueued_channel,
+            meta,
         )
 
     # -- worker ----------------------------------------------------------------
@@ -368,7 +385,9 @@ class Store:
         result = ClaimResult([], [])
         for r in rows:
             if r[8] is False:
-                result.jobs.append(ClaimedJob(*r[:8]))
+                result.jobs.append(
+                    ClaimedJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], meta=r[10])
+                )
             elif r[8]:
                 result.lost.append(r[0])
             else:

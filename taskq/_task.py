@@ -36,6 +36,7 @@ class EnqueueOptions:
     connection: Any = None
     unique_key: str | None = None
     unique_for: float = 0.0
+    meta: Mapping[str, Any] | None = None
 
     @classmethod
     def make(
@@ -48,6 +49,7 @@ class EnqueueOptions:
         connection: Any = None,
         unique_key: str | None = None,
         unique_for: float | timedelta | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> EnqueueOptions:
         if queue is not None:
             check_queue(queue)
@@ -73,7 +75,13 @@ class EnqueueOptions:
         window = 0.0 if unique_for is None else _seconds("unique_for", unique_for)
         if window and unique_key is None:
             raise ConfigurationError("unique_for needs a unique_key")
-        return cls(queue, priority, seconds, run_at, connection, unique_key, window)
+        if meta is not None:
+            if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
+                raise ConfigurationError(
+                    f"meta must be a mapping with string keys, got {type(meta).__name__}"
+                )
+            meta = dict(meta) or None
+        return cls(queue, priority, seconds, run_at, connection, unique_key, window, meta)
 
 
 def _seconds(name: str, value: object) -> float:
@@ -196,6 +204,7 @@ class Task(Generic[P, R]):
         connection: Any = None,
         unique_key: str | None = None,
         unique_for: float | timedelta | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> BoundTask[P, R]:
         """Enqueue with other settings than the task's defaults.
 
@@ -213,6 +222,9 @@ class Task(Generic[P, R]):
                 instead of writing a new one, even under concurrent producers.
             unique_for: seconds (or a timedelta) during which a finished job still
                 holds its key, so that the same work is not done twice in that window.
+            meta: JSON metadata carried with the job, apart from its arguments:
+                hooks see it as ``ctx.meta``, ``job.status()`` as ``meta``
+                (tracing adds the trace context to it).
         """
         opts = EnqueueOptions.make(
             queue=queue,
@@ -222,6 +234,7 @@ class Task(Generic[P, R]):
             connection=connection,
             unique_key=unique_key,
             unique_for=unique_for,
+            meta=meta,
         )
         return BoundTask(self, opts)
 
@@ -265,6 +278,7 @@ class BoundTask(Generic[P, R]):
             "connection": self.opts.connection,
             "unique_key": self.opts.unique_key,
             "unique_for": self.opts.unique_for or None,
+            "meta": self.opts.meta,
         }
         merged.update(changes)
         return BoundTask(self.task, EnqueueOptions.make(**merged))

@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus
 
 from ._cron import Scheduler
 from ._errors import ConfigurationError, DatabaseError, SerializationError
+from ._hooks import AFTER_HOOKS_TIMEOUT_SECONDS, JobContext, JobOutcome, OutcomeKind
 from ._names import check_queue
 from ._serialization import decode, encode
 from ._store import ClaimedJob, Outcome
@@ -501,6 +502,8 @@ class Worker:
                         outcomes=carried,
                     )
                 claimed, lost = result.jobs, result.lost
+                for observer in app._hooks.observers:
+                    observer.claimed(time.monotonic() - sent, len(claimed))
             except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
                     "worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff
@@ -620,12 +623,31 @@ class Worker:
     async def _run_job(self, running: _Running) -> None:
         job = running.job
         task = self.app.tasks.get(job.task)
+        hooks = self.app._hooks
         started = time.monotonic()
         outcome: Outcome | None = None
+        ctx: JobContext | None = None
+        value: Any = None
+        raised: BaseException | None = None
         try:
             if task is None:  # cannot happen: the claim only takes known tasks
                 raise LookupError(f"no task named {job.task!r} in this worker")
-            value = await self._call(task, job)
+            if hooks.around_jobs:
+                stored = decode(job.args)
+                ctx = JobContext(
+                    id=job.id,
+                    task=job.task,
+                    queue=job.queue,
+                    attempt=job.attempts,
+                    max_attempts=job.max_attempts,
+                    priority=job.priority,
+                    args=stored,
+                    meta=decode(job.meta) if job.meta else {},
+                    worker_id=self.id,
+                )
+                value = await hooks.run_job(ctx, lambda: self._call(task, job, stored))
+            else:
+                value = await self._call(task, job)
             result = None
             if value is not None:
                 result = encode(
@@ -638,6 +660,7 @@ class Worker:
             # Only the worker cancels job tasks; the reason says what it meant.
             running.stop_reason = running.stop_reason or "release"
         except Exception as exc:
+            raised = exc
             if running.stop_reason is None:
                 outcome = self._failure(job, task, exc)
         except BaseException:
@@ -648,9 +671,14 @@ class Worker:
         finally:
             if outcome is None:
                 outcome = self._stopped_outcome(job, running.stop_reason)
+            duration = time.monotonic() - started
+            if ctx is not None and outcome is not None:
+                # Before the slot is freed: a hook's work counts against the
+                # worker's concurrency like the job's own.
+                await self._after_hooks(ctx, outcome, duration, value, raised)
             del self._running[job.id]
             if outcome is not None:
-                self._record(job, outcome, time.monotonic() - started)
+                self._record(job, outcome, duration)
             else:
                 self.stats.lost += 1
             # Wake the claim loop when it waits for a free slot, or once
@@ -680,8 +708,41 @@ class Worker:
             return None  # another worker owns the job now: write nothing
         return Outcome(job.id, job.token, "release")
 
-    async def _call(self, task: Task[Any, Any], job: ClaimedJob) -> Any:
-        args, kwargs = task.call_arguments(decode(job.args))
+    async def _after_hooks(
+        self,
+        ctx: JobContext,
+        outcome: Outcome,
+        duration: float,
+        value: Any,
+        raised: BaseException | None,
+    ) -> None:
+        kind = OUTCOME_NAMES[outcome.kind]
+        info = JobOutcome(
+            kind=kind,
+            duration=duration,
+            result=value if kind == "succeeded" else None,
+            error=decode(outcome.error) if outcome.error else None,
+            exception=raised,
+            retry_in=outcome.delay if kind == "retried" else None,
+        )
+        try:
+            async with asyncio.timeout(AFTER_HOOKS_TIMEOUT_SECONDS):
+                await self.app._hooks.after_job(ctx, info)
+        except TimeoutError:
+            log.warning(
+                "job %s: after-job hooks took over %.0fs; abandoned",
+                ctx.id,
+                AFTER_HOOKS_TIMEOUT_SECONDS,
+            )
+        except asyncio.CancelledError:
+            # Shutdown forced while hooks ran: the outcome is still written
+            # back (the caller records it next), and the task ends anyway.
+            log.warning("job %s: after-job hooks interrupted by shutdown", ctx.id)
+
+    async def _call(
+        self, task: Task[Any, Any], job: ClaimedJob, stored: dict[str, Any] | None = None
+    ) -> Any:
+        args, kwargs = task.call_arguments(decode(job.args) if stored is None else stored)
         timeout = asyncio.timeout(task.timeout) if task.timeout else nullcontext()
         async with timeout:
             if task.is_async:
@@ -715,7 +776,8 @@ class Worker:
             "queue": job.queue,
             "attempt": job.attempts,
             "duration": duration,
-            "outcome": kind,
+            "outcome": OUTCOME_NAMES[kind],
+            "worker_id": self.id,
         }
         if kind == "succeeded":
             self.stats.succeeded += 1
@@ -921,6 +983,9 @@ class Worker:
         async with app._acquire("rescuing jobs") as conn:
             rescued, ended = await app._store.rescue_expired(conn, cfg.max_rescues)
             await app._store.forget_dead_workers(conn, cfg.lease_seconds * 10)
+        if rescued or ended:
+            for observer in app._hooks.observers:
+                observer.rescued(len(rescued), len(ended))
         if rescued:
             log.warning(
                 "re-queued %d job(s) whose worker stopped renewing their lease: %s",
@@ -964,6 +1029,16 @@ class Worker:
                 )
                 for running in doomed:
                     running.stop("lost")
+
+
+#: Outcome kinds as written back (see Outcome) -> as hooks, logs and metrics name them.
+OUTCOME_NAMES: dict[str, OutcomeKind] = {
+    "succeeded": "succeeded",
+    "retry": "retried",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "release": "released",
+}
 
 
 def _dumps(value: Any) -> str:

@@ -123,7 +123,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     plan = await inner_plans(
         conn,
         f"SELECT * FROM {s}.enqueue_unique('q1', 'plan.task', '{{}}', 0::smallint, now(), 1, "
-        "'k', 3600)",
+        "'k', 3600, NULL)",
     )
     assert "jobs_unique" in plan and "history_unique" in plan, plan
     assert "Seq Scan" not in plan, plan

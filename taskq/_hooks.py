@@ -1,0 +1,229 @@
+"""Hooks: user code around each job run and each enqueue.
+
+Registered on the App, in the order they apply::
+
+    @app.before_job          fn(ctx)             before the task; raising fails the attempt
+    @app.middleware          fn(ctx, call_next)  wraps the task call (async), in the job's task
+    @app.after_job           fn(ctx, outcome)    after every attempt, whatever its outcome
+    @app.on_failure          fn(ctx, outcome)    after an attempt that raised (retried or dead)
+    @app.enqueue_middleware  fn(ctx, call_next)  wraps the write of enqueued jobs (async)
+
+Hook functions may be plain or async. Middleware and ``before_job`` hooks are
+part of the attempt: their exceptions fail it like the task's own would.
+``after_job`` and ``on_failure`` hooks run once the outcome is decided; their
+exceptions are logged and change nothing. With no hook registered, a job
+costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger("taskq.hooks")
+
+#: Longest that the after-job hooks of one attempt may take before they are
+#: abandoned: they hold the job's slot in the worker while they run.
+AFTER_HOOKS_TIMEOUT_SECONDS = 10.0
+
+#: How an attempt ended. ``retried``: it failed and will run again later;
+#: ``failed``: it failed for good (a dead letter); ``released``: shutdown
+#: interrupted it and it went back to the queue without using up the attempt.
+OutcomeKind = Literal["succeeded", "retried", "failed", "cancelled", "released"]
+
+
+@dataclass(slots=True)
+class JobContext:
+    """The job an attempt runs, as hooks and middleware see it.
+
+    Attributes:
+        id: the job's id.
+        task: the task's name.
+        queue: the queue it was claimed from.
+        attempt: this attempt's number, from 1.
+        max_attempts: the job's attempt budget.
+        priority: the job's priority.
+        args: the job's arguments by name, decoded.
+        meta: the metadata enqueued with the job (``options(meta=...)`` and the
+            trace context of tracing integrations); empty if none.
+        worker_id: the worker running it.
+        state: a dict for hooks to share values across one attempt (e.g. a
+            start time set in ``before_job`` and read in ``after_job``).
+    """
+
+    id: int
+    task: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    args: dict[str, Any]
+    meta: dict[str, Any]
+    worker_id: str
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    """How an attempt ended, as ``after_job`` and ``on_failure`` hooks see it.
+
+    Attributes:
+        kind: ``succeeded``, ``retried``, ``failed``, ``cancelled`` or ``released``.
+        duration: seconds the attempt ran (hooks and middleware included).
+        result: the task's return value, for a succeeded attempt.
+        error: ``{"type", "message", "traceback"}`` of a failed or cancelled attempt.
+        exception: the exception the attempt raised, if it raised one.
+        retry_in: for ``retried``, the seconds until the next attempt.
+    """
+
+    kind: OutcomeKind
+    duration: float
+    result: Any = None
+    error: dict[str, Any] | None = None
+    exception: BaseException | None = None
+    retry_in: float | None = None
+
+
+@dataclass(slots=True)
+class EnqueueContext:
+    """An enqueue as ``enqueue_middleware`` sees it, before the jobs are written.
+
+    Attributes:
+        task: the task's name.
+        queue: the queue the jobs go to.
+        count: how many jobs this call writes (``enqueue_many`` writes several).
+        meta: the metadata written with every job of the call. Middleware may
+            add to it (tracing puts the trace context here); it must stay JSON.
+        in_transaction: True when the jobs join the caller's transaction
+            (``options(connection=...)``).
+        job_ids: the new jobs' ids, filled in once ``call_next()`` returns.
+            A unique enqueue that found its key taken returns the existing job.
+    """
+
+    task: str
+    queue: str
+    count: int
+    meta: dict[str, Any]
+    in_transaction: bool
+    job_ids: list[int] = field(default_factory=list)
+
+
+CallNext = Callable[[], Awaitable[Any]]
+JobMiddleware = Callable[[JobContext, CallNext], Awaitable[Any]]
+EnqueueMiddleware = Callable[[EnqueueContext, CallNext], Awaitable[Any]]
+BeforeJobHook = Callable[[JobContext], Any]
+AfterJobHook = Callable[[JobContext, JobOutcome], Any]
+
+
+class WorkerObserver(Protocol):
+    """What instrumentation (metrics) hears from workers besides job outcomes."""
+
+    def claimed(self, seconds: float, count: int) -> None:
+        """A claim statement took ``seconds`` and returned ``count`` jobs."""
+
+    def rescued(self, requeued: int, ended: int) -> None:
+        """Jobs with expired leases were put back in the queue, or ended for good."""
+
+
+def _check_callable(kind: str, fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"{kind} must be a function, got {type(fn).__name__}")
+
+
+def _check_async(kind: str, fn: object) -> None:
+    _check_callable(kind, fn)
+    # An instance with an async __call__ is as good as an async function.
+    if not (
+        inspect.iscoroutinefunction(fn)
+        or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+    ):
+        raise TypeError(
+            f"{kind} must be an async function taking (ctx, call_next), "
+            f"got {getattr(fn, '__name__', fn)!r}"
+        )
+
+
+class Hooks:
+    """The hooks registered on one App."""
+
+    def __init__(self) -> None:
+        self.before: list[BeforeJobHook] = []
+        self.middleware: list[JobMiddleware] = []
+        self.after: list[AfterJobHook] = []
+        self.failure: list[AfterJobHook] = []
+        self.enqueue: list[EnqueueMiddleware] = []
+        self.observers: list[WorkerObserver] = []
+
+    @property
+    def around_jobs(self) -> bool:
+        """True when any hook wants to see jobs run (the worker then builds a context)."""
+        return bool(self.before or self.middleware or self.after or self.failure)
+
+    def add_before(self, fn: BeforeJobHook) -> None:
+        _check_callable("a before_job hook", fn)
+        self.before.append(fn)
+
+    def add_middleware(self, fn: JobMiddleware) -> None:
+        _check_async("job middleware", fn)
+        self.middleware.append(fn)
+
+    def add_after(self, fn: AfterJobHook) -> None:
+        _check_callable("an after_job hook", fn)
+        self.after.append(fn)
+
+    def add_failure(self, fn: AfterJobHook) -> None:
+        _check_callable("an on_failure hook", fn)
+        self.failure.append(fn)
+
+    def add_enqueue(self, fn: EnqueueMiddleware) -> None:
+        _check_async("enqueue middleware", fn)
+        self.enqueue.append(fn)
+
+    async def run_job(self, ctx: JobContext, call: CallNext) -> Any:
+        """Run the before hooks, then the task through the middleware chain."""
+        for hook in self.before:
+            returned = hook(ctx)
+            if inspect.isawaitable(returned):
+                await returned
+        return await _chain(self.middleware, ctx, call)
+
+    async def after_job(self, ctx: JobContext, outcome: JobOutcome) -> None:
+        """Tell the after-job (and, for a failure, on-failure) hooks; never raises."""
+        hooks = list(self.after)
+        if outcome.kind in ("retried", "failed"):
+            hooks += self.failure
+        for hook in hooks:
+            try:
+                returned = hook(ctx, outcome)
+                if inspect.isawaitable(returned):
+                    await returned
+            except Exception:
+                log.exception(
+                    "hook %s failed for job %s (the job's outcome stands)",
+                    getattr(hook, "__qualname__", hook),
+                    ctx.id,
+                    extra={"job_id": ctx.id, "task": ctx.task, "queue": ctx.queue},
+                )
+
+    async def run_enqueue(self, ctx: EnqueueContext, call: CallNext) -> Any:
+        return await _chain(self.enqueue, ctx, call)
+
+
+async def _chain(middleware: list[Any], ctx: Any, call: CallNext) -> Any:
+    """Call ``middleware[0](ctx, next)`` where each ``next`` calls the one after, then ``call``."""
+    if not middleware:
+        return await call()
+
+    def step(index: int) -> CallNext:
+        if index == len(middleware):
+            return call
+
+        async def call_next() -> Any:
+            return await middleware[index](ctx, step(index + 1))
+
+        return call_next
+
+    return await step(0)()
