@@ -18,6 +18,7 @@ from ._errors import (
     TaskqError,
     UnknownTaskError,
 )
+from ._hooks import EnqueueContext, JobContext, JobOutcome
 from ._job import Job, JobState, JobStatus
 from ._limits import RateLimit
 from ._logging import JsonFormatter
@@ -34,11 +35,14 @@ __all__ = [
     "ConfigurationError",
     "CronEntry",
     "DatabaseError",
+    "EnqueueContext",
     "Job",
     "JobCancelled",
+    "JobContext",
     "JobError",
     "JobFailed",
     "JobNotFound",
+    "JobOutcome",
     "JobState",
     "JobStatus",
     "JsonFormatter",
