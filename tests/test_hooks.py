@@ -350,3 +350,50 @@ async def test_job_log_records_carry_attributes_and_format_as_json(
     assert isinstance(entry["duration"], float) and entry["duration"] >= 0
     assert entry["worker_id"].count(":") == 2
     assert entry["time"].endswith("+00:00")
+
+
+async def test_upgrade_from_version_2_keeps_live_and_finished_jobs(
+    pg_dsn: str, schema: str
+) -> None:
+    import asyncpg
+
+    from taskq import _migrations
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(_migrations._bootstrap(schema))
+            for m in _migrations.all_migrations()[:2]:
+                await conn.execute(m.sql(schema))
+                await conn.execute(
+                    f'INSERT INTO "{schema}".migrations VALUES ($1, $2, now())', m.version, m.name
+                )
+        await conn.execute(
+            f'INSERT INTO "{schema}".jobs (queue, task, args, unique_key) '
+            """VALUES ('default', 'up.add', '{"a": 1, "b": 2}', 'k1')"""
+        )
+        await conn.execute(
+            f'INSERT INTO "{schema}".history (id, queue, task, args, state, attempts, '
+            "max_attempts, priority, enqueued_at, error) VALUES (1000, 'default', 'up.add', "
+            """'{"a": 5, "b": 5}', 'failed', 1, 1, 0, now(), '{"type": "X", "message": "m"}')"""
+        )
+    finally:
+        await conn.close()
+    app = taskq.App(pg_dsn, schema=schema)
+
+    @app.task(name="up.add")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with app:  # applies migration 3 over live rows
+        await app.drain()
+        dead = app.get_job(1000)
+        assert (await dead.status()).meta == {}
+        assert await dead.retry()
+        await app.drain()
+        assert await dead.result(timeout=5) == 10
+        job = await add.options(meta={"after": "upgrade"}).enqueue(a=2, b=3)
+        await app.drain()
+        assert await job.result(timeout=5) == 5
+        assert (await job.status()).meta == {"after": "upgrade"}
+        assert await app.queue_counts() == [("default", "succeeded", 3)]
