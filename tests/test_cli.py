@@ -71,10 +71,20 @@ async def test_status_counts_jobs_by_queue_and_state(pg_dsn: str, schema: str) -
         await app.drain(queues=["beta"])
     done = run_cli(pg_dsn, "status", "--schema", schema)
     assert done.returncode == 0, done.stderr
-    lines = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
-    assert lines["queue"] == ["queued", "running", "succeeded", "failed", "cancelled"]
-    assert lines["alpha"] == ["3", "0", "0", "0", "0"]
-    assert lines["beta"] == ["0", "0", "0", "2", "0"]
+    table = done.stdout.split("\n\n")[0]
+    lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()}
+    assert lines["queue"] == [
+        "state",
+        "queued",
+        "scheduled",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+    ]
+    assert lines["alpha"] == ["active", "3", "0", "0", "0", "0", "0"]
+    assert lines["beta"] == ["active", "0", "0", "0", "0", "2", "0"]
+    assert "no live workers" in done.stdout
 
 
 def test_bad_dsn_is_a_clear_error_with_exit_code_1(pg_dsn: str) -> None:
@@ -324,9 +334,9 @@ async def test_queues_commands_change_settings_that_the_api_sees(pg_dsn: str, sc
     )
     assert bad_rate.returncode == 1 and "bad rate limit" in bad_rate.stderr
     no_name = run_cli(pg_dsn, "queues", "pause", schema=schema)
-    assert no_name.returncode == 1 and "needs a queue name" in no_name.stderr
+    assert no_name.returncode == 2 and "needs a queue name" in no_name.stderr
     nothing = run_cli(pg_dsn, "queues", "set", "emails", schema=schema)
-    assert nothing.returncode == 1 and "--concurrency-limit" in nothing.stderr
+    assert nothing.returncode == 2 and "--concurrency-limit" in nothing.stderr
     usage = run_cli(pg_dsn, "queues", "set", "emails", "--concurrency-limit", "lots", schema=schema)
     assert usage.returncode == 2 and "positive integer" in usage.stderr
     zero = run_cli(pg_dsn, "queues", "set", "emails", "--concurrency-limit", "0", schema=schema)
