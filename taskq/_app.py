@@ -870,6 +870,7 @@ class App:
             result = await write(ctx.meta)
             if isinstance(result, tuple):  # a unique job: (id, created)
                 ctx.job_ids = [result[0]]
+                ctx.duplicate = not result[1]
             else:
                 ctx.job_ids = list(result) if many else [result]
             return result

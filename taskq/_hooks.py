@@ -17,6 +17,7 @@ costs nothing extra.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,14 +26,16 @@ from typing import Any, Literal, Protocol
 
 log = logging.getLogger("taskq.hooks")
 
-#: Longest that the after-job hooks of one attempt may take before they are
-#: abandoned: they hold the job's slot in the worker while they run.
-AFTER_HOOKS_TIMEOUT_SECONDS = 10.0
+#: Longest that an async after-job (or on-failure) hook may take before it is
+#: abandoned: it holds the job's slot in the worker while it runs.
+AFTER_HOOK_TIMEOUT_SECONDS = 10.0
 
 #: How an attempt ended. ``retried``: it failed and will run again later;
 #: ``failed``: it failed for good (a dead letter); ``released``: shutdown
-#: interrupted it and it went back to the queue without using up the attempt.
-OutcomeKind = Literal["succeeded", "retried", "failed", "cancelled", "released"]
+#: interrupted it and it went back to the queue without using up the attempt;
+#: ``lost``: this worker lost the job's lease (it was cut off from Postgres
+#: too long), another worker may run it, and nothing was written back.
+OutcomeKind = Literal["succeeded", "retried", "failed", "cancelled", "released", "lost"]
 
 
 @dataclass(slots=True)
@@ -71,7 +74,8 @@ class JobOutcome:
     """How an attempt ended, as ``after_job`` and ``on_failure`` hooks see it.
 
     Attributes:
-        kind: ``succeeded``, ``retried``, ``failed``, ``cancelled`` or ``released``.
+        kind: ``succeeded``, ``retried``, ``failed``, ``cancelled``, ``released``
+            or ``lost``.
         duration: seconds the attempt ran (hooks and middleware included).
         result: the task's return value, for a succeeded attempt.
         error: ``{"type", "message", "traceback"}`` of a failed or cancelled attempt.
@@ -100,7 +104,9 @@ class EnqueueContext:
         in_transaction: True when the jobs join the caller's transaction
             (``options(connection=...)``).
         job_ids: the new jobs' ids, filled in once ``call_next()`` returns.
-            A unique enqueue that found its key taken returns the existing job.
+        duplicate: set once ``call_next()`` returns: True when a unique
+            enqueue found its key taken and wrote nothing (``job_ids`` then
+            holds the existing job).
     """
 
     task: str
@@ -109,6 +115,7 @@ class EnqueueContext:
     meta: dict[str, Any]
     in_transaction: bool
     job_ids: list[int] = field(default_factory=list)
+    duplicate: bool = False
 
 
 CallNext = Callable[[], Awaitable[Any]]
@@ -199,7 +206,18 @@ class Hooks:
             try:
                 returned = hook(ctx, outcome)
                 if inspect.isawaitable(returned):
-                    await returned
+                    # Only async hooks pay for a timeout (a plain one cannot
+                    # be interrupted anyway).
+                    async with asyncio.timeout(AFTER_HOOK_TIMEOUT_SECONDS):
+                        await returned
+            except TimeoutError:
+                log.warning(
+                    "hook %s took over %.0fs for job %s; abandoned",
+                    getattr(hook, "__qualname__", hook),
+                    AFTER_HOOK_TIMEOUT_SECONDS,
+                    ctx.id,
+                    extra={"job_id": ctx.id, "task": ctx.task, "queue": ctx.queue},
+                )
             except Exception:
                 log.exception(
                     "hook %s failed for job %s (the job's outcome stands)",

@@ -30,7 +30,7 @@ from anyio.abc import TaskStatus
 
 from ._cron import Scheduler
 from ._errors import ConfigurationError, DatabaseError, SerializationError
-from ._hooks import AFTER_HOOKS_TIMEOUT_SECONDS, JobContext, JobOutcome, OutcomeKind
+from ._hooks import JobContext, JobOutcome, OutcomeKind
 from ._names import check_queue
 from ._serialization import decode, encode
 from ._store import ClaimedJob, Outcome
@@ -645,16 +645,24 @@ class Worker:
                     meta=decode(job.meta) if job.meta else {},
                     worker_id=self.id,
                 )
-                value = await hooks.run_job(ctx, lambda: self._call(task, job, stored))
+                encoded: list[Any] = []
+
+                async def call() -> Any:
+                    # Encode inside the chain, so that a result that is not
+                    # JSON fails the attempt where middleware (a tracing
+                    # span) sees it.
+                    inner = await self._call(task, job, stored)
+                    encoded[:] = [inner, self._encode_result(job, inner)]
+                    return inner
+
+                value = await hooks.run_job(ctx, call)
+                if encoded and encoded[0] is value:
+                    result = encoded[1]
+                else:  # middleware replaced the value
+                    result = self._encode_result(job, value)
             else:
                 value = await self._call(task, job)
-            result = None
-            if value is not None:
-                result = encode(
-                    value,
-                    what=f"result of task {job.task!r}",
-                    max_bytes=self.app.max_payload_bytes,
-                )
+                result = self._encode_result(job, value)
             outcome = Outcome(job.id, job.token, "succeeded", result=result)
         except asyncio.CancelledError:
             # Only the worker cancels job tasks; the reason says what it meant.
@@ -672,7 +680,7 @@ class Worker:
             if outcome is None:
                 outcome = self._stopped_outcome(job, running.stop_reason)
             duration = time.monotonic() - started
-            if ctx is not None and outcome is not None:
+            if ctx is not None:
                 # Before the slot is freed: a hook's work counts against the
                 # worker's concurrency like the job's own.
                 await self._after_hooks(ctx, outcome, duration, value, raised)
@@ -685,6 +693,13 @@ class Worker:
             # enough slots are free for a worthwhile claim; not on every job.
             if self._full or len(self._running) <= self._wake_at_running or self._stopping:
                 self._wake.set()
+
+    def _encode_result(self, job: ClaimedJob, value: Any) -> str | None:
+        if value is None:
+            return None
+        return encode(
+            value, what=f"result of task {job.task!r}", max_bytes=self.app.max_payload_bytes
+        )
 
     def _uncount(self, kind: str) -> None:
         field = {
@@ -711,29 +726,23 @@ class Worker:
     async def _after_hooks(
         self,
         ctx: JobContext,
-        outcome: Outcome,
+        outcome: Outcome | None,
         duration: float,
         value: Any,
         raised: BaseException | None,
     ) -> None:
-        kind = OUTCOME_NAMES[outcome.kind]
+        # No outcome: the lease was lost and another worker owns the job now.
+        kind = "lost" if outcome is None else OUTCOME_NAMES[outcome.kind]
         info = JobOutcome(
             kind=kind,
             duration=duration,
             result=value if kind == "succeeded" else None,
-            error=decode(outcome.error) if outcome.error else None,
+            error=decode(outcome.error) if outcome is not None and outcome.error else None,
             exception=raised,
-            retry_in=outcome.delay if kind == "retried" else None,
+            retry_in=outcome.delay if outcome is not None and kind == "retried" else None,
         )
         try:
-            async with asyncio.timeout(AFTER_HOOKS_TIMEOUT_SECONDS):
-                await self.app._hooks.after_job(ctx, info)
-        except TimeoutError:
-            log.warning(
-                "job %s: after-job hooks took over %.0fs; abandoned",
-                ctx.id,
-                AFTER_HOOKS_TIMEOUT_SECONDS,
-            )
+            await self.app._hooks.after_job(ctx, info)
         except asyncio.CancelledError:
             # Shutdown forced while hooks ran: the outcome is still written
             # back (the caller records it next), and the task ends anyway.

@@ -397,3 +397,78 @@ async def test_upgrade_from_version_2_keeps_live_and_finished_jobs(
         assert await job.result(timeout=5) == 5
         assert (await job.status()).meta == {"after": "upgrade"}
         assert await app.queue_counts() == [("default", "succeeded", 3)]
+
+
+async def test_a_result_that_is_not_json_fails_inside_the_middleware_chain(
+    app: taskq.App,
+) -> None:
+    seen: list[str] = []
+
+    @app.task(retry=False)
+    async def bad_result() -> object:
+        return object()
+
+    @app.middleware
+    async def watch(ctx: taskq.JobContext, call_next: Any) -> Any:
+        try:
+            return await call_next()
+        except taskq.SerializationError:
+            seen.append("serialization error seen by middleware")
+            raise
+
+    async with app:
+        job = await bad_result.enqueue()
+        await app.drain()
+        with pytest.raises(taskq.JobFailed, match="SerializationError"):
+            await job.result(timeout=5)
+    assert seen == ["serialization error seen by middleware"]
+
+
+async def test_enqueue_middleware_is_told_when_a_unique_key_was_taken(app: taskq.App) -> None:
+    flags: list[bool] = []
+
+    @app.task
+    async def once() -> None:
+        return None
+
+    @app.enqueue_middleware
+    async def note(ctx: taskq.EnqueueContext, call_next: Any) -> Any:
+        result = await call_next()
+        flags.append(ctx.duplicate)
+        return result
+
+    async with app:
+        await once.options(unique_key="k").enqueue()
+        await once.options(unique_key="k").enqueue()
+        await once.enqueue()
+    assert flags == [False, True, False]
+
+
+async def test_after_job_hears_of_a_lost_lease(app: taskq.App) -> None:
+    kinds: list[str] = []
+    started = anyio.Event()
+
+    @app.task
+    async def long() -> None:
+        started.set()
+        await anyio.sleep(30)
+
+    @app.after_job
+    def record(ctx: taskq.JobContext, outcome: taskq.JobOutcome) -> None:
+        kinds.append(outcome.kind)
+
+    async with app:
+        job = await long.enqueue()
+        async with app.worker(concurrency=1, lease_seconds=0.6) as worker:
+            await started.wait()
+            # Another worker took the job over: the lease token changed.
+            async with app.pool.acquire() as c:
+                await c.execute(
+                    f'UPDATE "{app.schema}".jobs SET lease_token = gen_random_uuid() WHERE id = $1',
+                    job.id,
+                )
+            with anyio.fail_after(10):
+                while not kinds:
+                    await anyio.sleep(0.02)
+            assert worker.stats.lost == 1
+    assert kinds == ["lost"]
