@@ -344,9 +344,32 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
         settings["poll_interval"] = args.poll_interval
     if args.no_cron:
         settings["cron"] = False
-    stats = await app.run_worker(
-        concurrency=args.concurrency, queues=args.queue or None, **settings
-    )
+    if args.metrics_port is None:
+        stats = await app.run_worker(
+            concurrency=args.concurrency, queues=args.queue or None, **settings
+        )
+    else:
+        try:
+            from .contrib.prometheus import TaskqMetrics
+        except ImportError as exc:
+            raise TaskqError(
+                f"--metrics-port needs prometheus-client: pip install 'taskq[metrics]' ({exc})"
+            ) from None
+        metrics = TaskqMetrics(app)
+        try:
+            server = metrics.start_http_server(args.metrics_port, args.metrics_addr)
+        except OSError as exc:
+            raise TaskqError(
+                f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {exc}"
+            ) from None
+        log.info("serving metrics on http://%s:%d/metrics", args.metrics_addr, server.port)
+        try:
+            async with metrics.refreshing():
+                stats = await app.run_worker(
+                    concurrency=args.concurrency, queues=args.queue or None, **settings
+                )
+        finally:
+            server.close()
     log.info(
         "worker stopped: %d succeeded, %d failed, %d retried, %d cancelled, "
         "%d returned to the queue",
@@ -1020,6 +1043,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--no-cron", action="store_true", help="do not run the App's cron entries in this worker"
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port at /metrics (needs taskq[metrics])",
+    )
+    worker.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the metrics server listens on (default 127.0.0.1; 0.0.0.0 for all)",
     )
     worker.add_argument("--dsn", help="override the App's DSN")
     worker.set_defaults(handler=_cmd_worker)

@@ -708,3 +708,50 @@ async def test_batches_untraced_enqueues_and_uninstrument(
         await app.drain()
         assert exporter.get_finished_spans() == ()
         assert (await job.status()).meta == {}
+
+
+async def test_the_worker_command_serves_metrics_on_a_port(pg_dsn: str, schema: str) -> None:
+    import signal
+    import subprocess
+
+    from .conftest import PYTHON, subprocess_env
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    app = taskq.App(pg_dsn, schema=schema)
+    app.task(name="cli.add", queue="math")(lambda a, b: a + b)
+    async with app:
+        worker = subprocess.Popen(
+            [PYTHON, "-m", "taskq", "worker", "workerapp:app", "--metrics-port", str(port)],
+            env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            jobs = [await app.enqueue("cli.add", {"a": i, "b": 1}) for i in range(3)]
+            assert [await j.result(timeout=60) for j in jobs] == [1, 2, 3]
+            samples = await scrape(f"http://127.0.0.1:{port}/metrics")
+            succeeded = value(
+                samples, "taskq_jobs_total", task="cli.add", queue="math", outcome="succeeded"
+            )
+            assert succeeded == 3
+            # The queue depth is read once before the worker starts.
+            assert (value(samples, "taskq_queue_stats_timestamp_seconds") or 0) > 0
+            # A second worker on the same port fails at once with one clear line.
+            clash = subprocess.run(
+                [PYTHON, "-m", "taskq", "worker", "workerapp:app", "--metrics-port", str(port)],
+                env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert clash.returncode == 1
+            assert f"taskq: error: cannot serve metrics on 127.0.0.1:{port}" in clash.stderr
+            assert "Traceback" not in clash.stderr
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert f"serving metrics on http://127.0.0.1:{port}/metrics" in err
