@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import re
-import signal
-import socket
 import subprocess
 import time
 
-import httpx
 import pytest
 
 from .conftest import PYTHON, ROOT, subprocess_env
@@ -21,7 +18,9 @@ def readme_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("name", ["quickstart.py", "fastapi_lifespan.py"])
+# The web examples (examples/fastapi_app, examples/aiohttp_app) run under real
+# servers in test_web.py.
+@pytest.mark.parametrize("name", ["quickstart.py"])
 def test_readme_shows_the_example_files_verbatim(name: str) -> None:
     assert (EXAMPLES / name).read_text() in readme_blocks()
 
@@ -73,62 +72,3 @@ def test_scheduling_example_runs(pg_dsn: str, schema: str) -> None:
     # One job per second of the worker's life: the 3-second wait holds at least two slots.
     assert 2 <= int(cron[1]) <= elapsed + 1
     assert len(lines) == 4, done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_fastapi_lifespan_runs_jobs_in_the_server_process(pg_dsn: str, schema: str) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "uvicorn",
-            "fastapi_lifespan:api",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=EXAMPLES,
-        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=10) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    response = client.post("/users/7/welcome")
-                    break
-                except httpx.TransportError:
-                    assert server.poll() is None, server.stdout.read() if server.stdout else ""
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
-            assert response.status_code == 200
-            job_id = response.json()["job_id"]
-            while True:
-                body = client.get(f"/jobs/{job_id}").json()
-                if body["state"] == "succeeded":
-                    break
-                assert body["state"] in ("queued", "running"), body
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            assert body["result"] == "welcome mail sent to user 7"
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            out, _ = server.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
-    # No other worker exists for this schema: the job ran inside the server.
-    assert server.returncode == 0, out
-    assert "Application shutdown complete" in out
