@@ -63,6 +63,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DSN_ENV = "TASKQ_DSN"
 #: Environment variable read when no schema is given (then ``taskq``).
 SCHEMA_ENV = "TASKQ_SCHEMA"
+#: Job ids are Postgres bigints.
+MIN_JOB_ID, MAX_JOB_ID = -(2**63), 2**63 - 1
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
@@ -890,7 +892,14 @@ class App:
             raise TypeError(f"job id must be an int, got {type(job_id).__name__}")
         return Job(self, job_id)
 
+    def _check_id(self, job_id: int) -> None:
+        # Ids are Postgres bigints: a larger one (e.g. from a URL) names no
+        # job, and sending it would fail as a driver error instead.
+        if not MIN_JOB_ID <= job_id <= MAX_JOB_ID:
+            raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
+
     async def _job_status(self, job_id: int) -> JobStatus:
+        self._check_id(job_id)
         async with self._acquire("reading a job") as conn:
             row = await self._store.get_job(conn, job_id)
         if row is None:
@@ -898,6 +907,7 @@ class App:
         return status_from_row(row)
 
     async def _wait_finished(self, job_id: int, timeout: float | None) -> JobStatus:
+        self._check_id(job_id)
         await self._listener()
         loop = asyncio.get_running_loop()
         futures = self._waiters.setdefault(job_id, [])
@@ -926,6 +936,7 @@ class App:
                 self._waiters.pop(job_id, None)
 
     async def _cancel(self, job_id: int) -> bool:
+        self._check_id(job_id)
         async with self._acquire("cancelling a job") as conn:
             for _ in range(3):  # the job may move between queued and running meanwhile
                 if await self._store.cancel_queued(conn, job_id):
@@ -941,6 +952,8 @@ class App:
             return False
 
     async def _rerun(self, job_id: int) -> bool:
+        if not MIN_JOB_ID <= job_id <= MAX_JOB_ID:
+            return False
         async with self._acquire("re-running a job") as conn:
             return await self._store.rerun(conn, job_id)
 

@@ -277,6 +277,15 @@ async def test_get_job_handle(app: taskq.App) -> None:
         assert (await handle.status()).id == job_id
         with pytest.raises(taskq.JobNotFound):
             await app.get_job(10**12).status()
+        # Beyond Postgres's bigint (e.g. an id from a URL): no such job either.
+        beyond = app.get_job(2**63)
+        with pytest.raises(taskq.JobNotFound):
+            await beyond.status()
+        with pytest.raises(taskq.JobNotFound):
+            await beyond.result(timeout=1)
+        with pytest.raises(taskq.JobNotFound):
+            await beyond.cancel()
+        assert await beyond.retry() is False
         with pytest.raises(TypeError):
             app.get_job("12")  # type: ignore[arg-type]
 

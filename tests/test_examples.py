@@ -20,7 +20,7 @@ def readme_blocks() -> list[str]:
 
 # The web examples (examples/fastapi_app, examples/aiohttp_app) run under real
 # servers in test_web.py.
-@pytest.mark.parametrize("name", ["quickstart.py"])
+@pytest.mark.parametrize("name", ["quickstart.py", "fastapi_app/minimal.py"])
 def test_readme_shows_the_example_files_verbatim(name: str) -> None:
     assert (EXAMPLES / name).read_text() in readme_blocks()
 
