@@ -1,0 +1,164 @@
+"""Django integration: taskq opened, and a worker run, for the life of Django's ASGI application.
+
+Django's ASGI handler does not take part in the ASGI ``lifespan`` protocol, so
+it has no startup or shutdown step in which to open a taskq App. Wrap it:
+
+```python
+# project/asgi.py
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+django_application = get_asgi_application()
+
+from project.tasks import app as jobs  # after Django is set up
+from taskq.contrib.django import with_lifespan
+
+application = with_lifespan(django_application, jobs, concurrency=10)
+```
+
+and serve ``project.asgi:application`` with an ASGI server that runs the
+lifespan protocol (uvicorn, Hypercorn). Every other scope (HTTP, WebSocket)
+goes to Django untouched.
+
+Nothing here imports Django: the wrapper speaks plain ASGI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .._app import App
+from .._errors import ConfigurationError
+from .._worker import WorkerConfig
+
+__all__ = ["TaskqLifespan", "with_lifespan"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class TaskqLifespan:
+    """An ASGI application: Django (or any ASGI app) plus taskq's lifespan.
+
+    Made by :func:`with_lifespan`. On ``lifespan.startup`` it opens the taskq
+    App (applying migrations unless the App says otherwise) and, with
+    ``worker=True``, starts a worker in the server's event loop. On
+    ``lifespan.shutdown`` the worker stops claiming, lets running jobs finish
+    within its shutdown timeout, returns the rest to the queue, and the App
+    closes. Every other scope is passed to the wrapped application.
+    """
+
+    def __init__(
+        self,
+        application: ASGIApp,
+        jobs_app: App,
+        *,
+        worker: bool,
+        worker_options: dict[str, Any],
+    ) -> None:
+        #: The wrapped ASGI application (Django's).
+        self.application = application
+        #: The taskq App opened for the life of the server process.
+        self.jobs_app = jobs_app
+        #: Whether a worker runs in the server process.
+        self.worker = worker
+        self.worker_options = worker_options
+
+    def __repr__(self) -> str:
+        return f"<taskq.contrib.django.TaskqLifespan {self.jobs_app!r} worker={self.worker}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle a ``lifespan`` scope; hand any other scope to the wrapped application."""
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.application(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        async with self.jobs_app:
+            if self.worker:
+                async with self.jobs_app.worker(**self.worker_options):
+                    yield
+            else:
+                yield
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        # One task runs the whole lifespan, so the App and the worker's task
+        # group are entered and left in the same task, as anyio requires.
+        started = False
+        try:
+            async with self._running():
+                started = True
+                await send({"type": "lifespan.startup.complete"})
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+        except Exception as exc:
+            # The server logs the message (uvicorn then exits on a failed
+            # startup instead of serving requests that cannot enqueue).
+            phase = "shutdown" if started else "startup"
+            await send(
+                {
+                    "type": f"lifespan.{phase}.failed",
+                    "message": f"taskq {phase} failed: {type(exc).__name__}: {exc}",
+                }
+            )
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def with_lifespan(
+    application: ASGIApp, jobs_app: App, *, worker: bool = True, **worker_options: Any
+) -> TaskqLifespan:
+    """Wrap Django's ASGI application so that each server process opens ``jobs_app``.
+
+    Serve the result instead of Django's application (``application = with_lifespan(...)``
+    in ``asgi.py``). It needs an ASGI server that runs the lifespan protocol,
+    such as uvicorn or Hypercorn; each server process opens its own App and,
+    with ``worker=True``, runs its own worker.
+
+    Args:
+        application: Django's ASGI application (``get_asgi_application()``), or
+            any other ASGI application that does not handle ``lifespan`` itself.
+        jobs_app: the taskq App whose tasks the views enqueue.
+        worker: run a worker in the web process (default). With ``False`` the
+            process only enqueues and reads jobs; run workers elsewhere, e.g.
+            ``python -m taskq worker project.worker:app``.
+        **worker_options: settings of the worker (``concurrency``, ``queues``,
+            ``shutdown_timeout``... see :class:`taskq.WorkerConfig`). They are
+            checked here, so a bad setting fails at import, not at startup.
+
+    Returns:
+        A :class:`TaskqLifespan`, an ASGI application.
+
+    Raises:
+        ConfigurationError: ``jobs_app`` is not a taskq App, ``application`` is not
+            callable, a worker setting is unknown or invalid, or
+            ``worker_options`` were given with ``worker=False``.
+    """
+    if not isinstance(jobs_app, App):
+        raise ConfigurationError(
+            f"with_lifespan() needs a taskq.App, got {type(jobs_app).__name__}"
+        )
+    if not callable(application):
+        raise ConfigurationError(
+            f"with_lifespan() needs an ASGI application, got {type(application).__name__}"
+        )
+    if worker:
+        WorkerConfig.make(**worker_options)
+    elif worker_options:
+        raise ConfigurationError(
+            f"worker settings {sorted(worker_options)} given with worker=False; "
+            "drop them or run the worker"
+        )
+    return TaskqLifespan(application, jobs_app, worker=worker, worker_options=dict(worker_options))
