@@ -63,6 +63,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DSN_ENV = "TASKQ_DSN"
 #: Environment variable read when no schema is given (then ``taskq``).
 SCHEMA_ENV = "TASKQ_SCHEMA"
+#: Environment variable read when ``App(listen_dsn=None)``.
+LISTEN_DSN_ENV = "TASKQ_LISTEN_DSN"
 #: Job ids are Postgres bigints.
 MIN_JOB_ID, MAX_JOB_ID = -(2**63), 2**63 - 1
 
@@ -120,12 +122,19 @@ def _statement_guard(conn: Any, action: str, *, close_on_cancel: bool) -> Iterat
         try:
             yield
         except _BROKEN_CONNECTION:
-            conn.terminate()
+            _terminate(conn)
             raise
         except BaseException as exc:
             if close_on_cancel and not isinstance(exc, Exception):
-                conn.terminate()
+                _terminate(conn)
             raise
+
+
+def _terminate(conn: Any) -> None:
+    # A proxy the pool has already taken back raises InterfaceError here,
+    # which would hide the error being handled.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 def _usable(conn: Any) -> bool:
@@ -181,6 +190,11 @@ class App:
         connect_retry: seconds to keep trying to get a connection (Postgres
             restarting, connection limit reached) before an operation such as
             ``enqueue()`` raises :class:`taskq.DatabaseError` (default 5).
+        listen_dsn: where the one LISTEN connection goes, when ``dsn`` points
+            at a pooler in transaction mode (PgBouncer), which cannot carry
+            notifications: point this at Postgres itself or at a session-mode
+            pool. ``None`` reads ``$TASKQ_LISTEN_DSN``; if that is unset too,
+            the listener uses ``dsn``.
     """
 
     def __init__(
@@ -195,9 +209,13 @@ class App:
         pool_max_size: int = DEFAULT_POOL_MAX_SIZE,
         connect_kwargs: Mapping[str, Any] | None = None,
         connect_retry: float = DEFAULT_CONNECT_RETRY_SECONDS,
+        listen_dsn: str | None = None,
     ) -> None:
-        if dsn is not None and not isinstance(dsn, str):
-            raise ConfigurationError(f"dsn must be a string or None, got {type(dsn).__name__}")
+        for name, value in (("dsn", dsn), ("listen_dsn", listen_dsn)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(
+                    f"{name} must be a string or None, got {type(value).__name__}"
+                )
         if schema is None:
             schema = os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
         quote_schema(schema)
@@ -211,6 +229,7 @@ class App:
                 f"pool_max_size ({pool_max_size}), pool_max_size >= 1"
             )
         self._dsn_arg = dsn
+        self.listen_dsn = listen_dsn or os.environ.get(LISTEN_DSN_ENV) or None
         self.dsn: str | None = None
         self.schema = schema
         self.auto_migrate = auto_migrate
@@ -682,7 +701,7 @@ class App:
     async def _listener(self) -> Notifier:
         """The App's LISTEN connection, started on first use."""
         if self._notifier is None:
-            dsn = self.dsn or ""
+            dsn = self.listen_dsn or self.dsn or ""
             kwargs = self._connect_args(f"taskq-listener ({self.schema})")
 
             async def connect() -> asyncpg.Connection:

@@ -252,7 +252,14 @@ class Store:
         )
         # Ask the write-back to announce this job's end. Zero rows: it has
         # already finished (or never existed), and the caller reads it.
-        self._await_job = f"UPDATE {s}.jobs SET awaited = true WHERE id = $1 AND NOT awaited"
+        # This UPDATE locks a queued job's row for a moment; a claim running
+        # then passes over it (SKIP LOCKED) and its worker may go back to sleep
+        # until the next poll. So a job that is due is announced again.
+        self._await_job = (
+            f"WITH a AS (UPDATE {s}.jobs SET awaited = true WHERE id = $1 AND NOT awaited "
+            "RETURNING queue, state, run_at) "
+            "SELECT pg_notify($2, queue) FROM a WHERE state = 'queued' AND run_at <= now()"
+        )
         self._request_cancel = (
             f"UPDATE {s}.jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' "
             "RETURNING id, pg_notify($2, id::text)"
@@ -480,7 +487,7 @@ class Store:
 
     async def mark_awaited(self, conn: Conn, job_id: int) -> None:
         """Have the job's end announced on the finished channel."""
-        await conn.execute(self._await_job, job_id)
+        await conn.execute(self._await_job, job_id, self.enqueued_channel)
 
     async def request_cancel(self, conn: Conn, job_id: int) -> bool:
         """Flag a running job for cancellation and tell its worker; False if not running."""

@@ -802,3 +802,68 @@ async def test_a_retry_with_a_pending_cancel_ends_cancelled(app: taskq.App) -> N
         assert status.state is taskq.JobState.CANCELLED
         with pytest.raises(taskq.JobCancelled):
             await handle.result(timeout=5)
+
+
+async def test_awaiting_a_due_job_announces_it_again(
+    app: taskq.App, conn: asyncpg.Connection
+) -> None:
+    # Waiting on a job flags its row, which locks it for a moment; a claim
+    # that ran then passed over it. The flag therefore wakes the workers
+    # again for a job that is due (and only for one that is due).
+    @app.task(queue="wake")
+    async def noop() -> None:
+        return None
+
+    heard: list[str] = []
+    channel = f"taskq:{app.schema}:enqueued"
+    await conn.add_listener(channel, lambda *args: heard.append(args[3]))
+    async with app:
+        due = await noop.enqueue()
+        later = await noop.options(delay=3600).enqueue()
+        with anyio.fail_after(5):
+            while len(heard) < 2:  # the two enqueues
+                await anyio.sleep(0.01)
+        assert heard[0] == "wake" and heard[1].startswith("wake@")
+        heard.clear()
+        with pytest.raises(TimeoutError):
+            await later.result(timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await due.result(timeout=0.2)
+        with anyio.fail_after(5):
+            while not heard:
+                await anyio.sleep(0.01)
+        assert heard == ["wake"]
+
+
+async def test_the_listener_can_use_its_own_dsn(pg_dsn: str, schema: str) -> None:
+    import re
+    import secrets
+
+    role = f"taskq_listener_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        listen_dsn = re.sub(r"^(postgres(?:ql)?://)[^@/]*@", rf"\g<1>{role}@", pg_dsn)
+        assert role in listen_dsn
+        app = taskq.App(pg_dsn, schema=schema, listen_dsn=listen_dsn)
+
+        @app.task
+        async def ping() -> str:
+            return "pong"
+
+        async with app, app.worker(poll_interval=60):
+            # The job can only start at once if the wake-up reached the
+            # worker, through the listener connected as the other role.
+            job = await ping.enqueue()
+            assert await job.result(timeout=10) == "pong"
+            users = await admin.fetch(
+                "SELECT usename FROM pg_stat_activity WHERE application_name = $1",
+                f"taskq-listener ({schema})",
+            )
+            assert [r["usename"] for r in users] == [role]
+    finally:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
