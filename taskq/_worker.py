@@ -502,8 +502,6 @@ class Worker:
                         outcomes=carried,
                     )
                 claimed, lost = result.jobs, result.lost
-                for observer in app._hooks.observers:
-                    observer.claimed(time.monotonic() - sent, len(claimed))
             except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
                     "worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff
@@ -520,6 +518,8 @@ class Worker:
             backoff = 0.1
             self.stats.claims += 1
             self.stats.claimed += len(claimed)
+            if app._hooks.observers:
+                self._observe("claimed", time.monotonic() - sent, len(claimed))
             loop = asyncio.get_running_loop()
             for job in claimed:
                 # One plain asyncio task per job (not an anyio task group child):
@@ -722,6 +722,15 @@ class Worker:
         if reason == "lost":
             return None  # another worker owns the job now: write nothing
         return Outcome(job.id, job.token, "release")
+
+    def _observe(self, event: str, *args: Any) -> None:
+        # Instrumentation must never disturb the worker: a claim whose jobs
+        # were not started because a metric failed would leave them stuck.
+        for observer in self.app._hooks.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                log.exception("worker observer %r failed on %s", observer, event)
 
     async def _after_hooks(
         self,
@@ -993,8 +1002,7 @@ class Worker:
             rescued, ended = await app._store.rescue_expired(conn, cfg.max_rescues)
             await app._store.forget_dead_workers(conn, cfg.lease_seconds * 10)
         if rescued or ended:
-            for observer in app._hooks.observers:
-                observer.rescued(len(rescued), len(ended))
+            self._observe("rescued", len(rescued), len(ended))
         if rescued:
             log.warning(
                 "re-queued %d job(s) whose worker stopped renewing their lease: %s",

@@ -472,3 +472,27 @@ async def test_after_job_hears_of_a_lost_lease(app: taskq.App) -> None:
                     await anyio.sleep(0.02)
             assert worker.stats.lost == 1
     assert kinds == ["lost"]
+
+
+async def test_a_failing_worker_observer_disturbs_nothing(
+    app: taskq.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def claimed(self, seconds: float, count: int) -> None:
+            raise RuntimeError("metric backend down")
+
+        def rescued(self, requeued: int, ended: int) -> None:
+            raise RuntimeError("metric backend down")
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    app._hooks.observers.append(Broken())
+    async with app:
+        jobs = await add.enqueue_many([{"a": i, "b": 1} for i in range(20)])
+        with caplog.at_level(logging.ERROR, logger="taskq.worker"):
+            stats = await app.drain()
+        assert stats.succeeded == 20
+        assert [await j.result(timeout=5) for j in jobs] == list(range(1, 21))
+    assert any("observer" in r.getMessage() for r in caplog.records)
