@@ -203,28 +203,33 @@ class Hooks:
         if outcome.kind in ("retried", "failed"):
             hooks += self.failure
         for hook in hooks:
+            name = getattr(hook, "__qualname__", hook)
+            extra = {"job_id": ctx.id, "task": ctx.task, "queue": ctx.queue}
+            # Only async hooks pay for a timeout (a plain one cannot be
+            # interrupted anyway).
+            deadline: asyncio.Timeout | None = None
             try:
                 returned = hook(ctx, outcome)
                 if inspect.isawaitable(returned):
-                    # Only async hooks pay for a timeout (a plain one cannot
-                    # be interrupted anyway).
-                    async with asyncio.timeout(AFTER_HOOK_TIMEOUT_SECONDS):
+                    deadline = asyncio.timeout(AFTER_HOOK_TIMEOUT_SECONDS)
+                    async with deadline:
                         await returned
-            except TimeoutError:
-                log.warning(
-                    "hook %s took over %.0fs for job %s; abandoned",
-                    getattr(hook, "__qualname__", hook),
-                    AFTER_HOOK_TIMEOUT_SECONDS,
-                    ctx.id,
-                    extra={"job_id": ctx.id, "task": ctx.task, "queue": ctx.queue},
-                )
             except Exception:
-                log.exception(
-                    "hook %s failed for job %s (the job's outcome stands)",
-                    getattr(hook, "__qualname__", hook),
-                    ctx.id,
-                    extra={"job_id": ctx.id, "task": ctx.task, "queue": ctx.queue},
-                )
+                if deadline is not None and deadline.expired():
+                    log.warning(
+                        "hook %s took over %.0fs for job %s; abandoned",
+                        name,
+                        AFTER_HOOK_TIMEOUT_SECONDS,
+                        ctx.id,
+                        extra=extra,
+                    )
+                else:
+                    log.exception(
+                        "hook %s failed for job %s (the job's outcome stands)",
+                        name,
+                        ctx.id,
+                        extra=extra,
+                    )
 
     async def run_enqueue(self, ctx: EnqueueContext, call: CallNext) -> Any:
         return await _chain(self.enqueue, ctx, call)

@@ -496,3 +496,38 @@ async def test_a_failing_worker_observer_disturbs_nothing(
         assert stats.succeeded == 20
         assert [await j.result(timeout=5) for j in jobs] == list(range(1, 21))
     assert any("observer" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_slow_async_after_hook_is_abandoned(
+    app: taskq.App, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskq import _hooks
+
+    monkeypatch.setattr(_hooks, "AFTER_HOOK_TIMEOUT_SECONDS", 0.2)
+
+    @app.task
+    async def fine() -> int:
+        return 1
+
+    @app.after_job
+    async def hangs(ctx: taskq.JobContext, outcome: taskq.JobOutcome) -> None:
+        await anyio.sleep(30)
+
+    @app.after_job
+    async def times_out_itself(ctx: taskq.JobContext, outcome: taskq.JobOutcome) -> None:
+        raise TimeoutError("the hook's own timeout")
+
+    async with app:
+        job = await fine.enqueue()
+        with caplog.at_level(logging.WARNING, logger="taskq.hooks"):
+            await app.drain()
+        assert await job.result(timeout=5) == 1
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "taskq.hooks"]
+    assert messages == [
+        ("WARNING", f"hook {hangs.__qualname__} took over 0s for job {job.id}; abandoned"),
+        (
+            "ERROR",
+            f"hook {times_out_itself.__qualname__} failed for job {job.id} "
+            "(the job's outcome stands)",
+        ),
+    ]
