@@ -475,8 +475,9 @@ class App:
         """Register ``fn(ctx: JobContext, outcome: JobOutcome)``, called after every attempt.
 
         Plain or async; called for every outcome (succeeded, retried, failed,
-        cancelled, released) once it is decided, before it is written back.
-        Its exceptions are logged and change nothing.
+        cancelled, released, lost) once it is decided, before it is written
+        back, and before the worker frees the job's slot. Its exceptions are
+        logged and change nothing; an async one is abandoned after 10 s.
         """
         self._hooks.add_after(fn)
         return fn
