@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .._app import App
 from .._errors import ConfigurationError
-from .._worker import WorkerConfig
+from ._serving import check_settings, serving
 
 __all__ = ["APP_KEY", "setup"]
 
@@ -57,26 +57,14 @@ def setup(
             ``worker_options`` were given with ``worker=False``, or ``web_app``
             already has a taskq App.
     """
-    if not isinstance(jobs_app, App):
-        raise ConfigurationError(f"setup() needs a taskq.App, got {type(jobs_app).__name__}")
-    if worker:
-        WorkerConfig.make(**worker_options)
-    elif worker_options:
-        raise ConfigurationError(
-            f"worker settings {sorted(worker_options)} given with worker=False; "
-            "drop them or run the worker"
-        )
+    check_settings("setup()", jobs_app, worker, worker_options)
     if APP_KEY in web_app:
         raise ConfigurationError(f"this web app already has a taskq App: {web_app[APP_KEY]!r}")
     options = dict(worker_options)
 
     async def run_taskq(_: web.Application) -> AsyncIterator[None]:
-        async with jobs_app:
-            if not worker:
-                yield
-                return
-            async with jobs_app.worker(**options):
-                yield
+        async with serving(jobs_app, worker, options):
+            yield
 
     web_app[APP_KEY] = jobs_app
     web_app.cleanup_ctx.append(run_taskq)

@@ -27,13 +27,12 @@ Nothing here imports Django: the wrapper speaks plain ASGI.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .._app import App
 from .._errors import ConfigurationError
-from .._worker import WorkerConfig
+from ._serving import check_settings, serving
 
 __all__ = ["TaskqLifespan", "with_lifespan"]
 
@@ -81,15 +80,6 @@ class TaskqLifespan:
         else:
             await self.application(scope, receive, send)
 
-    @contextlib.asynccontextmanager
-    async def _running(self) -> AsyncIterator[None]:
-        async with self.jobs_app:
-            if self.worker:
-                async with self.jobs_app.worker(**self.worker_options):
-                    yield
-            else:
-                yield
-
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] != "lifespan.startup":
@@ -98,7 +88,7 @@ class TaskqLifespan:
         # group are entered and left in the same task, as anyio requires.
         started = False
         try:
-            async with self._running():
+            async with serving(self.jobs_app, self.worker, self.worker_options):
                 started = True
                 await send({"type": "lifespan.startup.complete"})
                 while (await receive())["type"] != "lifespan.shutdown":
@@ -146,19 +136,9 @@ def with_lifespan(
             callable, a worker setting is unknown or invalid, or
             ``worker_options`` were given with ``worker=False``.
     """
-    if not isinstance(jobs_app, App):
-        raise ConfigurationError(
-            f"with_lifespan() needs a taskq.App, got {type(jobs_app).__name__}"
-        )
+    check_settings("with_lifespan()", jobs_app, worker, worker_options)
     if not callable(application):
         raise ConfigurationError(
             f"with_lifespan() needs an ASGI application, got {type(application).__name__}"
-        )
-    if worker:
-        WorkerConfig.make(**worker_options)
-    elif worker_options:
-        raise ConfigurationError(
-            f"worker settings {sorted(worker_options)} given with worker=False; "
-            "drop them or run the worker"
         )
     return TaskqLifespan(application, jobs_app, worker=worker, worker_options=dict(worker_options))

@@ -14,15 +14,13 @@ serves Starlette apps too.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
 from .._app import App
 from .._errors import ConfigurationError
-from .._worker import WorkerConfig
+from ._serving import check_settings, serving
 
 __all__ = ["Lifespan", "lifespan"]
 
@@ -61,14 +59,8 @@ class Lifespan:
         """
         return self._run()
 
-    @contextlib.asynccontextmanager
-    async def _run(self) -> AsyncIterator[None]:
-        async with self.jobs_app:
-            if not self.worker:
-                yield
-                return
-            async with self.jobs_app.worker(**self.worker_options):
-                yield
+    def _run(self) -> AbstractAsyncContextManager[None]:
+        return serving(self.jobs_app, self.worker, self.worker_options)
 
     async def __aenter__(self) -> None:
         if self._entered is not None:
@@ -118,13 +110,5 @@ def lifespan(jobs_app: App, *, worker: bool = True, **worker_options: Any) -> Li
         ConfigurationError: a worker setting is unknown or invalid, or
             ``worker_options`` were given with ``worker=False``.
     """
-    if not isinstance(jobs_app, App):
-        raise ConfigurationError(f"lifespan() needs a taskq.App, got {type(jobs_app).__name__}")
-    if worker:
-        WorkerConfig.make(**worker_options)
-    elif worker_options:
-        raise ConfigurationError(
-            f"worker settings {sorted(worker_options)} given with worker=False; "
-            "drop them or run the worker"
-        )
+    check_settings("lifespan()", jobs_app, worker, worker_options)
     return Lifespan(jobs_app, worker=worker, worker_options=dict(worker_options))
