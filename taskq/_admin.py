@@ -71,12 +71,24 @@ class AdminStatements:
 
         # -- status ----------------------------------------------------------
         # The live table is small: a full GROUP BY is cheap.
-        self.live_counts = (
-            "SELECT queue, "
+        _live = (
             "count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued, "
             "count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS scheduled, "
-            "count(*) FILTER (WHERE state = 'running') AS running "
-            f"FROM {s}.jobs GROUP BY queue"
+            "count(*) FILTER (WHERE state = 'running') AS running"
+        )
+        self.live_counts = f"SELECT queue, {_live} FROM {s}.jobs GROUP BY queue"
+        # The same per queue, with the wait of the oldest due job and whether
+        # the queue is paused; queues with settings but no job count zero
+        # (for the Prometheus queue gauges).
+        self.queue_depth = (
+            "SELECT n.queue, sum(n.queued)::bigint AS queued, "
+            "sum(n.scheduled)::bigint AS scheduled, sum(n.running)::bigint AS running, "
+            "max(n.lag) AS lag, coalesce(bool_or(q.paused), false) AS paused FROM ("
+            f"SELECT queue, {_live}, extract(epoch FROM now() - min(run_at) "
+            "FILTER (WHERE state = 'queued' AND run_at <= now()))::float8 AS lag "
+            f"FROM {s}.jobs GROUP BY queue "
+            f"UNION ALL SELECT name, 0, 0, 0, NULL FROM {s}.queues) AS n "
+            f"LEFT JOIN {s}.queues AS q ON q.name = n.queue GROUP BY n.queue"
         )
         _finished = (
             "SELECT queue, "

@@ -130,6 +130,10 @@ def _statement_guard(conn: Any, action: str, *, close_on_cancel: bool) -> Iterat
             raise
 
 
+def _is_bigint(job_id: int) -> bool:
+    return MIN_JOB_ID <= job_id <= MAX_JOB_ID
+
+
 def _terminate(conn: Any) -> None:
     # A proxy the pool has already taken back raises InterfaceError here,
     # which would hide the error being handled.
@@ -915,7 +919,7 @@ class App:
     def _check_id(self, job_id: int) -> None:
         # Ids are Postgres bigints: a larger one (e.g. from a URL) names no
         # job, and sending it would fail as a driver error instead.
-        if not MIN_JOB_ID <= job_id <= MAX_JOB_ID:
+        if not _is_bigint(job_id):
             raise JobNotFound(f"no job with id {job_id} in schema {self.schema!r}")
 
     async def _job_status(self, job_id: int) -> JobStatus:
@@ -972,8 +976,8 @@ class App:
             return False
 
     async def _rerun(self, job_id: int) -> bool:
-        if not MIN_JOB_ID <= job_id <= MAX_JOB_ID:
-            return False
+        if not _is_bigint(job_id):
+            return False  # no such job to run again
         async with self._acquire("re-running a job") as conn:
             return await self._store.rerun(conn, job_id)
 

@@ -702,13 +702,8 @@ class Worker:
         )
 
     def _uncount(self, kind: str) -> None:
-        field = {
-            "succeeded": "succeeded",
-            "failed": "failed",
-            "retry": "retried",
-            "cancelled": "cancelled",
-            "release": "released",
-        }[kind]
+        # WorkerStats counts each outcome under its public name.
+        field = OUTCOME_NAMES[kind]
         setattr(self.stats, field, getattr(self.stats, field) - 1)
 
     def _stopped_outcome(self, job: ClaimedJob, reason: str | None) -> Outcome | None:

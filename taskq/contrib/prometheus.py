@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -42,10 +43,10 @@ from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from .. import _admin
 from .._app import App
 from .._errors import ConfigurationError
 from .._hooks import CallNext, EnqueueContext, JobContext, JobOutcome, OutcomeKind
-from .._names import quote_schema
 
 __all__ = [
     "CLAIM_BUCKETS",
@@ -102,14 +103,7 @@ CLAIM_BUCKETS: tuple[float, ...] = (
 #: Key in ``JobContext.state`` marking an attempt counted as running.
 _RUNNING_KEY = "taskq.metrics.running"
 
-OUTCOMES: tuple[OutcomeKind, ...] = (
-    "succeeded",
-    "retried",
-    "failed",
-    "cancelled",
-    "released",
-    "lost",
-)
+OUTCOMES: tuple[OutcomeKind, ...] = typing.get_args(OutcomeKind)
 #: Longest one queue-depth read may take before it is abandoned.
 REFRESH_TIMEOUT_SECONDS = 10.0
 
@@ -368,7 +362,7 @@ class TaskqMetrics:
 
         self._series: dict[tuple[str, str], _JobSeries] = {}
         self._enqueue_series: dict[tuple[str, str], Any] = {}
-        self._query = _depth_query(quote_schema(app.schema))
+        self._query = _admin.statements(app.schema).queue_depth
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._failing = False
@@ -578,20 +572,3 @@ class TaskqMetrics:
         """
         server, thread = _start_http_server(port, addr, registry=self.registry)
         return MetricsServer(server, thread)
-
-
-def _depth_query(s: str) -> str:
-    """Per queue: due, later and running live jobs, lag, paused (one scan of the live table)."""
-    return (
-        "SELECT n.queue, sum(n.queued)::bigint AS queued, sum(n.scheduled)::bigint AS scheduled, "
-        "sum(n.running)::bigint AS running, max(n.lag) AS lag, "
-        "coalesce(bool_or(q.paused), false) AS paused FROM ("
-        "SELECT queue, count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued, "
-        "count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS scheduled, "
-        "count(*) FILTER (WHERE state = 'running') AS running, "
-        "extract(epoch FROM now() - min(run_at) "
-        "FILTER (WHERE state = 'queued' AND run_at <= now()))::float8 AS lag "
-        f"FROM {s}.jobs GROUP BY queue "
-        f"UNION ALL SELECT name, 0, 0, 0, NULL FROM {s}.queues) AS n "
-        f"LEFT JOIN {s}.queues AS q ON q.name = n.queue GROUP BY n.queue"
-    )
