@@ -9,6 +9,7 @@ from ._cron import CronEntry
 from ._errors import (
     ConfigurationError,
     DatabaseError,
+    DecodeError,
     JobCancelled,
     JobError,
     JobFailed,
@@ -25,9 +26,8 @@ from ._logging import JsonFormatter
 from ._queues import Queue, QueueInfo
 from ._retry import Retry
 from ._task import BoundTask, Task
+from ._version import __version__
 from ._worker import Worker, WorkerConfig, WorkerStats
-
-__version__ = "0.1.0"
 
 __all__ = [
     "App",
@@ -35,6 +35,7 @@ __all__ = [
     "ConfigurationError",
     "CronEntry",
     "DatabaseError",
+    "DecodeError",
     "EnqueueContext",
     "Job",
     "JobCancelled",

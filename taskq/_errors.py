@@ -8,6 +8,7 @@ Every error taskq raises on purpose derives from :class:`TaskqError`, so one
     ├── ConfigurationError        bad setting, bad name, embedded Postgres unavailable
     ├── SchemaError               schema missing or older than this taskq (auto_migrate=False)
     ├── SerializationError        an argument or result is not JSON (also a TypeError)
+    │   └── DecodeError           a stored argument or result no longer fits its annotation
     ├── UnknownTaskError          no task registered under that name (also a LookupError)
     ├── JobNotFound               no job with that id (also a LookupError)
     ├── DatabaseError             Postgres unreachable or refused the statement
@@ -43,6 +44,16 @@ class SerializationError(TaskqError, TypeError):
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(message)
         self.path = path
+
+
+class DecodeError(SerializationError):
+    """A stored argument or result no longer decodes to the type its annotation names.
+
+    For example a dataclass or model that changed between enqueue and run (a
+    deploy). The attempt fails with this error; the task's retry policy applies,
+    so a job that reaches a worker still running the older code can succeed
+    there, and a dead letter can be re-run once the code accepts it again.
+    """
 
 
 class UnknownTaskError(TaskqError, LookupError):
@@ -112,3 +123,12 @@ class JobFailed(JobError):
 
 class JobCancelled(JobError):
     """The job was cancelled before it finished."""
+
+
+# Every class here is public as ``taskq.<Name>``: say so in ``__module__``, so
+# that messages, logs and stored error types name ``taskq.JobFailed``, never
+# the private module.
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, TaskqError):
+        _cls.__module__ = "taskq"
+del _cls

@@ -132,13 +132,22 @@ class Job:
         Waits on a notification from the worker, not by polling. ``timeout`` is in
         seconds (``None`` waits for ever).
 
+        The value is decoded by the task's return annotation when this process
+        has the task registered (``-> datetime`` gives a datetime), and is plain
+        JSON otherwise, as in ``status().result``.
+
         Raises:
             JobFailed: the job failed for good; carries the last error and traceback.
+            DecodeError: the stored result does not decode to the annotated type.
             JobCancelled: the job was cancelled.
             TimeoutError: the job did not finish within ``timeout``.
         """
         status = await self._app._wait_finished(self.id, timeout)
-        return outcome_of(status)
+        value = outcome_of(status)
+        # The task's return annotation, where this process has the task,
+        # turns the stored JSON back into a datetime, a dataclass...
+        task = self._app.tasks.get(status.task)
+        return value if task is None else task.codec.decode_result(value)
 
     async def cancel(self) -> bool:
         """Cancel the job.

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from ._codec import annotation_hint
 from ._errors import SerializationError
 
 #: Largest encoded payload (arguments or result) accepted, in bytes. Postgres
@@ -48,7 +49,8 @@ def _find_problem(value: Any, path: str) -> tuple[str, str] | None:
             if problem:
                 return problem
         return None
-    return path, f"is of type {type(value).__module__}.{type(value).__qualname__}, not JSON"
+    kind = type(value)
+    return path, f"is of type {kind.__module__}.{kind.__qualname__}, not JSON{annotation_hint(value)}"
 
 
 def _needs_check(value: Any) -> bool:

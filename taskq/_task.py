@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from ._codec import TaskCodec
 from ._errors import ConfigurationError
 from ._limits import RateLimit
 from ._names import check_queue
@@ -186,6 +187,8 @@ class Task(Generic[P, R]):
         self.rate_limit = rate_limit
         self.is_async = inspect.iscoroutinefunction(fn)
         self._signature = _Signature(fn)
+        #: Encodes and decodes arguments and the result by the function's annotations.
+        self.codec = TaskCodec(fn, name)
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
@@ -253,12 +256,20 @@ class Task(Generic[P, R]):
         return await BoundTask(self, EnqueueOptions()).enqueue_many(kwargs_list)
 
     def bind_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Check a call against the function's signature; return arguments by name."""
-        return self._signature.bind(self.name, args, kwargs)
+        """Check a call against the function's signature; return arguments by name.
+
+        Values of annotated types (datetime, UUID, dataclasses...) come back in
+        their JSON form, ready to store.
+        """
+        return self.codec.encode_args(self._signature.bind(self.name, args, kwargs))
 
     def call_arguments(self, stored: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Rebuild ``(args, kwargs)`` for the function from stored arguments."""
-        return self._signature.call_args(stored)
+        """Rebuild ``(args, kwargs)`` for the function from stored arguments.
+
+        Raises:
+            DecodeError: a stored value no longer decodes to its annotated type.
+        """
+        return self._signature.call_args(self.codec.decode_args(stored))
 
 
 class BoundTask(Generic[P, R]):

@@ -29,7 +29,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ._cron import Scheduler
-from ._errors import ConfigurationError, DatabaseError, SerializationError
+from ._errors import ConfigurationError, DatabaseError, DecodeError, SerializationError
 from ._hooks import JobContext, JobOutcome, OutcomeKind
 from ._names import check_queue
 from ._serialization import decode, encode
@@ -236,10 +236,7 @@ def _error_dict(exc: BaseException) -> dict[str, str]:
     tb = "".join(traceback.format_exception(exc))
     if len(tb) > MAX_TRACEBACK_CHARS:
         tb = "...(truncated)...\n" + tb[-MAX_TRACEBACK_CHARS:]
-    cls = type(exc)
-    name = (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
+    name = _error_type(type(exc))
     try:
         message = str(exc)
     except Exception as str_error:  # a broken __str__ must not take the worker down
@@ -249,6 +246,19 @@ def _error_dict(exc: BaseException) -> dict[str, str]:
         "message": _text(message)[:MAX_TRACEBACK_CHARS],
         "traceback": _text(tb),
     }
+
+
+def _error_type(cls: type[BaseException]) -> str:
+    """The name stored as an error's type: ``builtins`` bare, taskq's by their public name."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    if cls.__module__.startswith("taskq._"):
+        # A private class (e.g. the embedded server's error): name the public
+        # taskq class it is a kind of, as users can catch that one.
+        public = next((c for c in cls.__mro__ if c.__module__ == "taskq"), None)
+        if public is not None:
+            return f"taskq.{public.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class Worker:
@@ -652,17 +662,17 @@ class Worker:
                     # JSON fails the attempt where middleware (a tracing
                     # span) sees it.
                     inner = await self._call(task, job, stored)
-                    encoded[:] = [inner, self._encode_result(job, inner)]
+                    encoded[:] = [inner, self._encode_result(task, inner)]
                     return inner
 
                 value = await hooks.run_job(ctx, call)
                 if encoded and encoded[0] is value:
                     result = encoded[1]
                 else:  # middleware replaced the value
-                    result = self._encode_result(job, value)
+                    result = self._encode_result(task, value)
             else:
                 value = await self._call(task, job)
-                result = self._encode_result(job, value)
+                result = self._encode_result(task, value)
             outcome = Outcome(job.id, job.token, "succeeded", result=result)
         except asyncio.CancelledError:
             # Only the worker cancels job tasks; the reason says what it meant.
@@ -694,11 +704,13 @@ class Worker:
             if self._full or len(self._running) <= self._wake_at_running or self._stopping:
                 self._wake.set()
 
-    def _encode_result(self, job: ClaimedJob, value: Any) -> str | None:
+    def _encode_result(self, task: Task[Any, Any], value: Any) -> str | None:
         if value is None:
             return None
         return encode(
-            value, what=f"result of task {job.task!r}", max_bytes=self.app.max_payload_bytes
+            task.codec.encode_result(value),
+            what=f"result of task {task.name!r}",
+            max_bytes=self.app.max_payload_bytes,
         )
 
     def _uncount(self, kind: str) -> None:
@@ -769,7 +781,12 @@ class Worker:
 
     def _failure(self, job: ClaimedJob, task: Task[Any, Any] | None, exc: Exception) -> Outcome:
         error = _dumps(_error_dict(exc))
-        retryable = task is not None and not isinstance(exc, SerializationError)
+        # A result that is not JSON fails the same way every time; a stored
+        # argument that does not decode may decode on a worker running other
+        # code (a deploy under way), so that one follows the retry policy.
+        retryable = task is not None and (
+            not isinstance(exc, SerializationError) or isinstance(exc, DecodeError)
+        )
         # The attempt budget is the job's own (set at enqueue); when and on
         # what to retry comes from the task's policy.
         if (

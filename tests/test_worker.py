@@ -318,7 +318,7 @@ async def test_result_that_is_not_json_fails_the_job_clearly(app: taskq.App) -> 
         await app.drain()
         with pytest.raises(taskq.JobFailed) as info:
             await job.result(timeout=5)
-        assert info.value.error_type == "taskq._errors.SerializationError"
+        assert info.value.error_type == "taskq.SerializationError"
         assert "result of task" in info.value.error_message
         assert info.value.attempts == 1  # not retried: it would fail the same way
 
