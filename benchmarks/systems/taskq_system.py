@@ -58,7 +58,7 @@ class TaskqSystem(System):
         "limit_half": "taskq, global concurrency limit = half the concurrency",
         "rate_limit": f"taskq, queue rate limit {RATE_LIMIT}",
     }
-    packages = ("taskq", "asyncpg", "anyio", "orjson")
+    packages = ("taskq-pg", "asyncpg", "anyio", "orjson")
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {SCHEMA}.jobs)"
     backlog_sql = f"SELECT count(*) FROM {SCHEMA}.jobs"
     settings: ClassVar[dict[str, str]] = {

@@ -14,7 +14,7 @@ however long after and on whichever host it runs. The span is current while
 the task runs: spans the task starts (HTTP clients, database drivers, your
 own) nest under it, in sync tasks run in threads too.
 
-Needs the ``otel`` extra (``pip install 'taskq[otel]'``) and, to export spans,
+Needs the ``otel`` extra (``pip install 'taskq-pg[otel]'``) and, to export spans,
 the OpenTelemetry SDK or a distribution that sets it up.
 """
 

@@ -14,7 +14,7 @@ that this process runs or enqueues; scrape every process. Queue depth comes
 from one query over the live jobs table per refresh, so it describes the
 whole cluster and needs the refresher in one process (or in each, it is cheap).
 
-Needs the ``metrics`` extra (``pip install 'taskq[metrics]'``).
+Needs the ``metrics`` extra (``pip install 'taskq-pg[metrics]'``).
 """
 
 from __future__ import annotations
