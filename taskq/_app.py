@@ -31,11 +31,19 @@ from ._hooks import (
 )
 from ._job import Job, JobState, JobStatus, status_from_row
 from ._limits import RateLimit
-from ._names import DEFAULT_QUEUE, DEFAULT_SCHEMA, check_queue, check_task_name, quote_schema
+from ._names import (
+    DEFAULT_QUEUE,
+    DEFAULT_SCHEMA,
+    check_queue,
+    check_task_name,
+    default_task_name,
+    quote_schema,
+    suggest_task,
+)
 from ._notifier import Notifier
 from ._queues import Queue, QueueInfo, info_from_row
 from ._retry import Retry, coerce_retry
-from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES, encode, encode_many
+from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, encode_many
 from ._store import Store
 from ._task import EnqueueOptions, Task, check_priority, with_defaults
 from ._worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
@@ -53,6 +61,12 @@ DEFAULT_POOL_MAX_SIZE = 10
 #: While waiting for a result, re-read the job this often in case a
 #: notification was lost (the wake-up itself comes from LISTEN).
 RESULT_RECHECK_SECONDS = 5.0
+
+#: A worker whose heartbeat is older than this counts as gone when a timed-out
+#: ``job.result()`` explains the wait (workers beat every lease/3, 10 s by default).
+LIVE_WORKER_SECONDS = 60.0
+#: How long a timed-out ``job.result()`` spends finding out why, at most.
+EXPLAIN_TIMEOUT_SECONDS = 2.0
 #: Seconds an operation keeps trying to get a connection before it fails:
 #: long enough to ride out a Postgres restart or failover blip, short enough
 #: that a web request does not hang on a dead database.
@@ -332,7 +346,7 @@ class App:
                 raise ConfigurationError(f"{func!r} is already a task")
             if not callable(func):
                 raise ConfigurationError(f"@app.task needs a function, got {func!r}")
-            task_name = check_task_name(name or f"{func.__module__}.{func.__qualname__}")
+            task_name = check_task_name(name or default_task_name(func))
             if task_name in self.tasks and self.tasks[task_name].fn is not func:
                 raise ConfigurationError(f"a different task is already registered as {task_name!r}")
             task: Task[Any, Any] = Task(
@@ -794,10 +808,15 @@ class App:
         async with self._acquire("looking up a task") as conn:
             found = await self._store.lookup_task(conn, name)
         if found is None:
+            async with self._acquire("looking up a task") as conn:
+                reported = await self._store.task_names(conn)
+            guess = suggest_task(name, [*self.tasks, *reported])
+            hint = f" Did you mean {guess!r}?" if guess else ""
             raise UnknownTaskError(
                 f"no task named {name!r} is registered on this App, and no worker using "
-                f"schema {self.schema!r} has reported it. Register it with @app.task, or start "
-                "a worker that has it once, then enqueue again."
+                f"schema {self.schema!r} has reported it.{hint} Task names are "
+                "'module.function'; register it with @app.task, or start a worker that has "
+                "it once, then enqueue again."
             )
         self._known_tasks[name] = found
         return found
@@ -953,11 +972,67 @@ class App:
                         futures.remove(fut)
                         fut = loop.create_future()
                         futures.append(fut)
+        except TimeoutError:
+            # A bare timeout leaves the user guessing; say what the job is
+            # waiting for (a paused queue, no worker with its task...).
+            raise TimeoutError(await self._why_not_finished(job_id, timeout)) from None
         finally:
             if fut in futures:
                 futures.remove(fut)
             if not futures:
                 self._waiters.pop(job_id, None)
+
+    async def _why_not_finished(self, job_id: int, timeout: float | None) -> str:
+        head = f"job {job_id} did not finish within {timeout:g} s"
+        try:
+            with anyio.fail_after(EXPLAIN_TIMEOUT_SECONDS):
+                async with self._acquire("reading a job") as conn:
+                    row = await self._store.explain_wait(conn, job_id, LIVE_WORKER_SECONDS)
+        except Exception as exc:  # the explanation is a courtesy; the timeout stands
+            return f"{head} (and its state could not be read: {exc})"
+        if row is None:
+            return f"{head}; it has finished since"
+        task, queue = row["task"], row["queue"]
+        head = f"{head} (task {task!r}, queue {queue!r})"
+        if row["state"] == "running":
+            return (
+                f"{head}: it is running, attempt {row['attempts']} of {row['max_attempts']}, "
+                f"on worker {row['worker_id']}"
+            )
+        reasons: list[str] = []
+        if row["due_in"] > 0:
+            waiting = f"it is queued, due in {row['due_in']:.1f} s"
+            if row["error"]:
+                error = decode(row["error"]) or {}
+                waiting += (
+                    f" (a retry: attempt {row['attempts']} failed with "
+                    f"{error.get('type')}: {str(error.get('message'))[:200]})"
+                )
+            reasons.append(waiting)
+        else:
+            reasons.append("it is still queued")
+        if row["paused"]:
+            reasons.append(f"queue {queue!r} is paused (app.queue({queue!r}).resume())")
+        known: list[str] = list(row["known"] or [])
+        if row["serving"]:
+            reasons.append(
+                f"{row['serving']} live worker(s) can run it, so they are busy, limited "
+                "or it is not due yet"
+            )
+        elif not row["live"]:
+            reasons.append(
+                f"no worker is running on schema {self.schema!r} "
+                "(start one: python -m taskq worker module:app)"
+            )
+        elif task in known:
+            reasons.append(f"the live workers that have task {task!r} do not serve queue {queue!r}")
+        else:
+            guess = suggest_task(task, known)
+            hint = (
+                f"; they have {guess!r}: was the job enqueued under another name?" if guess else ""
+            )
+            reasons.append(f"none of the {row['live']} live worker(s) has task {task!r}{hint}")
+        return f"{head}: " + "; ".join(reasons)
 
     async def _cancel(self, job_id: int) -> bool:
         self._check_id(job_id)

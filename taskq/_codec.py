@@ -111,7 +111,9 @@ class _Scalar(Converter):
 
 
 def _json_kind(json_types: tuple[type, ...]) -> str:
-    return " or ".join({str: "a string", int: "an integer", float: "a number"}[t] for t in json_types)
+    return " or ".join(
+        {str: "a string", int: "an integer", float: "a number"}[t] for t in json_types
+    )
 
 
 def _decimal_from_json(value: Any) -> Decimal:
@@ -179,10 +181,9 @@ class _Enum(Converter):
         return isinstance(value, self.tp)
 
     def encode(self, value: Any) -> Any:
-        if isinstance(value, self.tp):
-            member_value = value.value
-        else:
-            member_value = self.decode(value).value  # its value, given as such
+        # A member, or a member's value given as such.
+        member = value if isinstance(value, self.tp) else self.decode(value)
+        member_value = member.value
         if not isinstance(member_value, _PLAIN):
             raise _Refused(
                 f"{self.name} member values must be str, int, float or bool to travel as JSON, "
@@ -333,7 +334,9 @@ class _Tuple(Converter):
 
     def decode(self, value: Any) -> Any:
         if not isinstance(value, list) or len(value) != len(self.items):
-            raise _Refused(f"must be {self.name} (an array of {len(self.items)}), got {value!r:.80}")
+            raise _Refused(
+                f"must be {self.name} (an array of {len(self.items)}), got {value!r:.80}"
+            )
         return tuple(
             _decode_at(c, v, f"[{i}]") if c is not None else v
             for i, (c, v) in enumerate(zip(self.items, value, strict=True))
@@ -572,7 +575,7 @@ def _generic(
             return None if value is None else _Dict(tp, None, key_tp, value)
         if key is not None and not isinstance(key, _Scalar | _Enum):
             return _Unsupported(tp, "JSON object keys are strings; use str, int, UUID, date...")
-        return _Dict(tp, key, key_tp, value)  # type: ignore[arg-type]
+        return _Dict(tp, key, key_tp, value)
     if origin is type:
         return _Unsupported(tp, "classes do not travel as JSON")
     return None
@@ -665,7 +668,7 @@ def _resolve_hints(obj: Any, globalns: Mapping[str, Any]) -> dict[str, Any]:
     for name, ann in raw.items():
         if isinstance(ann, str):
             try:
-                ann = eval(ann, dict(globalns))  # noqa: S307 - the module's own annotation text
+                ann = eval(ann, dict(globalns))  # the module's own annotation text
             except Exception as exc:
                 log.warning(
                     "taskq: annotation %r of %r in %s cannot be resolved (%s); its values "

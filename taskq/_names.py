@@ -7,7 +7,12 @@ parameters, and are validated so that logs, CLIs and NOTIFY payloads stay sane.
 
 from __future__ import annotations
 
+import difflib
 import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 from ._errors import ConfigurationError
 
@@ -52,3 +57,52 @@ def _check(name: object, kind: str, pattern: re.Pattern[str], limit: int, extra:
             f"and {extra}, starting with a letter, digit or _"
         )
     return name
+
+
+def default_task_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function, with the module named as an import would name it.
+
+    A function in a script run as ``python jobs.py`` lives in ``__main__``; a
+    worker started with ``python -m taskq worker jobs:app`` imports the same
+    file as ``jobs``. Naming the task ``__main__.f`` would leave its jobs to no
+    worker, so a script's module is named by its file (and its packages).
+    """
+    return f"{_module_name(getattr(fn, '__module__', None))}.{fn.__qualname__}"
+
+
+def _module_name(module: str | None) -> str:
+    if module != "__main__":
+        return module or "__main__"
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        # python -m pkg.jobs: the name it is imported by.
+        name = str(spec.name)
+        return name.removesuffix(".__main__") if name.endswith(".__main__") else name
+    path = getattr(main, "__file__", None)
+    if not path:
+        return "__main__"  # an interactive session or python -c: no file to name it by
+    file = Path(path).resolve()
+    parts = [file.stem]
+    folder = file.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if not all(part.isidentifier() for part in parts):
+        return "__main__"
+    return ".".join(parts)
+
+
+def suggest_task(name: str, known: Iterable[str]) -> str | None:
+    """The known task ``name`` most likely means: same short name, or a close spelling."""
+    names = sorted(set(known))
+    tail = [n for n in names if n.endswith(f".{name}")]
+    if len(tail) == 1:
+        return tail[0]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    # A misspelt short name: compare with the last part of each name.
+    shorts = {n.rpartition(".")[2]: n for n in reversed(names)}
+    close = difflib.get_close_matches(name.rpartition(".")[2], list(shorts), n=1, cutoff=0.6)
+    return shorts[close[0]] if close else None

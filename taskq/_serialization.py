@@ -50,7 +50,10 @@ def _find_problem(value: Any, path: str) -> tuple[str, str] | None:
                 return problem
         return None
     kind = type(value)
-    return path, f"is of type {kind.__module__}.{kind.__qualname__}, not JSON{annotation_hint(value)}"
+    return (
+        path,
+        f"is of type {kind.__module__}.{kind.__qualname__}, not JSON{annotation_hint(value)}",
+    )
 
 
 def _needs_check(value: Any) -> bool:

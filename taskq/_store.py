@@ -305,6 +305,30 @@ class Store:
             f"DELETE FROM {s}.workers WHERE heartbeat_at < now() - make_interval(secs => $1)"
         )
         self._lookup_task = f"SELECT queue, max_attempts FROM {s}.tasks WHERE name = $1"
+        self._task_names = f"SELECT name FROM {s}.tasks ORDER BY name"
+        # Due jobs of tasks a worker does not have, counted over at most
+        # $3 rows so that a huge backlog costs a bounded scan.
+        self._stray_tasks = (
+            "SELECT task, queue, count(*) AS n FROM ("
+            f"SELECT task, queue FROM {s}.jobs WHERE state = 'queued' AND run_at <= now() "
+            "AND ($1::text[] IS NULL OR queue = ANY($1::text[])) AND NOT task = ANY($2::text[]) "
+            "LIMIT $3) AS j GROUP BY task, queue ORDER BY n DESC, task"
+        )
+        # What a result waiter that timed out tells: the job, whether its queue
+        # is paused, and which live workers (a heartbeat within $2 s) serve it.
+        self._explain_wait = (
+            "SELECT j.state, j.task, j.queue, j.attempts, j.max_attempts, j.worker_id, "
+            "extract(epoch FROM j.run_at - now())::float8 AS due_in, j.last_error::text AS error, "
+            f"coalesce((SELECT paused FROM {s}.queues WHERE name = j.queue), false) AS paused, "
+            "(SELECT count(*) FROM "
+            f"{s}.workers w WHERE w.heartbeat_at > now() - make_interval(secs => $2)) AS live, "
+            f"(SELECT count(*) FROM {s}.workers w "
+            "WHERE w.heartbeat_at > now() - make_interval(secs => $2) AND j.task = ANY(w.tasks) "
+            "AND (w.queues IS NULL OR j.queue = ANY(w.queues))) AS serving, "
+            f"(SELECT array_agg(DISTINCT t) FROM {s}.workers w, unnest(w.tasks) AS t "
+            "WHERE w.heartbeat_at > now() - make_interval(secs => $2)) AS known "
+            f"FROM {s}.jobs j WHERE j.id = $1"
+        )
 
     # -- enqueue ---------------------------------------------------------------
 
@@ -586,6 +610,21 @@ class Store:
     async def list_crons(self, conn: Conn) -> list[Any]:
         return list(await conn.fetch(self._list_crons))
 
+    async def task_names(self, conn: Conn) -> list[str]:
+        """Every task name a worker has reported."""
+        return [r[0] for r in await conn.fetch(self._task_names)]
+
+    async def stray_tasks(
+        self, conn: Conn, *, queues: list[str] | None, tasks: list[str], scan: int
+    ) -> list[tuple[str, str, int]]:
+        """(task, queue, count) of due jobs whose task is not in ``tasks``."""
+        rows = await conn.fetch(self._stray_tasks, queues, tasks, scan)
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def explain_wait(self, conn: Conn, job_id: int, live_seconds: float) -> Any:
+        """A live job with its queue's pause flag and the live workers that could run it."""
+        return await conn.fetchrow(self._explain_wait, job_id, live_seconds)
+
     async def counts(self, conn: Conn) -> list[tuple[str, str, int]]:
         return [(r[0], r[1], r[2]) for r in await conn.fetch(self._counts)]
 
@@ -593,6 +632,46 @@ class Store:
         """(default queue, max attempts) of a task some worker reported, or None."""
         row = await conn.fetchrow(self._lookup_task, name)
         return None if row is None else (str(row[0]), int(row[1]))
+
+    # -- one job by id (taskq.testing.run_job) -----------------------------------
+
+    async def claim_job(
+        self,
+        conn: Conn,
+        job_id: int,
+        *,
+        tasks: list[str],
+        worker_id: str,
+        lease_seconds: float,
+    ) -> ClaimedJob | None:
+        """Claim the queued job ``job_id`` now; None if it is not claimable.
+
+        The lease is the one ``claim()`` takes (attempts + 1, a new token, the
+        same columns), so the run and its write-back are fenced like any
+        other. Unlike ``claim()`` it ignores the job's due time, queue pauses
+        and limits (and records no start in a rate window): it is for tests
+        that run one chosen job inline, not for workers. Like ``claim()`` it
+        takes only jobs of ``tasks``. None: no such job, not queued, or a task
+        not in ``tasks``; nothing changed.
+        """
+        s = quote_schema(self.schema)
+        row = await conn.fetchrow(
+            f"UPDATE {s}.jobs AS j SET state = 'running', attempts = j.attempts + 1, "
+            "worker_id = $3, lease_token = gen_random_uuid(), "
+            "lease_expires_at = now() + make_interval(secs => $4), started_at = now() "
+            "WHERE j.id = $1 AND j.state = 'queued' AND j.task = ANY($2::text[]) "
+            "RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts, "
+            "j.lease_token, j.priority, j.meta::text",
+            job_id,
+            tasks,
+            worker_id,
+            lease_seconds,
+        )
+        if row is None:
+            return None
+        return ClaimedJob(
+            row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], meta=row[8]
+        )
 
 
 def _outcome_arrays(outcomes: list[Outcome]) -> tuple[list[Any], ...]:

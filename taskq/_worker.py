@@ -31,7 +31,7 @@ from anyio.abc import TaskStatus
 from ._cron import Scheduler
 from ._errors import ConfigurationError, DatabaseError, DecodeError, SerializationError
 from ._hooks import JobContext, JobOutcome, OutcomeKind
-from ._names import check_queue
+from ._names import check_queue, suggest_task
 from ._serialization import decode, encode
 from ._store import ClaimedJob, Outcome
 
@@ -87,6 +87,12 @@ DEFAULT_MAX_RESCUES = 3
 LEASE_GIVE_UP_FRACTION = 0.75
 #: Longest traceback kept with a failed attempt, in characters.
 MAX_TRACEBACK_CHARS = 16_000
+#: A worker that claims nothing although due jobs were announced looks, at most
+#: this often, for due jobs of tasks it does not have, and logs each such task
+#: once (a job enqueued under a name no worker registers waits for ever).
+STRAY_CHECK_SECONDS = 60.0
+#: Rows that look reads at most, so that a huge backlog costs a bounded scan.
+STRAY_SCAN_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -290,6 +296,11 @@ class Worker:
         # first, learnt from notifications (no polling query per wake-up).
         self._due: list[float] = []
         self._scan_due = True
+        # Look for jobs of tasks this worker lacks: at start, then after a
+        # wake-up for due jobs that gave it nothing (see _report_strays).
+        self._stray_check = True
+        self._stray_next = 0.0
+        self._strays_reported: set[str] = set()
         self.scheduler = Scheduler(app)
 
     def __repr__(self) -> str:
@@ -539,6 +550,8 @@ class Worker:
                 running.task = loop.create_task(self._run_job(running))
             if len(claimed) == limit:
                 continue
+            if not claimed and not result.held_back and self._stray_check:
+                await self._report_strays(queues, tasks)
             if result.held_back and result.retry_in is not None:
                 # A rate window frees a start then (or a limit's lock was busy).
                 self._add_due(time.monotonic() + result.retry_in)
@@ -586,6 +599,45 @@ class Worker:
             await self._wake.wait(wait)
             self._sleep_until = 0.0
 
+    async def _report_strays(self, queues: list[str] | None, tasks: list[str]) -> None:
+        """Log, once per task, due jobs that wait for a task this worker does not have.
+
+        Without this a job enqueued under a name no worker registers (a
+        typo, a renamed function, a module started as a script) waits
+        silently for ever.
+        """
+        now = time.monotonic()
+        if now < self._stray_next:
+            return
+        self._stray_check = False
+        self._stray_next = now + STRAY_CHECK_SECONDS
+        try:
+            async with self.app._acquire("looking for jobs of unknown tasks") as conn:
+                strays = await self.app._store.stray_tasks(
+                    conn, queues=queues, tasks=tasks, scan=STRAY_SCAN_ROWS
+                )
+        except Exception as exc:  # a courtesy: never let it stop the claim loop
+            log.debug("worker %s could not look for jobs of unknown tasks: %s", self.id, exc)
+            return
+        for task, queue, count in strays:
+            if task in self._strays_reported:
+                continue
+            self._strays_reported.add(task)
+            guess = suggest_task(task, tasks)
+            hint = f" (this worker has {guess!r}: was the job enqueued under another name?)"
+            log.warning(
+                "worker %s: %s%d due job(s) of task %r in queue %r wait for a worker that has "
+                "this task; this one does not%s. Register the task on the App this worker "
+                "runs, or start a worker that has it.",
+                self.id,
+                "at least " if count >= STRAY_SCAN_ROWS else "",
+                count,
+                task,
+                queue,
+                hint if guess else "",
+                extra={"task": task, "queue": queue, "count": count},
+            )
+
     async def _more_due_now(self, *, conn_tasks: list[str], queues: list[str] | None) -> bool:
         async with self.app._acquire("looking for due jobs") as conn:
             due = await self.app._store.seconds_until_next_due(
@@ -607,6 +659,7 @@ class Worker:
                 if self._sleep_until and due < self._sleep_until:
                     self._wake.set()
             return
+        self._stray_check = True
         self._wake.set()
 
     def _on_reconnect(self) -> None:
@@ -1058,6 +1111,76 @@ class Worker:
                 )
                 for running in doomed:
                     running.stop("lost")
+
+    # -- one chosen job, inline (taskq.testing.run_job) ------------------------------
+
+    async def run_one(self, job_id: int) -> OutcomeKind | None:
+        """Claim the queued job ``job_id`` now, run it like a claimed job, write it back.
+
+        For tests (``taskq.testing.run_job``): no claim loop, no services. The
+        claim takes a lease like any other (attempts + 1, a new token) but
+        ignores the job's due time, queue pauses and limits. The run is the
+        one every job gets (hooks, middleware, timeout, retry policy, result
+        encoding); the lease is renewed while it runs, and the outcome is
+        written back before this returns.
+
+        Returns:
+            how the attempt ended, or ``None`` when the job could not be
+            claimed (no such job, not queued, or its task is not registered on
+            this App): then nothing ran.
+
+        Raises:
+            DatabaseError: the claim or the write-back failed.
+        """
+        app, cfg = self.app, self.config
+        sent = time.monotonic()
+        async with app._acquire("claiming a job") as conn:
+            job = await app._store.claim_job(
+                conn,
+                job_id,
+                tasks=list(app.tasks),
+                worker_id=self.id,
+                lease_seconds=cfg.lease_seconds,
+            )
+        if job is None:
+            return None
+        self.stats.claims += 1
+        self.stats.claimed += 1
+        loop = asyncio.get_running_loop()
+        running = self._running[job.id] = _Running(job, sent + cfg.lease_seconds)
+        running.task = loop.create_task(self._run_job(running))
+        keeper = loop.create_task(self._renew_while_running())
+        try:
+            # Shielded: the job's task swallows its own cancellation (it
+            # records a release), which would swallow the caller's too.
+            await asyncio.shield(running.task)
+        except BaseException:
+            # The caller is cancelled: stop the job as a shutdown would (back
+            # to the queue, attempt given back) and write that back.
+            running.stop("release")
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({running.task}, timeout=JOB_CANCEL_GRACE_SECONDS)
+                with anyio.move_on_after(FLUSH_TIMEOUT_SECONDS):
+                    await self._flush_all()
+            raise
+        finally:
+            keeper.cancel()
+        outcome = next((o for o in self._outcomes if o.job_id == job.id), None)
+        lost = self.stats.lost
+        while self._outcomes:
+            await self._flush_batch()
+        if outcome is None or self.stats.lost > lost:
+            return "lost"  # another worker owns the job now; nothing was written
+        return OUTCOME_NAMES[outcome.kind]
+
+    async def _renew_while_running(self) -> None:
+        """Renew the leases of running jobs every third of a lease (for ``run_one``)."""
+        while True:
+            await anyio.sleep(self.config.lease_seconds / 3)
+            try:
+                await self._renew()
+            except Exception as exc:  # the next round tries again; the watchdog is not running
+                log.warning("worker %s could not renew its leases: %s", self.id, exc)
 
 
 #: Outcome kinds as written back (see Outcome) -> as hooks, logs and metrics name them.
