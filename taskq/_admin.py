@@ -136,6 +136,13 @@ class AdminStatements:
         self.list_all = (
             f"SELECT * FROM ({live} UNION ALL {finished}) AS j ORDER BY id DESC LIMIT $4"
         )
+        # Task names for `jobs list --task`: those workers registered and those
+        # of live jobs (the hot table is small). History has no index on task,
+        # so it is asked only whether it holds one name the others lack.
+        self.known_tasks = (
+            f"SELECT name FROM {s}.tasks UNION SELECT DISTINCT task FROM {s}.jobs ORDER BY 1"
+        )
+        self.task_in_history = f"SELECT EXISTS (SELECT FROM {s}.history WHERE task = $1)"
         self.locate = (
             f"SELECT id, state, true AS live FROM {s}.jobs WHERE id = ANY($1::bigint[]) "
             f"UNION ALL SELECT id, state, false FROM {s}.history WHERE id = ANY($1::bigint[])"
@@ -480,6 +487,19 @@ async def list_jobs(
     async with app._acquire("listing jobs") as conn:
         rows = await conn.fetch(query, wanted, queue, task, limit)
     return [_detail(r) for r in rows]
+
+
+async def known_tasks(app: App) -> list[str]:
+    """Task names that workers registered or that live jobs name, sorted."""
+    async with app._acquire("listing task names") as conn:
+        rows = await conn.fetch(statements(app.schema).known_tasks)
+    return [r[0] for r in rows]
+
+
+async def task_in_history(app: App, name: str) -> bool:
+    """Whether a finished job of task ``name`` is in history (a scan of history)."""
+    async with app._acquire("looking up a task name") as conn:
+        return bool(await conn.fetchval(statements(app.schema).task_in_history, name))
 
 
 async def _locate(conn: Any, sql: AdminStatements, ids: list[int]) -> dict[int, tuple[str, bool]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import importlib
 import logging
 import os
@@ -18,7 +19,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO
 
@@ -27,10 +28,11 @@ import asyncpg
 import orjson
 
 from . import _admin
-from ._app import App
+from ._app import DEFAULT_CONNECT_TIMEOUT, App, translate_errors
 from ._errors import ConfigurationError, DatabaseError, JobNotFound, TaskqError
 from ._logging import JsonFormatter
 from ._names import DEFAULT_SCHEMA
+from ._version import DISTRIBUTION, __version__
 
 log = logging.getLogger("taskq.cli")
 
@@ -94,13 +96,37 @@ def load_app(spec: str) -> App:
     return obj
 
 
-def _setup_logging(level: str, fmt: str = "text") -> None:
+#: Level of the log lines on stderr when ``--log-level`` is not given.
+DEFAULT_LOG_LEVEL = "INFO"
+
+
+class _QuietEmbeddedNotice(logging.Filter):
+    """Drops the App's "no DSN given ...: using the embedded Postgres" INFO line.
+
+    A worker logs it (someone starting one wants to know where the data
+    lives); ``demo`` prints the same facts itself; on the commands that print a
+    table or JSON it would be a line of noise on every run. ``--log-level``
+    given explicitly brings it back.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "taskq"
+            and record.levelno == logging.INFO
+            and "embedded Postgres" in str(record.msg)
+        )
+
+
+def _setup_logging(level: str | None, fmt: str = "text", *, quiet_embedded: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    if quiet_embedded:
+        handler.addFilter(_QuietEmbeddedNotice())
+    level = (level or DEFAULT_LOG_LEVEL).upper()
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
 
 
 def _run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
@@ -125,7 +151,13 @@ def _app_for(args: argparse.Namespace) -> App:
         # Two connections are plenty for one command.
         app = App(args.dsn, schema=args.schema, pool_max_size=2)
     app.auto_migrate = False  # only `migrate` changes the schema
+    _set_connect_timeout(app, args)
     return app
+
+
+def _set_connect_timeout(app: App, args: argparse.Namespace) -> None:
+    if getattr(args, "connect_timeout", None) is not None:
+        app.connect_kwargs["timeout"] = args.connect_timeout
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -147,17 +179,26 @@ def _dsn_source(app: App, args: argparse.Namespace) -> str:
     return "the embedded Postgres"
 
 
-@contextlib.asynccontextmanager
-async def _opened(app: App, args: argparse.Namespace) -> AsyncIterator[App]:
-    """Open the App; a connection failure names the DSN (password masked) and its source."""
+@contextlib.contextmanager
+def _explained(app: App, args: argparse.Namespace) -> Iterator[None]:
+    """Connection failures name the DSN (password masked) and where it came from.
+
+    A server that never answers is reported as such, with the connect
+    timeout, rather than as a bare ``TimeoutError()``.
+    """
     try:
-        await app.open()
+        yield
     except DatabaseError as exc:
         dsn = f"DSN {_masked(app.dsn or '')!r} from {_dsn_source(app, args)}"
         cause = exc.__cause__
         if isinstance(cause, asyncpg.ClientConfigurationError):
             reason = str(cause).removeprefix("invalid DSN: ")
             raise ConfigurationError(f"invalid {dsn}: {reason}") from exc
+        if isinstance(cause, TimeoutError):
+            seconds = app._connect_args("taskq")["timeout"]
+            raise DatabaseError(
+                f"connecting to Postgres failed: no answer within {seconds:g} s [{dsn}]"
+            ) from exc
         raise DatabaseError(f"{exc} [{dsn}]") from exc
     except ValueError as exc:
         if isinstance(exc, TaskqError):
@@ -165,6 +206,13 @@ async def _opened(app: App, args: argparse.Namespace) -> AsyncIterator[App]:
         # asyncpg's DSN parser lets some mistakes through as plain ValueErrors.
         dsn = f"DSN {_masked(app.dsn or '')!r} from {_dsn_source(app, args)}"
         raise ConfigurationError(f"invalid {dsn}: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def _opened(app: App, args: argparse.Namespace) -> AsyncIterator[App]:
+    """Open the App (failures explained by :func:`_explained`), close it at the end."""
+    with _explained(app, args):
+        await app.open()
     try:
         yield app
     finally:
@@ -337,6 +385,7 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     if args.dsn:
         app._dsn_arg = args.dsn
+    _set_connect_timeout(app, args)
     settings: dict[str, Any] = {"shutdown_timeout": args.shutdown_timeout}
     if args.lease_seconds is not None:
         settings["lease_seconds"] = args.lease_seconds
@@ -344,32 +393,33 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
         settings["poll_interval"] = args.poll_interval
     if args.no_cron:
         settings["cron"] = False
-    if args.metrics_port is None:
+    async with contextlib.AsyncExitStack() as stack:
+        metrics = None
+        if args.metrics_port is not None:
+            try:
+                from .contrib.prometheus import TaskqMetrics
+            except ImportError as exc:
+                raise TaskqError(
+                    "--metrics-port needs prometheus-client: "
+                    f"pip install 'taskq-pg[metrics]' ({exc})"
+                ) from None
+            metrics = TaskqMetrics(app)
+            try:
+                server = metrics.start_http_server(args.metrics_port, args.metrics_addr)
+            except OSError as exc:
+                raise TaskqError(
+                    f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {exc}"
+                ) from None
+            stack.callback(server.close)
+            log.info("serving metrics on http://%s:%d/metrics", args.metrics_addr, server.port)
+        # Opened here (the worker's own open() then counts one more user) so
+        # that a database that cannot be reached is named in the error.
+        await stack.enter_async_context(_opened(app, args))
+        if metrics is not None:
+            await stack.enter_async_context(metrics.refreshing())
         stats = await app.run_worker(
             concurrency=args.concurrency, queues=args.queue or None, **settings
         )
-    else:
-        try:
-            from .contrib.prometheus import TaskqMetrics
-        except ImportError as exc:
-            raise TaskqError(
-                f"--metrics-port needs prometheus-client: pip install 'taskq-pg[metrics]' ({exc})"
-            ) from None
-        metrics = TaskqMetrics(app)
-        try:
-            server = metrics.start_http_server(args.metrics_port, args.metrics_addr)
-        except OSError as exc:
-            raise TaskqError(
-                f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {exc}"
-            ) from None
-        log.info("serving metrics on http://%s:%d/metrics", args.metrics_addr, server.port)
-        try:
-            async with metrics.refreshing():
-                stats = await app.run_worker(
-                    concurrency=args.concurrency, queues=args.queue or None, **settings
-                )
-        finally:
-            server.close()
     log.info(
         "worker stopped: %d succeeded, %d failed, %d retried, %d cancelled, "
         "%d returned to the queue",
@@ -386,11 +436,10 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
     app = _app_for(args)
     from . import _migrations
 
-    dsn = await app._resolve_dsn()
-    from ._app import translate_errors
-
-    with translate_errors("connecting to Postgres"):
-        conn = await asyncpg.connect(dsn, **app._connect_args("taskq-migrate"))
+    with _explained(app, args):
+        app.dsn = await app._resolve_dsn()
+        with translate_errors("connecting to Postgres"):
+            conn = await asyncpg.connect(app.dsn, **app._connect_args("taskq-migrate"))
     try:
         with translate_errors("migrating"):
             if args.dry_run:
@@ -527,12 +576,62 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _short_name(task: str) -> str:
+    """``store`` for ``gjobs.store``: the part after the last dot."""
+    return task.rpartition(".")[2]
+
+
+async def _resolve_task(app: App, name: str) -> str:
+    """The full task name that ``name`` means: itself, or a unique short name.
+
+    Raises UsageError with a suggestion when no known task matches, or when
+    a short name fits several tasks.
+    """
+    known = await _admin.known_tasks(app)
+    if name in known:
+        return name
+    matches = [k for k in known if _short_name(k) == name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UsageError(
+            f"{_plural(len(matches), 'task')} are named {name!r} in schema {app.schema!r}: "
+            f"{', '.join(map(repr, matches))}; give the full name"
+        )
+    # A task that only finished jobs remember (e.g. cancelled before any
+    # worker ran it) is in neither list; history is asked about it last.
+    if await _admin.task_in_history(app, name):
+        return name
+    raise UsageError(_no_such_task(app, name, known))
+
+
+def _no_such_task(app: App, name: str, known: list[str]) -> str:
+    message = f"no task named {name!r} in schema {app.schema!r}"
+    by_short: dict[str, list[str]] = {}
+    for task in known:
+        by_short.setdefault(_short_name(task), []).append(task)
+    # The closest full or short name; a short name stands for every task it ends.
+    close = difflib.get_close_matches(name, [*known, *by_short], n=1)
+    guesses = list(
+        dict.fromkeys(
+            full for c in close for full in ([c] if c in known else []) + by_short.get(c, [])
+        )
+    )
+    if guesses:
+        return f"{message}; did you mean {' or '.join(map(repr, guesses))}?"
+    if known:
+        shown = ", ".join(map(repr, known[:10])) + (", ..." if len(known) > 10 else "")
+        return f"{message} (known tasks: {shown})"
+    return f"{message} (no worker has registered a task there yet)"
+
+
 async def _cmd_jobs_list(args: argparse.Namespace) -> int:
     app = _app_for(args)
     states = args.state or list(_admin.ALL_STATES)
     async with _opened(app, args):
+        task = None if args.task is None else await _resolve_task(app, args.task)
         jobs = await _admin.list_jobs(
-            app, states=states, queue=args.queue, task=args.task, limit=args.limit
+            app, states=states, queue=args.queue, task=task, limit=args.limit
         )
     if args.json:
         _print_json([j.to_dict() for j in jobs])
@@ -990,8 +1089,14 @@ async def _cmd_embedded(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m taskq``."""
     parser = _Parser(prog="python -m taskq", description="taskq: background jobs on Postgres.")
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help=f"least severe log lines written to stderr (default {DEFAULT_LOG_LEVEL}; "
+        "DEBUG adds tracebacks of unexpected errors). Given explicitly, it also shows "
+        "where the embedded Postgres is, which only worker says by default",
     )
     parser.add_argument(
         "--log-format",
@@ -1009,6 +1114,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--app", help="MODULE:APP to take the DSN and schema from")
         p.add_argument(
             "--schema", help=f"taskq schema (default: $TASKQ_SCHEMA, else {DEFAULT_SCHEMA})"
+        )
+        connect_timeout_option(p)
+
+    def connect_timeout_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--connect-timeout",
+            type=_positive_float,
+            metavar="SECONDS",
+            help="give up on a database that does not answer a new connection after this "
+            f"long (default: the App's, else {DEFAULT_CONNECT_TIMEOUT:g})",
         )
 
     def json_option(p: argparse.ArgumentParser) -> None:
@@ -1057,6 +1172,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="address the metrics server listens on (default 127.0.0.1; 0.0.0.0 for all)",
     )
     worker.add_argument("--dsn", help="override the App's DSN")
+    connect_timeout_option(worker)
     worker.set_defaults(handler=_cmd_worker)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the taskq schema")
@@ -1097,7 +1213,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only jobs in this state (repeatable; default all)",
     )
     jobs_list.add_argument("--queue", help="only jobs of this queue")
-    jobs_list.add_argument("--task", help="only jobs of this task")
+    jobs_list.add_argument(
+        "--task",
+        help="only jobs of this task: its full name, or the part after the last dot when "
+        "only one known task ends with it (e.g. store for myapp.jobs.store)",
+    )
     jobs_list.add_argument(
         "--limit", type=_positive_int, default=50, help="most jobs listed (default 50)"
     )
@@ -1234,7 +1354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level, args.log_format)
+    _setup_logging(
+        args.log_level,
+        args.log_format,
+        quiet_embedded=args.log_level is None and args.command != "worker",
+    )
     try:
         return _run(args.handler(args), uvloop=args.command in ("worker", "demo"))
     except UsageError as exc:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -93,6 +98,112 @@ def test_bad_dsn_is_a_clear_error_with_exit_code_1(pg_dsn: str) -> None:
     assert "taskq: error:" in done.stderr
     assert "cannot reach Postgres" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_version_names_the_distribution() -> None:
+    done = subprocess.run(
+        [PYTHON, "-m", "taskq", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"taskq-pg {taskq.__version__}\n"
+
+
+def test_log_level_is_documented_and_takes_any_case(pg_dsn: str, schema: str) -> None:
+    helped = subprocess.run(
+        [PYTHON, "-m", "taskq", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "least severe log lines written to stderr (default INFO" in " ".join(
+        helped.stdout.split()
+    )
+    done = run_cli(pg_dsn, "--log-level", "warning", "migrate", "--schema", schema)
+    assert done.returncode == 0, done.stderr
+    assert "applied migration(s)" in done.stdout
+    assert done.stderr == ""  # the INFO lines of the migrations are below WARNING
+    bad = run_cli(pg_dsn, "--log-level", "loud", "status")
+    assert bad.returncode == 2
+    assert "invalid choice: 'LOUD'" in bad.stderr
+
+
+def test_worker_connection_errors_name_the_dsn_and_its_source(pg_dsn: str, tmp_path: Path) -> None:
+    # Nothing listens on port 1 of the loopback: refused at once.
+    closed = "postgresql://nobody:hunter2@127.0.0.1:1/nothing"
+    masked = "postgresql://nobody:***@127.0.0.1:1/nothing"
+    (tmp_path / "ownapp.py").write_text(f"import taskq\n\napp = taskq.App({closed!r})\n")
+    cases = [
+        ((), {"TASKQ_DSN": closed}, "$TASKQ_DSN"),
+        (("--dsn", closed), {}, "--dsn"),
+        ((), {}, "the App ownapp:app"),
+    ]
+    for extra, env_extra, source in cases:
+        env = subprocess_env(pg_dsn, **env_extra)
+        app = "ownapp:app" if source.startswith("the App") else "workerapp:app"
+        done = subprocess.run(
+            [PYTHON, "-m", "taskq", "worker", app, *extra],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 1, (source, done.stderr)
+        assert done.stderr.startswith("taskq: error: connecting to Postgres failed"), done.stderr
+        assert "cannot reach Postgres" in done.stderr
+        assert done.stderr.endswith(f"[DSN {masked!r} from {source}]\n"), done.stderr
+        assert "hunter2" not in done.stderr and "Traceback" not in done.stderr
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections and never says a word."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def test_connect_timeout_says_no_answer_within(pg_dsn: str, schema: str) -> None:
+    with silent_server() as port:
+        dsn = f"postgresql://nobody:hunter2@127.0.0.1:{port}/nothing"
+        expected = (
+            "taskq: error: connecting to Postgres failed: no answer within 0.5 s "
+            f"[DSN 'postgresql://nobody:***@127.0.0.1:{port}/nothing' from {{}}]\n"
+        )
+        for args, env_extra, source in [
+            (("status", "--dsn", dsn, "--connect-timeout", "0.5"), {}, "--dsn"),
+            (("migrate", "--dsn", dsn, "--connect-timeout", "0.5"), {}, "--dsn"),
+            (("worker", "workerapp:app", "--connect-timeout", "0.5"), {"TASKQ_DSN": dsn}, None),
+        ]:
+            started = time.monotonic()
+            done = subprocess.run(
+                [PYTHON, "-m", "taskq", *args],
+                env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema, **env_extra),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+            elapsed = time.monotonic() - started
+            assert done.returncode == 1, (args, done.stderr)
+            assert done.stderr == expected.format(source or "$TASKQ_DSN"), args
+            assert elapsed < 30, (args, elapsed)  # the default timeout (10 s) was not used
 
 
 def test_worker_with_a_bad_app_path_fails_clearly(pg_dsn: str) -> None:
@@ -217,9 +328,54 @@ def test_demo_on_the_embedded_default_with_no_dsn(tmp_path: object) -> None:
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"embedded Postgres: data in {home / 'postgres'}" in done.stdout
+        # Said once, in the demo's own words: the App's log line stays quiet.
+        assert "using the embedded Postgres" not in done.stderr
         assert "summary" in done.stdout
         assert "60 jobs" in done.stdout
         assert "python -m taskq embedded stop" in done.stdout
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [PYTHON, "-m", "taskq", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+            )
+
+        # Commands that print a table keep the notice to themselves...
+        quiet = cli("status", "--schema", "taskq_demo")
+        assert quiet.returncode == 0, quiet.stderr
+        assert quiet.stderr == ""
+        # ...unless a log level is asked for.
+        told = cli("--log-level", "info", "status", "--schema", "taskq_demo")
+        assert told.returncode == 0, told.stderr
+        assert "using the embedded Postgres already running" in told.stderr
+        assert f"(data: {home / 'postgres'}, log: " in told.stderr
+        # A worker says where the data lives.
+        worker = subprocess.Popen(
+            [PYTHON, "-m", "taskq", "worker", "workerapp:app"],
+            env={**env, "TASKQ_SCHEMA": "taskq_demo"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert worker.stderr is not None
+            seen = ""
+            for line in worker.stderr:
+                seen += line
+                if " started: concurrency" in line:
+                    break
+            assert "using the embedded Postgres already running" in seen, seen
+            assert f"(data: {home / 'postgres'}, log: " in seen
+            worker.send_signal(signal.SIGTERM)
+            worker.communicate(timeout=60)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        assert worker.returncode == 0
         # The server outlives the demo (reused next time) until stopped.
         assert _embedded._read_live_pidfile(home / "postgres") is not None
         stop = subprocess.run(

@@ -309,6 +309,64 @@ async def test_jobs_list_and_show(pg_dsn: str, schema: str) -> None:
     assert missing.stderr == f"taskq: error: no job with id 99999999 in schema {schema!r}\n"
 
 
+async def test_jobs_list_task_by_its_short_name_or_a_suggestion(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+
+    @app.task(name="gjobs.store")
+    async def store(n: int) -> None:
+        return None
+
+    @app.task(name="gjobs.fetch")
+    async def fetch(n: int) -> None:
+        return None
+
+    @app.task(name="mirror.fetch")
+    async def mirror_fetch(n: int) -> None:
+        return None
+
+    async with app:
+        await app.drain()  # registers the three tasks; there is no job yet
+        stored = [await store.enqueue(n=i) for i in range(2)]
+        await fetch.enqueue(n=1)
+        async with app.pool.acquire() as conn:
+            # Finished jobs of a task that no worker registered and no live job names.
+            await add_history(conn, schema, 2, queue="q", task="legacy.export", state="cancelled")
+
+    def listed(task: str) -> list[int]:
+        done = cli(pg_dsn, schema, "jobs", "list", "--json", "--task", task)
+        assert done.returncode == 0, done.stderr
+        return [item["id"] for item in json.loads(done.stdout)]
+
+    def refused(task: str) -> str:
+        done = cli(pg_dsn, schema, "jobs", "list", "--task", task)
+        assert (done.returncode, done.stdout) == (2, ""), done
+        return done.stderr
+
+    newest_first = [j.id for j in reversed(stored)]
+    assert listed("gjobs.store") == newest_first
+    assert listed("store") == newest_first  # the one known task whose name ends with it
+    assert len(listed("legacy.export")) == 2  # known to history only, by its full name
+    where = f"in schema {schema!r}"
+    assert refused("fetch") == (
+        f"taskq: error: 2 tasks are named 'fetch' {where}: 'gjobs.fetch', 'mirror.fetch'; "
+        "give the full name\n"
+    )
+    assert refused("stor") == (
+        f"taskq: error: no task named 'stor' {where}; did you mean 'gjobs.store'?\n"
+    )
+    assert refused("gjobs.stroe") == (
+        f"taskq: error: no task named 'gjobs.stroe' {where}; did you mean 'gjobs.store'?\n"
+    )
+    assert refused("fetc") == (
+        f"taskq: error: no task named 'fetc' {where}; "
+        "did you mean 'gjobs.fetch' or 'mirror.fetch'?\n"
+    )
+    assert refused("zzz") == (
+        f"taskq: error: no task named 'zzz' {where} "
+        "(known tasks: 'gjobs.fetch', 'gjobs.store', 'mirror.fetch')\n"
+    )
+
+
 async def test_retry_named_jobs_and_a_unique_job_whose_key_is_held(
     pg_dsn: str, schema: str
 ) -> None:
