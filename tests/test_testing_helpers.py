@@ -620,6 +620,29 @@ def test_the_plugin_without_configuration_says_how_to_configure(
     assert "taskq_base_app" in output
 
 
+def test_the_plugin_takes_the_app_from_an_overridden_fixture(tmp_path: Path, pg_dsn: str) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "myapp.py").write_text(
+        "import taskq\n\napp = taskq.App()\n\n\n"
+        "@app.task(name='greet')\nasync def greet(name: str) -> str:\n    return 'hi ' + name\n"
+    )
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\nimport myapp\n\n\n"
+        "@pytest.fixture(scope='session')\ndef anyio_backend():\n    return 'asyncio'\n\n\n"
+        "@pytest.fixture(scope='session')\ndef taskq_base_app():\n    return myapp.app\n"
+    )
+    (tmp_path / "test_it.py").write_text(
+        "import pytest\n\nimport myapp\nfrom taskq import testing\n\n\n"
+        "@pytest.mark.anyio\nasync def test_it(taskq_app):\n"
+        "    assert taskq_app is myapp.app\n"
+        "    job = await myapp.greet.enqueue(name='ada')\n"
+        "    await testing.assert_enqueued('greet', name='ada')\n"
+        "    assert (await testing.run_job(job)).result == 'hi ada'\n"
+    )
+    done = _run_pytest(tmp_path, _pytest_env(pg_dsn))
+    assert _summary(done.stdout) == {"passed": 1}, done.stdout + done.stderr
+
+
 def test_the_plugin_is_loaded_and_adds_only_its_options(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.hasplugin("taskq")
     assert pytestconfig.getini("taskq_app") == ""
