@@ -278,9 +278,7 @@ async def test_a_value_that_no_longer_decodes_fails_the_attempt_naming_argument_
         raise AssertionError("must not run")
 
     async with app:
-        job = await app.enqueue(
-            "ship", {"shipment": {"id": str(uuid.uuid4()), "weight_kg": "1.5"}}
-        )
+        job = await app.enqueue("ship", {"shipment": {"id": str(uuid.uuid4()), "weight_kg": "1.5"}})
         # Change what the stored arguments say behind the App's back: a field renamed.
         async with app.pool.acquire() as conn:
             await conn.execute(
@@ -311,7 +309,7 @@ async def test_result_that_no_longer_decodes_raises_decode_error(app: taskq.App)
         assert await job.result(timeout=5) == dt.date(2026, 1, 2)
         async with app.pool.acquire() as conn:
             await conn.execute(
-                f"UPDATE \"{app.schema}\".history SET result = '\"soon\"' WHERE id = $1", job.id
+                f'UPDATE "{app.schema}".history SET result = \'"soon"\' WHERE id = $1', job.id
             )
         with pytest.raises(taskq.DecodeError, match=r"result of task 'when' does not decode"):
             await job.result(timeout=5)
@@ -355,7 +353,9 @@ async def test_annotations_are_resolved_when_first_used(app: taskq.App) -> None:
 
 async def test_plain_tasks_pay_nothing(app: taskq.App) -> None:
     @app.task
-    async def plain(a: int, b: str, c: dict[str, Any], d: list[int] | None = None) -> dict[str, int]:
+    async def plain(
+        a: int, b: str, c: dict[str, Any], d: list[int] | None = None
+    ) -> dict[str, int]:
         return {"a": a}
 
     assert not plain.codec.typed
