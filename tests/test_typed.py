@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import orjson
 import pydantic
 import pytest
 
@@ -206,7 +207,8 @@ async def test_enqueue_by_name_with_plain_json_from_a_producer_without_the_funct
         (
             "enums",
             {"color": "blue", "level": Level.LOW, "by_level": {}},
-            r"argument 'color' is 'blue', not a value of (tests\.)?typedapp\.Color \('red', 'green'\)",
+            r"argument 'color' is 'blue', not a value of (tests\.)?typedapp\.Color "
+            r"\('red', 'green'\)",
         ),
         (
             "order",
@@ -283,7 +285,7 @@ async def test_a_value_that_no_longer_decodes_fails_the_attempt_naming_argument_
         async with app.pool.acquire() as conn:
             await conn.execute(
                 f'UPDATE "{app.schema}".jobs SET args = $1::jsonb WHERE id = $2',
-                '{"shipment": {"id": "%s", "weight": "1.5"}}' % uuid.uuid4(),
+                orjson.dumps({"shipment": {"id": str(uuid.uuid4()), "weight": "1.5"}}).decode(),
                 job.id,
             )
         stats = await app.drain()
