@@ -47,6 +47,19 @@ def test_quickstart_runs(pg_dsn: str, schema: str) -> None:
     assert done.stdout.strip() == "welcome mail sent to user 42"
 
 
+def test_typed_arguments_example_runs(pg_dsn: str, schema: str) -> None:
+    done = subprocess.run(
+        [PYTHON, "typed_args.py"],
+        cwd=EXAMPLES,
+        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["49.90", "datetime.date(2027, 3, 2)"]
+
+
 def test_scheduling_example_runs(pg_dsn: str, schema: str) -> None:
     started = time.monotonic()
     done = subprocess.run(
