@@ -319,24 +319,38 @@ def test_installed_cli_prints_the_version(installed: Installed) -> None:
     assert (by_script.returncode, by_script.stdout) == (0, expected), by_script.stderr
 
 
-def test_installed_demo_runs(installed: Installed, pg_dsn: str) -> None:
-    # The demo keeps to its own schema (taskq_demo); the DSN keeps it off the
-    # embedded Postgres.
-    done = run_in(
-        installed,
-        str(installed.python),
-        "-m",
-        "taskq",
-        "demo",
-        "--jobs",
-        "60",
-        timeout=300,
-        TASKQ_DSN=pg_dsn,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "60 jobs in" in done.stdout
-    assert "summary" in done.stdout and "dead letter" in done.stdout
-    assert "Traceback" not in done.stderr
+def test_installed_demo_runs_on_the_embedded_postgres(installed: Installed) -> None:
+    # As on a fresh machine: no DSN anywhere, so the demo starts the embedded
+    # Postgres that the installed `embedded` extra ships (in a home of its own).
+    home = installed.workdir / "taskq-home"
+    try:
+        done = run_in(
+            installed,
+            str(installed.python),
+            "-m",
+            "taskq",
+            "demo",
+            "--jobs",
+            "60",
+            timeout=300,
+            TASKQ_HOME=str(home),
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"embedded Postgres: data in {home / 'postgres'}" in done.stdout
+        assert "60 jobs in" in done.stdout
+        assert "summary" in done.stdout and "dead letter" in done.stdout
+        assert "Traceback" not in done.stderr
+    finally:
+        stopped = run_in(
+            installed,
+            str(installed.python),
+            "-m",
+            "taskq",
+            "embedded",
+            "stop",
+            TASKQ_HOME=str(home),
+        )
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 _JOBS_MODULE = '''\
