@@ -64,10 +64,6 @@ class Converter:
     def decode(self, value: Any) -> Any:
         raise NotImplementedError
 
-    def accepts(self, value: Any) -> bool:
-        """Whether ``value`` is an instance of the type (used to pick a union member)."""
-        raise NotImplementedError
-
 
 class _Scalar(Converter):
     """A type carried as one JSON string (or number): datetime, UUID, Decimal..."""
@@ -86,9 +82,6 @@ class _Scalar(Converter):
         self.from_json = from_json
         self.json_types = json_types
         self.check = check or (lambda v: isinstance(v, tp))
-
-    def accepts(self, value: Any) -> bool:
-        return self.check(value)
 
     def encode(self, value: Any) -> Any:
         if self.check(value):
@@ -177,9 +170,6 @@ class _Enum(Converter):
         self.tp = tp
         self.name = _type_name(tp)
 
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, self.tp)
-
     def encode(self, value: Any) -> Any:
         # A member, or a member's value given as such.
         member = value if isinstance(value, self.tp) else self.decode(value)
@@ -220,9 +210,6 @@ class _Fields(Converter):
         self.read = read
         self.is_instance = is_instance
 
-    def accepts(self, value: Any) -> bool:
-        return self.is_instance(value)
-
     def encode(self, value: Any) -> Any:
         if self.is_instance(value):
             items = self.read(value)
@@ -262,9 +249,6 @@ class _Pydantic(Converter):
         self.tp = tp
         self.name = _type_name(tp)
 
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, self.tp)
-
     def encode(self, value: Any) -> Any:
         if not isinstance(value, self.tp):
             if not isinstance(value, Mapping):
@@ -286,13 +270,8 @@ class _Sequence(Converter):
 
     def __init__(self, tp: Any, item: Converter | None, make: Callable[[Any], Any]) -> None:
         self.name = _type_name(tp)
-        self.origin = typing.get_origin(tp) or tp
         self.item = item
         self.make = make
-
-    def accepts(self, value: Any) -> bool:
-        origin = self.origin
-        return isinstance(origin, type) and isinstance(value, origin)
 
     def encode(self, value: Any) -> Any:
         if isinstance(value, str | bytes | Mapping) or not isinstance(
@@ -321,9 +300,6 @@ class _Tuple(Converter):
         self.name = _type_name(tp)
         self.items = items
 
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, tuple) and len(value) == len(self.items)
-
     def encode(self, value: Any) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(self.items):
             raise _Refused(f"must be {self.name}, got {value!r:.80}")
@@ -351,9 +327,6 @@ class _Dict(Converter):
         self.key = key
         self.key_tp = key_tp
         self.value = value
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, Mapping)
 
     def _encode_key(self, key: Any) -> str:
         if self.key is None:
@@ -407,9 +380,6 @@ class _Optional(Converter):
         self.inner = inner
         self.name = f"{inner.name} | None"
 
-    def accepts(self, value: Any) -> bool:
-        return value is None or self.inner.accepts(value)
-
     def encode(self, value: Any) -> Any:
         return None if value is None else self.inner.encode(value)
 
@@ -423,9 +393,6 @@ class _Unsupported(Converter):
     def __init__(self, tp: Any, reason: str) -> None:
         self.name = _type_name(tp)
         self.reason = reason
-
-    def accepts(self, value: Any) -> bool:
-        return False
 
     def encode(self, value: Any) -> Any:
         raise _Refused(f"is annotated {self.name}, which taskq cannot encode: {self.reason}")
@@ -521,9 +488,6 @@ class _Lazy(Converter):
         if self._conv is None:
             self._conv = converter_for(self.tp) or _Unsupported(self.tp, "no converter")
         return self._conv
-
-    def accepts(self, value: Any) -> bool:
-        return self._get().accepts(value)
 
     def encode(self, value: Any) -> Any:
         return self._get().encode(value)

@@ -353,6 +353,30 @@ async def test_annotations_are_resolved_when_first_used(app: taskq.App) -> None:
         assert await job.result(timeout=5) == [Later(now), Later(now)]
 
 
+@dataclasses.dataclass
+class Node:
+    name: str
+    born: dt.date
+    children: list[Node] = dataclasses.field(default_factory=list)
+
+
+async def test_recursive_dataclasses(app: taskq.App) -> None:
+    @app.task(name="tree")
+    async def tree(root: Node) -> Node:
+        assert isinstance(root.children[0].children[0].born, dt.date)
+        return root
+
+    day = dt.date(2026, 1, 1)
+    root = Node("a", day, [Node("b", day, [Node("c", day)]), Node("d", day)])
+    async with app:
+        job = await tree.enqueue(root=root)
+        assert (await job.status()).args["root"]["children"][0]["children"][0][
+            "born"
+        ] == "2026-01-01"
+        await app.drain()
+        assert await job.result(timeout=5) == root
+
+
 async def test_plain_tasks_pay_nothing(app: taskq.App) -> None:
     @app.task
     async def plain(
