@@ -64,7 +64,7 @@ async def run_demo(*, dsn: str | None, jobs: int, concurrency: int) -> int:
     # summary lists the dead letters).
     logging.getLogger("taskq.worker").setLevel(logging.CRITICAL)
     if dsn:
-        app._dsn_arg = dsn
+        app.database.dsn_arg = dsn
     out.write("taskq demo: starting Postgres and the worker...\n")
     out.flush()
     async with app:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._errors import JobCancelled, JobFailed
 from ._serialization import decode
-
-if TYPE_CHECKING:
-    from ._app import App
 
 
 class JobState(enum.StrEnum):
@@ -97,13 +94,25 @@ class JobStatus:
         return f"{self.error.get('type')}: {self.error.get('message')}"
 
 
+class JobBackend(Protocol):
+    """What a job handle asks: the App's results (status, waiting, cancel, re-run)."""
+
+    async def status(self, job_id: int) -> JobStatus: ...
+
+    async def result(self, job_id: int, timeout: float | None) -> Any: ...
+
+    async def cancel(self, job_id: int) -> bool: ...
+
+    async def rerun(self, job_id: int) -> bool: ...
+
+
 class Job:
     """A handle on one job. Cheap to make; every method asks the database."""
 
-    __slots__ = ("_app", "duplicate", "id")
+    __slots__ = ("_results", "duplicate", "id")
 
-    def __init__(self, app: App, job_id: int, *, duplicate: bool = False) -> None:
-        self._app = app
+    def __init__(self, results: JobBackend, job_id: int, *, duplicate: bool = False) -> None:
+        self._results = results
         self.id = job_id
         #: True when ``enqueue()`` with a unique key found the key taken and
         #: returned the job holding it instead of writing a new one.
@@ -113,7 +122,7 @@ class Job:
         return f"<taskq.Job {self.id}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Job) and other.id == self.id and other._app is self._app
+        return isinstance(other, Job) and other.id == self.id and other._results is self._results
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -124,7 +133,7 @@ class Job:
         Raises:
             JobNotFound: no such job (or it was pruned from history).
         """
-        return await self._app._job_status(self.id)
+        return await self._results.status(self.id)
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait until the job finishes and return its decoded return value.
@@ -142,12 +151,7 @@ class Job:
             JobCancelled: the job was cancelled.
             TimeoutError: the job did not finish within ``timeout``.
         """
-        status = await self._app._wait_finished(self.id, timeout)
-        value = outcome_of(status)
-        # The task's return annotation, where this process has the task,
-        # turns the stored JSON back into a datetime, a dataclass...
-        task = self._app.tasks.get(status.task)
-        return value if task is None else task.codec.decode_result(value)
+        return await self._results.result(self.id, timeout)
 
     async def cancel(self) -> bool:
         """Cancel the job.
@@ -156,7 +160,7 @@ class Job:
         stop: its worker cancels the coroutine (finally-blocks run) and records it
         as cancelled. Returns ``False`` if the job had already finished.
         """
-        return await self._app._cancel(self.id)
+        return await self._results.cancel(self.id)
 
     async def retry(self) -> bool:
         """Run a failed or cancelled job again, with a fresh attempt budget.
@@ -164,7 +168,7 @@ class Job:
         Returns ``False`` if the job is not failed or cancelled, or if it has a
         unique key that a live job holds now.
         """
-        return await self._app._rerun(self.id)
+        return await self._results.rerun(self.id)
 
 
 def outcome_of(status: JobStatus) -> Any:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ._database import Database
 from ._limits import RateLimit, check_concurrency_limit
 from ._names import check_queue
+from ._store import Store
 
-if TYPE_CHECKING:
-    from ._app import App
+
+class QueueHost(Protocol):
+    """What a queue handle needs from the App: its database and statements."""
+
+    @property
+    def database(self) -> Database: ...
+
+    @property
+    def store(self) -> Store: ...
 
 
 class _Unset:
@@ -56,12 +65,20 @@ def info_from_row(row: Any) -> QueueInfo:
     )
 
 
+async def queue_infos(database: Database, store: Store) -> list[QueueInfo]:
+    """Every queue that has live jobs or settings, with its settings and counts."""
+    async with database.acquire("reading queues") as conn:
+        rows = await store.queue_overview(conn)
+    return [info_from_row(r) for r in rows]
+
+
 class Queue:
     """A handle on one queue, from ``app.queue(name)``. Settings live in Postgres
     and hold for every worker on every host: a claim reads them each time."""
 
-    def __init__(self, app: App, name: str) -> None:
-        self._app = app
+    def __init__(self, app: QueueHost, name: str) -> None:
+        self._database = app.database
+        self._store = app.store
         self.name = check_queue(name)
 
     def __repr__(self) -> str:
@@ -106,12 +123,12 @@ class Queue:
 
     async def info(self) -> QueueInfo:
         """Settings and counts of this queue."""
-        for found in await self._app.queues():
+        for found in await queue_infos(self._database, self._store):
             if found.name == self.name:
                 return found
         return QueueInfo(self.name, False, None, None, 0, 0)
 
     async def _configure(self, **changes: Any) -> QueueInfo:
-        async with self._app._acquire("changing queue settings") as conn:
-            await self._app._store.configure_queue(conn, self.name, **changes)
+        async with self._database.acquire("changing queue settings") as conn:
+            await self._store.configure_queue(conn, self.name, **changes)
         return await self.info()

@@ -89,6 +89,8 @@ class Store:
         self.enqueued_channel = f"taskq:{schema}:enqueued"
         self.finished_channel = f"taskq:{schema}:finished"
         self.cancel_channel = f"taskq:{schema}:cancel"
+        #: Every channel taskq notifies on, for the one LISTEN connection.
+        self.channels = [self.enqueued_channel, self.finished_channel, self.cancel_channel]
 
         # Enqueue. Each statement also sends the wake-up (see the migration for
         # the payload): "queue" when the jobs are due now, "queue@epoch" when

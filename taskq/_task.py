@@ -7,16 +7,15 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from ._codec import TaskCodec
 from ._errors import ConfigurationError
 from ._limits import RateLimit
-from ._names import check_queue
-from ._retry import Retry
+from ._names import check_queue, check_task_name, default_task_name
+from ._retry import Retry, coerce_retry
 
 if TYPE_CHECKING:
-    from ._app import App
     from ._job import Job
 
 P = ParamSpec("P")
@@ -109,6 +108,87 @@ def check_priority(priority: object) -> int:
     return priority
 
 
+class EnqueueTarget(Protocol):
+    """Where a task's jobs are written (the App's enqueue path)."""
+
+    async def enqueue_one(
+        self, name: str, stored: dict[str, Any], opts: EnqueueOptions, task: Task[Any, Any] | None
+    ) -> Job: ...
+
+    async def enqueue_many(
+        self,
+        name: str,
+        stored: list[dict[str, Any]],
+        opts: EnqueueOptions,
+        task: Task[Any, Any] | None,
+    ) -> list[Job]: ...
+
+
+class TaskOwner(Protocol):
+    """What a task needs from the App it is registered on."""
+
+    @property
+    def enqueuer(self) -> EnqueueTarget: ...
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """``@app.task``'s settings, checked when the decorator is made."""
+
+    queue: str
+    priority: int
+    retry: Retry
+    timeout: float | None
+    rate_limit: RateLimit | None
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        queue: str,
+        priority: int,
+        retry: Retry | int | bool | None,
+        timeout: float | timedelta | None,
+        rate_limit: RateLimit | str | tuple[int, Any] | None,
+    ) -> TaskSettings:
+        check_queue(queue)
+        check_priority(priority)
+        policy = coerce_retry(retry)
+        rate = None if rate_limit is None else RateLimit.parse(rate_limit)
+        seconds: float | None
+        if timeout is None:
+            seconds = None
+        elif isinstance(timeout, timedelta):
+            seconds = timeout.total_seconds()
+        elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
+            seconds = float(timeout)
+        else:
+            raise ConfigurationError(f"timeout must be seconds or a timedelta, got {timeout!r}")
+        if seconds is not None and not seconds > 0:
+            raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
+        return cls(queue, priority, policy, seconds, rate)
+
+
+def make_task(
+    owner: TaskOwner, fn: Callable[..., Any], *, name: str | None, settings: TaskSettings
+) -> Task[Any, Any]:
+    """A task of ``fn`` named ``name`` (default ``module.qualname``)."""
+    if isinstance(fn, Task):
+        raise ConfigurationError(f"{fn!r} is already a task")
+    if not callable(fn):
+        raise ConfigurationError(f"@app.task needs a function, got {fn!r}")
+    return Task(
+        owner,
+        fn,
+        name=check_task_name(name or default_task_name(fn)),
+        queue=settings.queue,
+        priority=settings.priority,
+        retry=settings.retry,
+        timeout=settings.timeout,
+        rate_limit=settings.rate_limit,
+    )
+
+
 class _Signature:
     """Checks arguments against the task function at enqueue time and rebuilds calls."""
 
@@ -167,7 +247,7 @@ class Task(Generic[P, R]):
 
     def __init__(
         self,
-        app: App,
+        app: TaskOwner,
         fn: Callable[P, R],
         *,
         name: str,
@@ -297,7 +377,9 @@ class BoundTask(Generic[P, R]):
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Like :meth:`Task.enqueue`, with these options."""
         stored = self.task.bind_arguments(args, kwargs)
-        return await self.task.app._enqueue_one(self.task.name, stored, self.opts, self.task)
+        return await self.task.app.enqueuer.enqueue_one(
+            self.task.name, stored, self.opts, self.task
+        )
 
     async def enqueue_many(self, kwargs_list: Iterable[Mapping[str, Any]]) -> list[Job]:
         """Like :meth:`Task.enqueue_many`, with these options."""
@@ -310,7 +392,7 @@ class BoundTask(Generic[P, R]):
                     f"{type(kwargs).__name__}"
                 )
             stored.append(task.bind_arguments((), kwargs))
-        return await task.app._enqueue_many(task.name, stored, self.opts, task)
+        return await task.app.enqueuer.enqueue_many(task.name, stored, self.opts, task)
 
 
 def with_defaults(opts: EnqueueOptions, task: Task[Any, Any] | None, queue: str) -> EnqueueOptions:

@@ -23,23 +23,45 @@ import traceback
 from collections.abc import Callable
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ._cron import Scheduler
+from ._database import Database
 from ._errors import ConfigurationError, DatabaseError, DecodeError, SerializationError
 from ._hooks import JobContext, JobOutcome, OutcomeKind
 from ._names import check_queue, suggest_task
+from ._registry import Registry
+from ._scheduler import Scheduler
 from ._serialization import decode, encode
-from ._store import ClaimedJob, Outcome
+from ._store import ClaimedJob, Outcome, Store
 
 if TYPE_CHECKING:
-    from ._app import App
     from ._task import Task
 
 log = logging.getLogger("taskq.worker")
+
+
+class WorkerHost(Protocol):
+    """What a worker needs from the App it runs: its parts and two settings."""
+
+    @property
+    def database(self) -> Database: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def max_payload_bytes(self) -> int: ...
+
+    @property
+    def history_retention(self) -> timedelta: ...
+
 
 #: Jobs run at once by one worker: its back pressure. Jobs beyond it stay in Postgres.
 DEFAULT_CONCURRENCY = 10
@@ -270,8 +292,12 @@ def _error_type(cls: type[BaseException]) -> str:
 class Worker:
     """Claims and runs jobs of one App. Made by ``App.run_worker/worker/drain``."""
 
-    def __init__(self, app: App, config: WorkerConfig) -> None:
-        self.app = app
+    def __init__(self, app: WorkerHost, config: WorkerConfig) -> None:
+        self._database = app.database
+        self._store = app.store
+        self._registry = app.registry
+        self._max_payload_bytes = app.max_payload_bytes
+        self._history_retention = app.history_retention
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.stats = WorkerStats()
@@ -301,7 +327,7 @@ class Worker:
         self._stray_check = True
         self._stray_next = 0.0
         self._strays_reported: set[str] = set()
-        self.scheduler = Scheduler(app)
+        self.scheduler = Scheduler(self._registry, self._database, self._store)
 
     def __repr__(self) -> str:
         return f"<taskq.Worker {self.id} running={len(self._running)}>"
@@ -365,9 +391,8 @@ class Worker:
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run the worker in the current task; ``task_status.started()`` once it claims."""
-        app = self.app
-        store = app._store
-        notifier = await app._listener()
+        store = self._store
+        notifier = await self._database.listener()
         unsubscribe: list[Callable[[], None]] = [
             notifier.subscribe(store.enqueued_channel, self._on_enqueued),
             notifier.subscribe(store.cancel_channel, self._on_cancel_request),
@@ -404,7 +429,7 @@ class Worker:
                 await self._flush_all()
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 try:
-                    async with app._acquire("unregistering a worker") as conn:
+                    async with self._database.acquire("unregistering a worker") as conn:
                         await store.unregister_worker(conn, self.id)
                 except Exception as exc:  # a lost database or a driver fault must not end the loop
                     log.warning("could not unregister worker %s: %s", self.id, exc)
@@ -425,10 +450,10 @@ class Worker:
                 task.rate_limit.limit if task.rate_limit else None,
                 task.rate_limit.period if task.rate_limit else None,
             )
-            for name, task in self.app.tasks.items()
+            for name, task in self._registry.tasks.items()
         }
-        async with self.app._acquire("registering a worker") as conn:
-            await self.app._store.register_worker(
+        async with self._database.acquire("registering a worker") as conn:
+            await self._store.register_worker(
                 conn,
                 worker_id=self.id,
                 hostname=socket.gethostname(),
@@ -479,9 +504,9 @@ class Worker:
                 )
 
     async def _claim_loop(self, until_empty: bool) -> None:
-        app, cfg = self.app, self.config
+        cfg = self.config
         queues = None if cfg.queues is None else list(cfg.queues)
-        tasks = list(app.tasks)
+        tasks = list(self._registry.tasks)
         backoff = 0.1
         while not self._stopping:
             free = cfg.concurrency - len(self._running)
@@ -512,8 +537,8 @@ class Worker:
             carried = self._take_outcomes()
             lost: list[int] | None = None
             try:
-                async with app._acquire("claiming jobs") as conn:
-                    result = await app._store.claim(
+                async with self._database.acquire("claiming jobs") as conn:
+                    result = await self._store.claim(
                         conn,
                         queues=queues,
                         tasks=tasks,
@@ -539,7 +564,7 @@ class Worker:
             backoff = 0.1
             self.stats.claims += 1
             self.stats.claimed += len(claimed)
-            if app._hooks.observers:
+            if self._registry.hooks.observers:
                 self._observe("claimed", time.monotonic() - sent, len(claimed))
             loop = asyncio.get_running_loop()
             for job in claimed:
@@ -578,8 +603,8 @@ class Worker:
                 # Once at start and after each reconnect: learn when jobs that
                 # were enqueued for later (while nobody listened) fall due.
                 try:
-                    async with app._acquire("looking for due jobs") as conn:
-                        due = await app._store.seconds_until_next_due(
+                    async with self._database.acquire("looking for due jobs") as conn:
+                        due = await self._store.seconds_until_next_due(
                             conn, queues=queues, tasks=tasks
                         )
                     self._scan_due = False
@@ -612,8 +637,8 @@ class Worker:
         self._stray_check = False
         self._stray_next = now + STRAY_CHECK_SECONDS
         try:
-            async with self.app._acquire("looking for jobs of unknown tasks") as conn:
-                strays = await self.app._store.stray_tasks(
+            async with self._database.acquire("looking for jobs of unknown tasks") as conn:
+                strays = await self._store.stray_tasks(
                     conn, queues=queues, tasks=tasks, scan=STRAY_SCAN_ROWS
                 )
         except Exception as exc:  # a courtesy: never let it stop the claim loop
@@ -639,10 +664,8 @@ class Worker:
             )
 
     async def _more_due_now(self, *, conn_tasks: list[str], queues: list[str] | None) -> bool:
-        async with self.app._acquire("looking for due jobs") as conn:
-            due = await self.app._store.seconds_until_next_due(
-                conn, queues=queues, tasks=conn_tasks
-            )
+        async with self._database.acquire("looking for due jobs") as conn:
+            due = await self._store.seconds_until_next_due(conn, queues=queues, tasks=conn_tasks)
         return due is not None and due <= 0
 
     def _on_enqueued(self, payload: str) -> None:
@@ -685,8 +708,8 @@ class Worker:
 
     async def _run_job(self, running: _Running) -> None:
         job = running.job
-        task = self.app.tasks.get(job.task)
-        hooks = self.app._hooks
+        task = self._registry.tasks.get(job.task)
+        hooks = self._registry.hooks
         started = time.monotonic()
         outcome: Outcome | None = None
         ctx: JobContext | None = None
@@ -763,7 +786,7 @@ class Worker:
         return encode(
             task.codec.encode_result(value),
             what=f"result of task {task.name!r}",
-            max_bytes=self.app.max_payload_bytes,
+            max_bytes=self._max_payload_bytes,
         )
 
     def _uncount(self, kind: str) -> None:
@@ -786,7 +809,7 @@ class Worker:
     def _observe(self, event: str, *args: Any) -> None:
         # Instrumentation must never disturb the worker: a claim whose jobs
         # were not started because a metric failed would leave them stuck.
-        for observer in self.app._hooks.observers:
+        for observer in self._registry.hooks.observers:
             try:
                 getattr(observer, event)(*args)
             except Exception:
@@ -811,7 +834,7 @@ class Worker:
             retry_in=outcome.delay if outcome is not None and kind == "retried" else None,
         )
         try:
-            await self.app._hooks.after_job(ctx, info)
+            await self._registry.hooks.after_job(ctx, info)
         except asyncio.CancelledError:
             # Shutdown forced while hooks ran: the outcome is still written
             # back (the caller records it next), and the task ends anyway.
@@ -989,8 +1012,8 @@ class Worker:
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(FLUSH_TIMEOUT_SECONDS) as scope,
             ):
-                async with self.app._acquire("writing back job outcomes") as conn:
-                    lost = await self.app._store.finish(conn, batch)
+                async with self._database.acquire("writing back job outcomes") as conn:
+                    lost = await self._store.finish(conn, batch)
         finally:
             if lost is None:
                 self._outcomes_not_written(batch)
@@ -1020,16 +1043,16 @@ class Worker:
 
     async def _prune_loop(self) -> None:
         """Delete history past its retention, in its own loop so it never delays renewals."""
-        app, cfg = self.app, self.config
+        cfg = self.config
         while True:
             await anyio.sleep(cfg.prune_interval)
             deadline = time.monotonic() + PRUNE_BUDGET_SECONDS
             try:
                 while time.monotonic() < deadline:
-                    async with app._acquire("pruning history") as conn:
-                        deleted = await app._store.prune_history(
+                    async with self._database.acquire("pruning history") as conn:
+                        deleted = await self._store.prune_history(
                             conn,
-                            app.history_retention.total_seconds(),
+                            self._history_retention.total_seconds(),
                             batch=PRUNE_BATCH,
                             max_batches=1,
                         )
@@ -1039,15 +1062,15 @@ class Worker:
                 log.warning("worker %s could not prune history: %s", self.id, exc)
 
     async def _renew(self) -> None:
-        app, cfg = self.app, self.config
+        cfg = self.config
         sent = time.monotonic()
-        async with app._acquire("renewing leases") as conn:
-            await app._store.heartbeat(conn, self.id)
+        async with self._database.acquire("renewing leases") as conn:
+            await self._store.heartbeat(conn, self.id)
             held = [(r.job.id, r.job.token) for r in self._running.values()]
             held += [(o.job_id, o.token) for o in (*self._outcomes, *self._writing.values())]
             if not held:
                 return
-            renewed = await app._store.renew_leases(conn, held, cfg.lease_seconds)
+            renewed = await self._store.renew_leases(conn, held, cfg.lease_seconds)
         for job_id, _ in held:
             running = self._running.get(job_id)
             if running is None or running.stop_reason is not None:
@@ -1062,10 +1085,10 @@ class Worker:
                 running.stop("cancel")
 
     async def _rescue(self) -> None:
-        app, cfg = self.app, self.config
-        async with app._acquire("rescuing jobs") as conn:
-            rescued, ended = await app._store.rescue_expired(conn, cfg.max_rescues)
-            await app._store.forget_dead_workers(conn, cfg.lease_seconds * 10)
+        cfg = self.config
+        async with self._database.acquire("rescuing jobs") as conn:
+            rescued, ended = await self._store.rescue_expired(conn, cfg.max_rescues)
+            await self._store.forget_dead_workers(conn, cfg.lease_seconds * 10)
         if rescued or ended:
             self._observe("rescued", len(rescued), len(ended))
         if rescued:
@@ -1132,13 +1155,13 @@ class Worker:
         Raises:
             DatabaseError: the claim or the write-back failed.
         """
-        app, cfg = self.app, self.config
+        cfg = self.config
         sent = time.monotonic()
-        async with app._acquire("claiming a job") as conn:
-            job = await app._store.claim_job(
+        async with self._database.acquire("claiming a job") as conn:
+            job = await self._store.claim_job(
                 conn,
                 job_id,
-                tasks=list(app.tasks),
+                tasks=list(self._registry.tasks),
                 worker_id=self.id,
                 lease_seconds=cfg.lease_seconds,
             )

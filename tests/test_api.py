@@ -60,11 +60,11 @@ def test_settings_are_validated_when_made() -> None:
     with pytest.raises(taskq.ConfigurationError, match="queue name"):
         app.task(queue="")
     with pytest.raises(taskq.ConfigurationError, match="unknown worker setting"):
-        app._worker(concurency=3)
+        taskq.WorkerConfig.make(concurency=3)
     with pytest.raises(taskq.ConfigurationError, match="concurrency must be a positive int"):
-        app._worker(concurrency=0)
+        taskq.WorkerConfig.make(concurrency=0)
     with pytest.raises(taskq.ConfigurationError, match="list of names"):
-        app._worker(queues="emails")
+        taskq.WorkerConfig.make(queues="emails")
 
 
 def test_retry_policy_validation_and_decisions() -> None:

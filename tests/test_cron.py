@@ -15,10 +15,15 @@ import asyncpg
 import pytest
 
 import taskq
-from taskq._cron import MISSED_AFTER_SECONDS, Scheduler
+from taskq._cron import MISSED_AFTER_SECONDS
+from taskq._scheduler import Scheduler
 
 from .conftest import PYTHON, subprocess_env
 from .test_flow import worker_processes
+
+def scheduler_of(app: taskq.App, clock: Any) -> Scheduler:
+    return Scheduler(app.registry, app.database, app.store, clock=clock)
+
 
 pytestmark = pytest.mark.anyio
 
@@ -143,7 +148,7 @@ async def test_four_schedulers_make_one_job_per_slot_across_dst(
     fall-back night: every slot gives exactly one job."""
     apps = [cron_app(pg_dsn, schema, "*/30 * * * *", timezone="Europe/Paris") for _ in range(4)]
     clock = Clock(utc(2026, 10, 24, 22, 59))
-    schedulers = [Scheduler(a, clock=clock) for a in apps]
+    schedulers = [scheduler_of(a, clock) for a in apps]
     async with apps[0], apps[1], apps[2], apps[3]:
         while clock.now < utc(2026, 10, 25, 3, 1):
             await asyncio.gather(*(s.tick() for s in schedulers))
@@ -159,7 +164,7 @@ async def test_spring_forward_slot_runs_once_right_after_the_change(
 ) -> None:
     app = cron_app(pg_dsn, schema, "30 2 * * *", timezone="Europe/Paris")
     clock = Clock(utc(2026, 3, 28, 12))
-    scheduler = Scheduler(app, clock=clock)
+    scheduler = scheduler_of(app, clock)
     async with app:
         while clock.now < utc(2026, 3, 30, 12):
             await scheduler.tick()
@@ -182,15 +187,15 @@ async def test_missed_slots_follow_the_entry_policy(
     app = cron_app(pg_dsn, schema, "0 * * * *", missed=missed)
     clock = Clock(utc(2026, 6, 1, 9, 30))
     async with app:
-        await Scheduler(app, clock=clock).tick()  # registers the entry: nothing due yet
+        await scheduler_of(app, clock).tick()  # registers the entry: nothing due yet
         assert await made_slots(conn, schema) == []
         # Every worker down from 09:30 to 13:20: slots 10:00 .. 13:00 were missed.
         clock.now = utc(2026, 6, 1, 13, 20)
-        await Scheduler(app, clock=clock).tick()
+        await scheduler_of(app, clock).tick()
         assert await made_slots(conn, schema) == [utc(2026, 6, 1, h) for h in expected_hours]
         # The next slot is on time again under every policy.
         clock.now = utc(2026, 6, 1, 14, 0, 1)
-        await Scheduler(app, clock=clock).tick()
+        await scheduler_of(app, clock).tick()
         assert (await made_slots(conn, schema))[-1] == utc(2026, 6, 1, 14)
 
 
@@ -199,7 +204,7 @@ async def test_a_slot_seen_late_but_within_the_threshold_is_not_missed(
 ) -> None:
     app = cron_app(pg_dsn, schema, "* * * * *", missed="skip")
     clock = Clock(utc(2026, 6, 1, 9, 0, 30))
-    scheduler = Scheduler(app, clock=clock)
+    scheduler = scheduler_of(app, clock)
     async with app:
         await scheduler.tick()
         # A scheduler held up for almost the threshold still runs the slot, even under "skip".
@@ -218,15 +223,15 @@ async def test_a_new_entry_does_not_run_its_past_slots_and_a_changed_one_restart
     app = cron_app(pg_dsn, schema, "0 3 * * *", missed="all")
     clock = Clock(utc(2026, 6, 1, 10))
     async with app:
-        await Scheduler(app, clock=clock).tick()
+        await scheduler_of(app, clock).tick()
         assert await made_slots(conn, schema) == []
         # Redeployed with another schedule a day later: no catch-up of either schedule.
         app.add_cron("0 4 * * *", app.tasks["cron.job"], name="entry", missed="all")
         clock.now = utc(2026, 6, 2, 12)
-        await Scheduler(app, clock=clock).tick()
+        await scheduler_of(app, clock).tick()
         assert await made_slots(conn, schema) == []
         clock.now = utc(2026, 6, 3, 4, 0, 1)
-        await Scheduler(app, clock=clock).tick()
+        await scheduler_of(app, clock).tick()
         assert await made_slots(conn, schema) == [utc(2026, 6, 3, 4)]
 
 
@@ -235,7 +240,7 @@ async def test_cron_job_arguments_and_queue(
 ) -> None:
     app = cron_app(pg_dsn, schema, "* * * * *", args={"label": "nightly"}, queue="ops", priority=5)
     clock = Clock(utc(2026, 6, 1, 9, 0, 30))
-    scheduler = Scheduler(app, clock=clock)
+    scheduler = scheduler_of(app, clock)
     async with app:
         await scheduler.tick()
         clock.now += timedelta(minutes=1)
@@ -340,7 +345,7 @@ async def test_an_entry_deleted_from_the_database_is_recorded_again(
 ) -> None:
     app = cron_app(pg_dsn, schema, "* * * * *")
     clock = Clock(utc(2026, 6, 1, 9, 0, 30))
-    scheduler = Scheduler(app, clock=clock)
+    scheduler = scheduler_of(app, clock)
     async with app:
         await scheduler.tick()
         await conn.execute(f'DELETE FROM "{schema}".crons')

@@ -226,7 +226,7 @@ async def test_transactional_enqueue_commits_with_the_caller(app: taskq.App) -> 
     async with app:
         listener = await asyncpg.connect(app.dsn)
         seen: list[str] = []
-        await listener.add_listener(app._store.enqueued_channel, lambda *a: seen.append(a[3]))
+        await listener.add_listener(app.store.enqueued_channel, lambda *a: seen.append(a[3]))
         try:
             async with app.pool.acquire() as conn:
                 tx = conn.transaction()

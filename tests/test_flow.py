@@ -418,7 +418,7 @@ async def test_claim_reports_a_rate_window_holding_jobs_back(app: taskq.App) -> 
         await app.queue("r").configure(rate_limit="2/minute")
         await r.enqueue_many([{}] * 5)
         async with app.pool.acquire() as c:
-            result: ClaimResult = await app._store.claim(
+            result: ClaimResult = await app.store.claim(
                 c, queues=None, tasks=["flow.r"], limit=10, worker_id="w", lease_seconds=30
             )
             assert len(result.jobs) == 2

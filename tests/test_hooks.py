@@ -488,7 +488,7 @@ async def test_a_failing_worker_observer_disturbs_nothing(
     async def add(a: int, b: int) -> int:
         return a + b
 
-    app._hooks.observers.append(Broken())
+    app.registry.hooks.observers.append(Broken())
     async with app:
         jobs = await add.enqueue_many([{"a": i, "b": 1} for i in range(20)])
         with caplog.at_level(logging.ERROR, logger="taskq.worker"):

@@ -195,7 +195,7 @@ def listening_socket() -> socket.socket:
 async def claim(app: taskq.App, *, limit: int, lease_seconds: float, queues: Any = None) -> Any:
     """Claim jobs as a worker named "elsewhere" would (it never finishes them)."""
     async with app.pool.acquire() as c:
-        result = await app._store.claim(
+        result = await app.store.claim(
             c,
             queues=queues,
             tasks=list(app.tasks),

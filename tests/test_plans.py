@@ -93,7 +93,7 @@ async def test_hot_queries_use_indexes_on_a_million_rows(pg_dsn: str, schema: st
 
 
 async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
-    store = app._store
+    store = app.store
     s = f'"{app.schema}"'
 
     for queues in (["q1"], ["q1", "q2"], None):

@@ -243,7 +243,7 @@ async def test_sigstopped_zombie_is_fenced_and_cancels_its_stale_jobs(
 async def claim_expired(app: taskq.App) -> Any:
     async with app.pool.acquire() as c:
         (job,) = (
-            await app._store.claim(
+            await app.store.claim(
                 c, queues=None, tasks=list(app.tasks), limit=1, worker_id="w", lease_seconds=-1
             )
         ).jobs
@@ -265,14 +265,14 @@ async def test_rescue_racing_a_completion_lets_the_completion_win(app: taskq.App
         try:
             tx = completer.transaction()
             await tx.start()
-            done = await app._store.finish(
+            done = await app.store.finish(
                 completer, [Outcome(claimed.id, claimed.token, "succeeded")]
             )
             assert done == []  # written (none lost), not yet committed
             # The rescuer's read and write happen while the completion holds the row.
-            assert await app._store.rescue_expired(rescuer) == ([], [])
+            assert await app.store.rescue_expired(rescuer) == ([], [])
             await tx.commit()
-            assert await app._store.rescue_expired(rescuer) == ([], [])
+            assert await app.store.rescue_expired(rescuer) == ([], [])
             status = await handle.status()
             assert (status.state, status.attempts) == (taskq.JobState.SUCCEEDED, 1)
         finally:
@@ -295,10 +295,10 @@ async def test_completion_racing_a_rescue_changes_nothing(app: taskq.App) -> Non
         try:
             tx = rescuer.transaction()
             await tx.start()
-            assert await app._store.rescue_expired(rescuer) == ([claimed.id], [])
+            assert await app.store.rescue_expired(rescuer) == ([claimed.id], [])
             pid = completer.get_server_pid()
             finishing = asyncio.ensure_future(
-                app._store.finish(completer, [Outcome(claimed.id, claimed.token, "succeeded")])
+                app.store.finish(completer, [Outcome(claimed.id, claimed.token, "succeeded")])
             )
             # The event: the completion is waiting on the rescuer's row lock.
             await until(
@@ -329,7 +329,7 @@ async def test_a_job_that_keeps_killing_workers_is_failed_as_poison(app: taskq.A
         for rescues in (1, 2):
             await claim_expired(app)
             async with app.pool.acquire() as c:
-                assert await app._store.rescue_expired(c, max_rescues=3) == ([handle.id], [])
+                assert await app.store.rescue_expired(c, max_rescues=3) == ([handle.id], [])
                 assert (
                     await c.fetchval(
                         f'SELECT rescues FROM "{app.schema}".jobs WHERE id = $1', handle.id
@@ -339,7 +339,7 @@ async def test_a_job_that_keeps_killing_workers_is_failed_as_poison(app: taskq.A
             assert (await handle.status()).state is taskq.JobState.QUEUED
         await claim_expired(app)
         async with app.pool.acquire() as c:
-            assert await app._store.rescue_expired(c, max_rescues=3) == ([], [handle.id])
+            assert await app.store.rescue_expired(c, max_rescues=3) == ([], [handle.id])
         with pytest.raises(taskq.JobFailed) as info:
             await handle.result(timeout=5)
         assert info.value.error_type == "taskq.PoisonJob"

@@ -79,12 +79,12 @@ async def test_isolated_app_restores_settings_tasks_hooks_and_crons(pg_dsn: str)
     def kept_hook(ctx: taskq.JobContext, outcome: taskq.JobOutcome) -> None:
         return None
 
-    store = app._store
+    store = app.store
     async with testing.isolated_app(app, dsn=pg_dsn):
         # Nothing points at the production database while the test runs.
-        assert (app._dsn_arg, app.dsn, app.listen_dsn) == (pg_dsn, pg_dsn, None)
+        assert (app.database.dsn_arg, app.dsn, app.listen_dsn) == (pg_dsn, pg_dsn, None)
         assert app.auto_migrate is True
-        assert app._store is not store and app._store.schema == app.schema
+        assert app.store is not store and app.store.schema == app.schema
 
         @app.task
         async def added() -> None:
@@ -94,11 +94,11 @@ async def test_isolated_app_restores_settings_tasks_hooks_and_crons(pg_dsn: str)
         app.after_job(lambda ctx, outcome: None)
         app.add_cron("* * * * *", added)
         assert set(app.tasks) == {kept.name, added.name}
-    assert (app._dsn_arg, app.dsn, app.listen_dsn) == (PRODUCTION, None, PRODUCTION)
-    assert (app.schema, app.auto_migrate, app._store) == ("shop", False, store)
+    assert (app.database.dsn_arg, app.dsn, app.listen_dsn) == (PRODUCTION, None, PRODUCTION)
+    assert (app.schema, app.auto_migrate, app.store.schema) == ("shop", False, "shop")
     assert list(app.tasks) == [kept.name]
     assert app.crons == {}
-    assert (app._hooks.before, app._hooks.after) == ([], [kept_hook])
+    assert (app.registry.hooks.before, app.registry.hooks.after) == ([], [kept_hook])
 
 
 async def test_isolated_app_refuses_an_open_app(app: taskq.App, pg_dsn: str) -> None:
@@ -312,7 +312,7 @@ async def test_enqueued_jobs_lists_queued_jobs_only_with_filters(
         await testing.run_job(done)
         running = await one.enqueue(n=6)
         async with app.pool.acquire() as conn:
-            assert await app._store.claim_job(
+            assert await app.store.claim_job(
                 conn, running.id, tasks=[one.name], worker_id="w", lease_seconds=30
             )
 

@@ -563,7 +563,7 @@ async def test_write_back_with_a_stale_lease_token_changes_nothing(app: taskq.Ap
         j = await job.enqueue()
         async with app.pool.acquire() as conn:
             claimed = (
-                await app._store.claim(
+                await app.store.claim(
                     conn,
                     queues=None,
                     tasks=list(app.tasks),
@@ -574,12 +574,12 @@ async def test_write_back_with_a_stale_lease_token_changes_nothing(app: taskq.Ap
             ).jobs
             assert [c.id for c in claimed] == [j.id]
             stale = Outcome(j.id, uuid.uuid4(), "succeeded")
-            assert await app._store.finish(conn, [stale]) == [j.id]  # lost: nothing written
+            assert await app.store.finish(conn, [stale]) == [j.id]  # lost: nothing written
             assert (await j.status()).state is taskq.JobState.RUNNING
             good = Outcome(j.id, claimed[0].token, "succeeded")
-            assert await app._store.finish(conn, [good]) == []
+            assert await app.store.finish(conn, [good]) == []
             # Writing the same outcome again (e.g. a retry after a lost reply) is a no-op.
-            assert await app._store.finish(conn, [good]) == [j.id]
+            assert await app.store.finish(conn, [good]) == [j.id]
             assert (await j.status()).state is taskq.JobState.SUCCEEDED
 
 
@@ -637,7 +637,7 @@ async def test_rescue_requeues_expired_leases_and_fails_jobs_without_attempts_le
         j1 = await once.enqueue()
         j3 = await thrice.enqueue()
         async with app.pool.acquire() as conn:
-            claimed = await app._store.claim(
+            claimed = await app.store.claim(
                 conn,
                 queues=None,
                 tasks=list(app.tasks),
@@ -647,7 +647,7 @@ async def test_rescue_requeues_expired_leases_and_fails_jobs_without_attempts_le
             )
             assert len(claimed.jobs) == 2
             await anyio.sleep(0.1)
-            requeued, failed = await app._store.rescue_expired(conn)
+            requeued, failed = await app.store.rescue_expired(conn)
         assert (requeued, failed) == ([j3.id], [j1.id])
         s3 = await j3.status()
         assert (s3.state, s3.attempts) == (taskq.JobState.QUEUED, 1)
@@ -786,7 +786,7 @@ async def test_a_retry_with_a_pending_cancel_ends_cancelled(app: taskq.App) -> N
         handle = await job.enqueue()
         async with app.pool.acquire() as conn:
             (claimed,) = (
-                await app._store.claim(
+                await app.store.claim(
                     conn,
                     queues=None,
                     tasks=list(app.tasks),
@@ -795,9 +795,9 @@ async def test_a_retry_with_a_pending_cancel_ends_cancelled(app: taskq.App) -> N
                     lease_seconds=30,
                 )
             ).jobs
-            assert await app._store.request_cancel(conn, handle.id) is True
+            assert await app.store.request_cancel(conn, handle.id) is True
             # The attempt failed and would be retried, but a cancel is pending.
-            await app._store.finish(conn, [Outcome(claimed.id, claimed.token, "retry", delay=0)])
+            await app.store.finish(conn, [Outcome(claimed.id, claimed.token, "retry", delay=0)])
         status = await handle.status()
         assert status.state is taskq.JobState.CANCELLED
         with pytest.raises(taskq.JobCancelled):

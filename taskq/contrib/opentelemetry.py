@@ -71,7 +71,7 @@ class TaskqInstrumentation:
 
     def uninstrument(self) -> None:
         """Remove the tracing hooks: jobs enqueued or started from now on are not traced."""
-        hooks = self.app._hooks
+        hooks = self.app.registry.hooks
         # Bound methods compare equal, not identical, to themselves.
         hooks.enqueue[:] = [m for m in hooks.enqueue if m != self._trace_enqueue]
         hooks.middleware[:] = [m for m in hooks.middleware if m != self._trace_run]
@@ -173,7 +173,7 @@ def instrument(
     """
     if not isinstance(app, App):
         raise ConfigurationError(f"instrument() needs a taskq.App, got {app!r}")
-    hooks = app._hooks
+    hooks = app.registry.hooks
     for fn in (*hooks.enqueue, *hooks.middleware):
         if isinstance(getattr(fn, "__self__", None), TaskqInstrumentation):
             raise ConfigurationError(f"{app!r} is traced already; instrument it once")

@@ -285,7 +285,7 @@ class TaskqMetrics:
     ) -> None:
         if not isinstance(app, App):
             raise ConfigurationError(f"TaskqMetrics needs a taskq.App, got {app!r}")
-        if any(isinstance(o, _Observer) for o in app._hooks.observers):
+        if any(isinstance(o, _Observer) for o in app.registry.hooks.observers):
             raise ConfigurationError(
                 f"{app!r} already has a TaskqMetrics; create one per App (its jobs would "
                 "be counted twice)"
@@ -371,7 +371,7 @@ class TaskqMetrics:
         app.before_job(self._before_job)
         app.after_job(self._after_job)
         app.enqueue_middleware(self._count_enqueued)
-        app._hooks.observers.append(_Observer(self))
+        app.registry.hooks.observers.append(_Observer(self))
 
     def __repr__(self) -> str:
         return f"<taskq.contrib.prometheus.TaskqMetrics {self.app!r}>"
@@ -421,7 +421,7 @@ class TaskqMetrics:
             taskq.DatabaseError: Postgres could not be read.
             taskq.ConfigurationError: the App is not open.
         """
-        async with self.app._acquire("reading queue depth") as conn:
+        async with self.app.database.acquire("reading queue depth") as conn:
             records = await conn.fetch(self._query)
         rows = {
             r["queue"]: _QueueRow(

@@ -13,7 +13,7 @@ from .._job import Job, JobState, JobStatus
 from .._serialization import decode, encode
 from .._task import Task
 from .._worker import Worker, WorkerConfig, WorkerStats
-from ._isolation import current_app
+from ._isolation import app_of_job, current_app
 
 #: Most queued jobs listed in an assertion's failure message.
 MAX_JOBS_SHOWN = 20
@@ -25,7 +25,8 @@ TaskRef = Task[Any, Any] | str
 
 def _app_of(task: TaskRef | None, app: App | None, helper: str) -> App:
     if app is None:
-        app = task.app if isinstance(task, Task) else current_app()
+        owner = task.app if isinstance(task, Task) else None
+        app = owner if isinstance(owner, App) else current_app()
     if not app.is_open:
         # Helpers never open an App themselves: an App outside the fixture
         # points at the application's own database.
@@ -208,7 +209,7 @@ async def run_job(job: Job | JobStatus | int, *, app: App | None = None) -> JobS
     """
     if isinstance(job, Job):
         job_id = job.id
-        app = app or job._app
+        app = app or app_of_job(job)
     elif isinstance(job, JobStatus):
         job_id = job.id
     elif isinstance(job, int) and not isinstance(job, bool):

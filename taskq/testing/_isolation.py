@@ -16,8 +16,8 @@ import asyncpg
 
 from .._app import App
 from .._errors import ConfigurationError
+from .._job import Job
 from .._names import quote_schema
-from .._store import Store
 
 log = logging.getLogger("taskq.testing")
 
@@ -96,60 +96,56 @@ def current_app() -> App:
 class _Saved:
     """What :func:`isolated_app` changes on an App, to put back afterwards."""
 
-    settings: dict[str, Any]
+    dsn: str | None
+    listen_dsn: str | None
+    schema: str
+    auto_migrate: bool
     tasks: dict[str, Any]
     crons: dict[str, Any]
     hooks: dict[str, list[Any]]
 
-    # Where the App connects, and the caches that belong to that database.
-    # Everything else (pool sizes, retention, connect_kwargs...) stays as the
-    # App was configured, so tests run with the application's settings.
-    NAMES = (
-        "_dsn_arg",
-        "dsn",
-        "listen_dsn",
-        "schema",
-        "auto_migrate",
-        "_store",
-        "_known_tasks",
-        "embedded",
-        "_open_lock",
-    )
-
     @classmethod
     def take(cls, app: App) -> _Saved:
+        # Where the App connects; everything else (pool sizes, retention,
+        # connect_kwargs...) stays as configured, so tests run with the
+        # application's settings.
         return cls(
-            settings={name: getattr(app, name) for name in cls.NAMES},
+            dsn=app.database.dsn_arg,
+            listen_dsn=app.database.listen_dsn,
+            schema=app.schema,
+            auto_migrate=app.auto_migrate,
             tasks=dict(app.tasks),
             crons=dict(app.crons),
             # Every list of hooks, whatever kinds the Hooks object grows.
-            hooks={k: list(v) for k, v in vars(app._hooks).items() if isinstance(v, list)},
+            hooks={k: list(v) for k, v in vars(app.registry.hooks).items() if isinstance(v, list)},
         )
 
     def restore(self, app: App) -> None:
-        for name, value in self.settings.items():
-            setattr(app, name, value)
+        app.use_database(self.dsn, schema=self.schema, listen_dsn=self.listen_dsn)
+        app.auto_migrate = self.auto_migrate
         # The same dict objects: code may hold a reference to them.
         app.tasks.clear()
         app.tasks.update(self.tasks)
         app.crons.clear()
         app.crons.update(self.crons)
         for name, hooks in self.hooks.items():
-            getattr(app._hooks, name)[:] = hooks
+            getattr(app.registry.hooks, name)[:] = hooks
 
 
 def _point(app: App, dsn: str, schema: str) -> None:
-    app._dsn_arg = dsn
-    app.dsn = None
+    app.use_database(dsn, schema=schema)
     # A listen DSN (or $TASKQ_LISTEN_DSN) names the production server: the
     # listener must follow the pool to the test database.
-    app.listen_dsn = None
-    app.schema = schema
+    app.database.listen_dsn = None
     app.auto_migrate = True  # the schema is new: migrate it whatever the App says
-    app._store = Store(schema)
-    app._known_tasks = {}
-    app.embedded = None
-    app._open_lock = None  # made afresh in this test's event loop
+
+
+def app_of_job(job: Job) -> App:
+    """The App on a throwaway schema whose job ``job`` is (else :func:`current_app`)."""
+    for app in _isolated:
+        if app.get_job(job.id) == job:
+            return app
+    return current_app()
 
 
 @contextlib.asynccontextmanager
@@ -183,7 +179,7 @@ async def isolated_app(app: App, *, dsn: str | None = None) -> AsyncIterator[App
     quoted = quote_schema(schema)
     # Created here, not by the migration, so that we only ever drop a schema
     # this call made: CREATE SCHEMA fails if the name were taken.
-    conn = await asyncpg.connect(dsn, **app._connect_args("taskq-testing"))
+    conn = await asyncpg.connect(dsn, **app.database.connect_args("taskq-testing"))
     try:
         await conn.execute(f"CREATE SCHEMA {quoted}")
     finally:
@@ -198,7 +194,7 @@ async def isolated_app(app: App, *, dsn: str | None = None) -> AsyncIterator[App
         with anyio.CancelScope(shield=True):
             try:
                 await _close_fully(app)
-                conn = await asyncpg.connect(dsn, **app._connect_args("taskq-testing"))
+                conn = await asyncpg.connect(dsn, **app.database.connect_args("taskq-testing"))
                 try:
                     await conn.execute(f"DROP SCHEMA IF EXISTS {quoted} CASCADE")
                 finally:

@@ -1,0 +1,220 @@
+"""Results: job handles, waiting for outcomes through the notifier, status, cancel, re-run.
+
+``Job`` handles talk to :class:`Results`; a waiter subscribes to the
+``finished`` channel of the database's one LISTEN connection, so a result
+arrives as a notification, with a periodic re-read as the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import anyio
+
+from ._database import Database
+from ._errors import JobNotFound
+from ._job import Job, JobState, JobStatus, outcome_of, status_from_row
+from ._names import suggest_task
+from ._notifier import Notifier
+from ._registry import Registry
+from ._serialization import decode
+from ._store import Store
+
+log = logging.getLogger("taskq")
+
+#: While waiting for a result, re-read the job this often in case a
+#: notification was lost (the wake-up itself comes from LISTEN).
+RESULT_RECHECK_SECONDS = 5.0
+#: A worker whose heartbeat is older than this counts as gone when a timed-out
+#: ``job.result()`` explains the wait (workers beat every lease/3, 10 s by default).
+LIVE_WORKER_SECONDS = 60.0
+#: How long a timed-out ``job.result()`` spends finding out why, at most.
+EXPLAIN_TIMEOUT_SECONDS = 2.0
+#: Job ids are Postgres bigints.
+MIN_JOB_ID, MAX_JOB_ID = -(2**63), 2**63 - 1
+
+
+def is_bigint(job_id: int) -> bool:
+    """Whether ``job_id`` fits a Postgres bigint (a larger one names no job)."""
+    return MIN_JOB_ID <= job_id <= MAX_JOB_ID
+
+
+class Results:
+    """Job handles and what they ask of the database."""
+
+    def __init__(self, database: Database, store: Store, registry: Registry, schema: str) -> None:
+        self._db = database
+        self._store = store
+        self._registry = registry
+        self._schema = schema
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._notifier: Notifier | None = None
+
+    async def _listen(self) -> Notifier:
+        notifier = await self._db.listener()
+        if notifier is not self._notifier:  # a new one after the App was reopened
+            self._notifier = notifier
+            notifier.subscribe(self._store.finished_channel, self._on_finished)
+            notifier.on_reconnect(self._wake_all)
+        return notifier
+
+    async def result(self, job_id: int, timeout: float | None) -> Any:
+        """Wait for the job's end; its value decoded by the task's return annotation."""
+        status = await self.wait_finished(job_id, timeout)
+        value = outcome_of(status)
+        # The task's return annotation, where this process has the task,
+        # turns the stored JSON back into a datetime, a dataclass...
+        task = self._registry.tasks.get(status.task)
+        return value if task is None else task.codec.decode_result(value)
+
+    def _on_finished(self, payload: str) -> None:
+        if not self._waiters:
+            return
+        for part in payload.split(","):
+            try:
+                job_id = int(part)
+            except ValueError:
+                continue
+            for fut in self._waiters.get(job_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _wake_all(self) -> None:
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def job(self, job_id: int) -> Job:
+        """A handle on an existing job, e.g. from an id sent in an earlier request."""
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise TypeError(f"job id must be an int, got {type(job_id).__name__}")
+        return Job(self, job_id)
+
+    def _check_id(self, job_id: int) -> None:
+        # Ids are Postgres bigints: a larger one (e.g. from a URL) names no
+        # job, and sending it would fail as a driver error instead.
+        if not is_bigint(job_id):
+            raise JobNotFound(f"no job with id {job_id} in schema {self._schema!r}")
+
+    async def status(self, job_id: int) -> JobStatus:
+        self._check_id(job_id)
+        async with self._db.acquire("reading a job") as conn:
+            row = await self._store.get_job(conn, job_id)
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id} in schema {self._schema!r}")
+        return status_from_row(row)
+
+    async def wait_finished(self, job_id: int, timeout: float | None) -> JobStatus:
+        self._check_id(job_id)
+        await self._listen()
+        loop = asyncio.get_running_loop()
+        futures = self._waiters.setdefault(job_id, [])
+        fut: asyncio.Future[None] = loop.create_future()
+        futures.append(fut)
+        try:
+            with anyio.fail_after(timeout):
+                # Ask for the announcement, then read: a finish landing between
+                # the two is seen by the read, one landing after is announced.
+                async with self._db.acquire("waiting for a job") as conn:
+                    await self._store.mark_awaited(conn, job_id)
+                while True:
+                    status = await self.status(job_id)
+                    if status.state.finished:
+                        return status
+                    with anyio.move_on_after(RESULT_RECHECK_SECONDS):
+                        await asyncio.shield(fut)
+                    if fut.done():
+                        futures.remove(fut)
+                        fut = loop.create_future()
+                        futures.append(fut)
+        except TimeoutError:
+            # A bare timeout leaves the user guessing; say what the job is
+            # waiting for (a paused queue, no worker with its task...).
+            raise TimeoutError(await self._why_not_finished(job_id, timeout)) from None
+        finally:
+            if fut in futures:
+                futures.remove(fut)
+            if not futures:
+                self._waiters.pop(job_id, None)
+
+    async def _why_not_finished(self, job_id: int, timeout: float | None) -> str:
+        head = f"job {job_id} did not finish within {timeout:g} s"
+        try:
+            with anyio.fail_after(EXPLAIN_TIMEOUT_SECONDS):
+                async with self._db.acquire("reading a job") as conn:
+                    row = await self._store.explain_wait(conn, job_id, LIVE_WORKER_SECONDS)
+        except Exception as exc:  # the explanation is a courtesy; the timeout stands
+            return f"{head} (and its state could not be read: {exc})"
+        if row is None:
+            return f"{head}; it has finished since"
+        task, queue = row["task"], row["queue"]
+        head = f"{head} (task {task!r}, queue {queue!r})"
+        if row["state"] == "running":
+            return (
+                f"{head}: it is running, attempt {row['attempts']} of {row['max_attempts']}, "
+                f"on worker {row['worker_id']}"
+            )
+        reasons: list[str] = []
+        if row["due_in"] > 0:
+            waiting = f"it is queued, due in {row['due_in']:.1f} s"
+            if row["error"]:
+                error = decode(row["error"]) or {}
+                waiting += (
+                    f" (a retry: attempt {row['attempts']} failed with "
+                    f"{error.get('type')}: {str(error.get('message'))[:200]})"
+                )
+            reasons.append(waiting)
+        else:
+            reasons.append("it is still queued")
+        if row["paused"]:
+            reasons.append(f"queue {queue!r} is paused (app.queue({queue!r}).resume())")
+        known: list[str] = list(row["known"] or [])
+        if row["serving"]:
+            reasons.append(
+                f"{row['serving']} live worker(s) can run it, so they are busy, limited "
+                "or it is not due yet"
+            )
+        elif not row["live"]:
+            reasons.append(
+                f"no worker is running on schema {self._schema!r} "
+                "(start one: python -m taskq worker module:app)"
+            )
+        elif task in known:
+            reasons.append(f"the live workers that have task {task!r} do not serve queue {queue!r}")
+        else:
+            guess = suggest_task(task, known)
+            hint = (
+                f"; they have {guess!r}: was the job enqueued under another name?" if guess else ""
+            )
+            reasons.append(f"none of the {row['live']} live worker(s) has task {task!r}{hint}")
+        return f"{head}: " + "; ".join(reasons)
+
+    async def cancel(self, job_id: int) -> bool:
+        self._check_id(job_id)
+        async with self._db.acquire("cancelling a job") as conn:
+            for _ in range(3):  # the job may move between queued and running meanwhile
+                if await self._store.cancel_queued(conn, job_id):
+                    return True
+                if await self._store.request_cancel(conn, job_id):
+                    return True
+                row = await self._store.get_job(conn, job_id)
+                if row is None:
+                    raise JobNotFound(f"no job with id {job_id} in schema {self._schema!r}")
+                if JobState(row["state"]).finished:
+                    log.info("job %s is already %s; nothing to cancel", job_id, row["state"])
+                    return False
+            return False
+
+    async def rerun(self, job_id: int) -> bool:
+        if not is_bigint(job_id):
+            return False  # no such job to run again
+        async with self._db.acquire("re-running a job") as conn:
+            return await self._store.rerun(conn, job_id)
+
+    async def counts(self) -> list[tuple[str, str, int]]:
+        """(queue, state, count) rows over live jobs and history."""
+        async with self._db.acquire("counting jobs") as conn:
+            return await self._store.counts(conn)
