@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import _admin
-from .._app import App
+from .. import App
 from .._errors import ConfigurationError, SerializationError, TaskqError, UnknownTaskError
 from .._job import Job, JobState, JobStatus
 from .._serialization import decode, encode
@@ -77,7 +77,12 @@ async def _queued(
     app: App, name: str | None, queue: str | None, expected: Mapping[str, Any] | None
 ) -> list[JobStatus]:
     details = await _admin.list_jobs(
-        app, states=[str(JobState.QUEUED)], queue=queue, task=name, limit=MAX_JOBS_READ
+        app.database,
+        app.schema,
+        states=[str(JobState.QUEUED)],
+        queue=queue,
+        task=name,
+        limit=MAX_JOBS_READ,
     )
     statuses = [d.status for d in reversed(details)]  # oldest first
     if expected:

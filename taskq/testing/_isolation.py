@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from .._app import App
+from .. import App
 from .._errors import ConfigurationError
 from .._job import Job
 from .._names import quote_schema

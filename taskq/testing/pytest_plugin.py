@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from .._app import App
+    from .. import App
 
 # taskq itself is imported only when a fixture is used: every pytest run in
 # an environment with taskq installed loads this module, and pays nothing.
@@ -81,7 +81,7 @@ def taskq_base_app(pytestconfig: pytest.Config) -> App:
     spec = str(pytestconfig.getini(APP_OPTION)).strip()
     if not spec:
         pytest.fail(_NOT_CONFIGURED, pytrace=False)
-    from .._cli import load_app
+    from ..cli.connect import load_app
     from .._errors import TaskqError
 
     try:
@@ -98,7 +98,7 @@ async def taskq_app(taskq_base_app: App, taskq_dsn: str, anyio_backend: Any) -> 
     and dropped after it, so every test starts with no jobs. Tasks, hooks and
     cron entries added during the test are removed afterwards.
     """
-    from .._app import App
+    from .. import App
     from ._isolation import isolated_app
 
     backend = anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]
