@@ -6,8 +6,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from .. import _admin
-from .. import App
+from .. import App, _admin
 from .._errors import ConfigurationError, SerializationError, TaskqError, UnknownTaskError
 from .._job import Job, JobState, JobStatus
 from .._serialization import decode, encode

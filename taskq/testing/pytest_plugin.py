@@ -81,8 +81,8 @@ def taskq_base_app(pytestconfig: pytest.Config) -> App:
     spec = str(pytestconfig.getini(APP_OPTION)).strip()
     if not spec:
         pytest.fail(_NOT_CONFIGURED, pytrace=False)
-    from ..cli.connect import load_app
     from .._errors import TaskqError
+    from ..cli.connect import load_app
 
     try:
         return load_app(spec)
