@@ -65,7 +65,7 @@ _NO_BINARIES = (
 )
 
 
-def _default_data_dir() -> Path:
+def default_data_dir() -> Path:
     if home := os.environ.get("TASKQ_HOME"):
         return Path(home).expanduser() / "postgres"
     xdg = os.environ.get("XDG_DATA_HOME", "")
@@ -159,7 +159,7 @@ def _server_major(bin_dir: Path) -> str:
     return m[1] if int(m[1]) >= 10 else f"{m[1]}.{m[2]}"
 
 
-def _bin_dir_for(major: str | None) -> Path:
+def bin_dir_for(major: str | None) -> Path:
     """Binaries that can run a data directory of the given major version (any if None)."""
     if major is None:
         return find_postgres_bin_dir()
@@ -430,7 +430,7 @@ def _start(data_dir: Path, log_file: Path) -> Path:
     """Initialise data_dir if needed and start a server for it; returns the bin dir used."""
     pg_version = data_dir / "PG_VERSION"
     major = pg_version.read_text().strip() if pg_version.is_file() else None
-    bin_dir = _bin_dir_for(major)
+    bin_dir = bin_dir_for(major)
     user = _server_os_user(data_dir)
     data_dir.mkdir(mode=0o700, exist_ok=True)
     # Any port works since the socket dir is private to this data dir; derive it from the
@@ -484,7 +484,7 @@ def ensure_server(data_dir: Path | None = None, *, database: str = "postgres") -
     start. When running as root the server runs as the ``postgres`` OS user (created as
     ``taskq-postgres`` if missing). ``database`` is created if it does not exist.
     """
-    data_dir = Path(data_dir if data_dir is not None else _default_data_dir()).expanduser()
+    data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     data_dir = data_dir.resolve()  # one spelling for hashes and postmaster.pid
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = data_dir / "server.log"
@@ -499,7 +499,7 @@ def ensure_server(data_dir: Path | None = None, *, database: str = "postgres") -
                     f"{log_file}:\n{_tail(log_file.read_text(errors='replace'))}"
                 )
         else:
-            bin_dir = _bin_dir_for((data_dir / "PG_VERSION").read_text().strip())
+            bin_dir = bin_dir_for((data_dir / "PG_VERSION").read_text().strip())
         _ensure_database(bin_dir, info, database)
     log.debug("embedded Postgres ready (data: %s, log: %s)", data_dir, log_file)
     return EmbeddedServer(_dsn(info, database), data_dir, log_file, bin_dir, started)

@@ -76,7 +76,7 @@ class Servers:
             if not (data_dir / "postmaster.pid").exists():
                 continue
             if bin_dir is None:
-                bin_dir = _embedded._bin_dir_for((data_dir / "PG_VERSION").read_text().strip())
+                bin_dir = _embedded.bin_dir_for((data_dir / "PG_VERSION").read_text().strip())
             EmbeddedServer("", data_dir, data_dir / "server.log", bin_dir, False).stop()
 
 
@@ -96,12 +96,12 @@ def hide_bundled(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
 def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TASKQ_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert _embedded._default_data_dir() == tmp_path / "home" / "postgres"
+    assert _embedded.default_data_dir() == tmp_path / "home" / "postgres"
     monkeypatch.delenv("TASKQ_HOME")
-    assert _embedded._default_data_dir() == tmp_path / "xdg" / "taskq" / "postgres"
+    assert _embedded.default_data_dir() == tmp_path / "xdg" / "taskq" / "postgres"
     monkeypatch.delenv("XDG_DATA_HOME")
     expected = Path.home() / ".local" / "share" / "taskq" / "postgres"
-    assert _embedded._default_data_dir() == expected
+    assert _embedded.default_data_dir() == expected
 
 
 def test_fresh_start_then_reuse(servers: Servers, tmp_path: Path) -> None:
