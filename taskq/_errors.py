@@ -6,7 +6,7 @@ Every error taskq raises on purpose derives from :class:`TaskqError`, so one
 
     TaskqError
     ├── ConfigurationError        bad setting, bad name, embedded Postgres unavailable
-    ├── SchemaError               schema missing or older than this taskq (auto_migrate=False)
+    ├── SchemaError               schema missing, behind this taskq, or its functions differ
     ├── SerializationError        an argument or result is not JSON (also a TypeError)
     │   └── DecodeError           a stored argument or result no longer fits its annotation
     ├── UnknownTaskError          no task registered under that name (also a LookupError)
@@ -31,7 +31,11 @@ class ConfigurationError(TaskqError, ValueError):
 
 
 class SchemaError(TaskqError):
-    """The database schema is missing or older than this version of taskq expects."""
+    """The schema is missing, older than this taskq expects, or its functions differ.
+
+    Raised when an App opens with ``auto_migrate=False``; ``python -m taskq migrate``
+    brings the schema up to date.
+    """
 
 
 class SerializationError(TaskqError, TypeError):
