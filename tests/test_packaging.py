@@ -207,8 +207,8 @@ def test_wheel_holds_every_module_the_migrations_and_py_typed(built: Built) -> N
     for needed in [
         "taskq/py.typed",
         "taskq/__main__.py",
-        "taskq/_cli.py",
-        "taskq/_demo.py",
+        "taskq/cli/__init__.py",
+        "taskq/cli/demo_jobs.py",
         "taskq/_embedded.py",
         "taskq/_version.py",
         "taskq/contrib/__init__.py",
@@ -221,7 +221,7 @@ def test_wheel_holds_every_module_the_migrations_and_py_typed(built: Built) -> N
     assert f"\nVersion: {version}\n" in metadata
     assert "\nLicense-Expression: MIT\n" in metadata
     assert "Provides-Extra: embedded" in metadata
-    assert "taskq = taskq._cli:main" in entry_points
+    assert "taskq = taskq.cli:main" in entry_points
     # Only the package: no tests, examples or benchmarks installed beside it.
     assert {n.split("/")[0] for n in names} == {"taskq", info}
 

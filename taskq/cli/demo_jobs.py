@@ -1,4 +1,4 @@
-"""``python -m taskq demo``: sample jobs with failures and retries, run by a real worker."""
+"""The demo's App and sample jobs (with failures and retries), and the run that shows them."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import tenacity
 
-from ._app import App
-from ._retry import Retry
+from .._app import App
+from .._retry import Retry
 
 app = App(schema="taskq_demo")
 
