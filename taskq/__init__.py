@@ -27,7 +27,7 @@ from ._queues import Queue, QueueInfo
 from ._retry import Retry
 from ._task import BoundTask, Task
 from ._version import __version__
-from ._worker import Worker, WorkerConfig, WorkerStats
+from .worker import Worker, WorkerConfig, WorkerStats
 
 __all__ = [
     "App",

@@ -8,7 +8,7 @@ the App keeps the public methods, each delegating to a part:
 - ``Registry`` (``_registry``): tasks, cron entries and hooks;
 - ``Enqueuer`` (``_enqueue``): writing jobs;
 - ``Results`` (``_results``): job handles, waiting, status, cancel, re-run;
-- ``Worker`` (``_worker``): claiming and running jobs.
+- ``Worker`` (``worker``): claiming and running jobs.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ._retry import Retry
 from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from ._store import Store
 from ._task import Task, TaskSettings, make_task
-from ._worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
+from .worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
 
 F = TypeVar("F", bound=Callable[..., Any])
 H = TypeVar("H", bound=Callable[..., Any])

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import taskq
-from taskq import _worker
 from taskq._embedded import EmbeddedPostgresError
-from taskq._worker import _error_type
+from taskq.worker import worker as _worker
+from taskq.worker.runner import _error_type
 
 from .conftest import PYTHON, ROOT, subprocess_env
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from .._app import App
 from .._errors import ConfigurationError
-from .._worker import WorkerConfig
+from ..worker import WorkerConfig
 
 
 def check_settings(

@@ -11,7 +11,7 @@ from .._errors import ConfigurationError, SerializationError, TaskqError, Unknow
 from .._job import Job, JobState, JobStatus
 from .._serialization import decode, encode
 from .._task import Task
-from .._worker import Worker, WorkerConfig, WorkerStats
+from ..worker import Worker, WorkerConfig, WorkerStats
 from ._isolation import app_of_job, current_app
 
 #: Most queued jobs listed in an assertion's failure message.

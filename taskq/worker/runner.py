@@ -1,0 +1,293 @@
+"""Running one claimed job: hooks and middleware, timeout, arguments, result, the retry decision."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._errors import DecodeError, SerializationError
+from .._hooks import JobContext, JobOutcome
+from .._registry import Registry
+from .._serialization import decode, encode
+from .._store import ClaimedJob, Outcome
+from .config import WorkerConfig
+from .state import OUTCOME_NAMES, RunningJob, WorkerState
+from .writeback import WriteBack
+
+if TYPE_CHECKING:
+    from .._task import Task
+
+log = logging.getLogger("taskq.worker")
+
+#: Longest traceback kept with a failed attempt, in characters.
+MAX_TRACEBACK_CHARS = 16_000
+
+
+def _text(value: str) -> str:
+    # An error message may hold what JSON in Postgres cannot: NUL characters
+    # and lone surrogates. Escape them rather than lose the whole error.
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _error_dict(exc: BaseException) -> dict[str, str]:
+    tb = "".join(traceback.format_exception(exc))
+    if len(tb) > MAX_TRACEBACK_CHARS:
+        tb = "...(truncated)...\n" + tb[-MAX_TRACEBACK_CHARS:]
+    name = _error_type(type(exc))
+    try:
+        message = str(exc)
+    except Exception as str_error:  # a broken __str__ must not take the worker down
+        message = f"<str() of the exception failed: {str_error!r}>"
+    return {
+        "type": _text(name),
+        "message": _text(message)[:MAX_TRACEBACK_CHARS],
+        "traceback": _text(tb),
+    }
+
+
+def _error_type(cls: type[BaseException]) -> str:
+    """The name stored as an error's type: ``builtins`` bare, taskq's by their public name."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    if cls.__module__.startswith("taskq._"):
+        # A private class (e.g. the embedded server's error): name the public
+        # taskq class it is a kind of, as users can catch that one.
+        public = next((c for c in cls.__mro__ if c.__module__ == "taskq"), None)
+        if public is not None:
+            return f"taskq.{public.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class JobRunner:
+    """Runs claimed jobs, each in its own asyncio task, and records how each attempt ended."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: WorkerConfig,
+        state: WorkerState,
+        writeback: WriteBack,
+        max_payload_bytes: int,
+    ) -> None:
+        self._registry = registry
+        self._state = state
+        self._writeback = writeback
+        self._max_payload_bytes = max_payload_bytes
+        self._threads = anyio.CapacityLimiter(config.concurrency)
+        # The claim loop wants a batch: half the slots free (see Worker._claim_loop).
+        self._wake_at_running = config.concurrency - max(1, config.concurrency // 2)
+
+    async def run(self, running: RunningJob) -> None:
+        """Run one claimed job to its outcome, then free its slot and record the outcome."""
+        job = running.job
+        task = self._registry.tasks.get(job.task)
+        hooks = self._registry.hooks
+        state = self._state
+        started = time.monotonic()
+        outcome: Outcome | None = None
+        ctx: JobContext | None = None
+        value: Any = None
+        raised: BaseException | None = None
+        try:
+            if task is None:  # cannot happen: the claim only takes known tasks
+                raise LookupError(f"no task named {job.task!r} in this worker")
+            if hooks.around_jobs:
+                stored = decode(job.args)
+                ctx = JobContext(
+                    id=job.id,
+                    task=job.task,
+                    queue=job.queue,
+                    attempt=job.attempts,
+                    max_attempts=job.max_attempts,
+                    priority=job.priority,
+                    args=stored,
+                    meta=decode(job.meta) if job.meta else {},
+                    worker_id=state.worker_id,
+                )
+                encoded: list[Any] = []
+
+                async def call() -> Any:
+                    # Encode inside the chain, so that a result that is not
+                    # JSON fails the attempt where middleware (a tracing
+                    # span) sees it.
+                    inner = await self._call(task, job, stored)
+                    encoded[:] = [inner, self._encode_result(task, inner)]
+                    return inner
+
+                value = await hooks.run_job(ctx, call)
+                if encoded and encoded[0] is value:
+                    result = encoded[1]
+                else:  # middleware replaced the value
+                    result = self._encode_result(task, value)
+            else:
+                value = await self._call(task, job)
+                result = self._encode_result(task, value)
+            outcome = Outcome(job.id, job.token, "succeeded", result=result)
+        except asyncio.CancelledError:
+            # Only the worker cancels job tasks; the reason says what it meant.
+            running.stop_reason = running.stop_reason or "release"
+        except Exception as exc:
+            raised = exc
+            if running.stop_reason is None:
+                outcome = self._failure(job, task, exc)
+        except BaseException:
+            # SystemExit / KeyboardInterrupt raised by the task: the process is
+            # going down, the job did not fail.
+            running.stop_reason = running.stop_reason or "release"
+            raise
+        finally:
+            if outcome is None:
+                outcome = self._stopped_outcome(job, running.stop_reason)
+            duration = time.monotonic() - started
+            if ctx is not None:
+                # Before the slot is freed: a hook's work counts against the
+                # worker's concurrency like the job's own.
+                await self._after_hooks(ctx, outcome, duration, value, raised)
+            del state.running[job.id]
+            if outcome is not None:
+                self._record(job, outcome, duration)
+            else:
+                state.stats.lost += 1
+            # Wake the claim loop when it waits for a free slot, or once
+            # enough slots are free for a worthwhile claim; not on every job.
+            if state.full or len(state.running) <= self._wake_at_running or state.stopping:
+                state.wake.set()
+
+    def _encode_result(self, task: Task[Any, Any], value: Any) -> str | None:
+        if value is None:
+            return None
+        return encode(
+            task.codec.encode_result(value),
+            what=f"result of task {task.name!r}",
+            max_bytes=self._max_payload_bytes,
+        )
+
+    def _stopped_outcome(self, job: ClaimedJob, reason: str | None) -> Outcome | None:
+        if reason == "cancel":
+            err = {
+                "type": "taskq.JobCancelled",
+                "message": "cancelled while running",
+                "traceback": "",
+            }
+            return Outcome(job.id, job.token, "cancelled", error=_dumps(err))
+        if reason == "lost":
+            return None  # another worker owns the job now: write nothing
+        return Outcome(job.id, job.token, "release")
+
+    async def _after_hooks(
+        self,
+        ctx: JobContext,
+        outcome: Outcome | None,
+        duration: float,
+        value: Any,
+        raised: BaseException | None,
+    ) -> None:
+        # No outcome: the lease was lost and another worker owns the job now.
+        kind = "lost" if outcome is None else OUTCOME_NAMES[outcome.kind]
+        info = JobOutcome(
+            kind=kind,
+            duration=duration,
+            result=value if kind == "succeeded" else None,
+            error=decode(outcome.error) if outcome is not None and outcome.error else None,
+            exception=raised,
+            retry_in=outcome.delay if outcome is not None and kind == "retried" else None,
+        )
+        try:
+            await self._registry.hooks.after_job(ctx, info)
+        except asyncio.CancelledError:
+            # Shutdown forced while hooks ran: the outcome is still written
+            # back (the caller records it next), and the task ends anyway.
+            log.warning("job %s: after-job hooks interrupted by shutdown", ctx.id)
+
+    async def _call(
+        self, task: Task[Any, Any], job: ClaimedJob, stored: dict[str, Any] | None = None
+    ) -> Any:
+        args, kwargs = task.call_arguments(decode(job.args) if stored is None else stored)
+        timeout = asyncio.timeout(task.timeout) if task.timeout else nullcontext()
+        async with timeout:
+            if task.is_async:
+                return await task.fn(*args, **kwargs)
+            # A sync function runs in a thread, bounded by the same concurrency.
+            # A thread cannot be interrupted: on timeout or cancel the job ends
+            # here and the thread finishes in the background.
+            return await anyio.to_thread.run_sync(
+                lambda: task.fn(*args, **kwargs), limiter=self._threads, abandon_on_cancel=True
+            )
+
+    def _failure(self, job: ClaimedJob, task: Task[Any, Any] | None, exc: Exception) -> Outcome:
+        error = _dumps(_error_dict(exc))
+        # A result that is not JSON fails the same way every time; a stored
+        # argument that does not decode may decode on a worker running other
+        # code (a deploy under way), so that one follows the retry policy.
+        retryable = task is not None and (
+            not isinstance(exc, SerializationError) or isinstance(exc, DecodeError)
+        )
+        # The attempt budget is the job's own (set at enqueue); when and on
+        # what to retry comes from the task's policy.
+        if (
+            retryable
+            and task is not None
+            and task.retry.should_retry(exc, job.attempts, max_attempts=job.max_attempts)
+        ):
+            delay = task.retry.delay(exc, job.attempts)
+            return Outcome(job.id, job.token, "retry", error=error, delay=delay)
+        return Outcome(job.id, job.token, "failed", error=error)
+
+    def _record(self, job: ClaimedJob, outcome: Outcome, duration: float) -> None:
+        kind = outcome.kind
+        extra = {
+            "job_id": job.id,
+            "task": job.task,
+            "queue": job.queue,
+            "attempt": job.attempts,
+            "duration": duration,
+            "outcome": OUTCOME_NAMES[kind],
+            "worker_id": self._state.worker_id,
+        }
+        if kind == "succeeded":
+            self._state.stats.succeeded += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("job %s %s succeeded in %.3fs", job.id, job.task, duration, extra=extra)
+        elif kind == "retry":
+            self._state.stats.retried += 1
+            log.info(
+                "job %s %s failed (attempt %d), retrying in %.1fs: %s",
+                job.id,
+                job.task,
+                job.attempts,
+                outcome.delay,
+                _summary(outcome),
+                extra=extra,
+            )
+        elif kind == "failed":
+            self._state.stats.failed += 1
+            log.error(
+                "job %s %s failed for good after %d attempt(s): %s",
+                job.id,
+                job.task,
+                job.attempts,
+                _summary(outcome),
+                extra=extra,
+            )
+        elif kind == "cancelled":
+            self._state.stats.cancelled += 1
+            log.info("job %s %s cancelled", job.id, job.task, extra=extra)
+        else:
+            self._state.stats.released += 1
+            log.info("job %s %s interrupted; back to the queue", job.id, job.task, extra=extra)
+        self._writeback.add(outcome)
+
+
+def _dumps(value: Any) -> str:
+    return encode(value, what="error", max_bytes=1 << 30)
+
+
+def _summary(outcome: Outcome) -> str:
+    err = decode(outcome.error) if outcome.error else {}
+    return f"{err.get('type')}: {err.get('message')}"

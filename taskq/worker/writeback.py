@@ -1,0 +1,160 @@
+"""The batched write-back of job outcomes: the buffer, the flush loop, and what claims carry."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import anyio
+
+from .._database import Database
+from .._errors import DatabaseError
+from .._store import Outcome, Store
+from .config import WorkerConfig
+from .state import Flag, WorkerState
+
+log = logging.getLogger("taskq.worker")
+
+#: How long finished outcomes wait for a claim to carry them before they are
+#: written back on their own.
+FLUSH_DELAY_SECONDS = 0.005
+#: Longest a single write-back may take before it is abandoned and retried.
+FLUSH_TIMEOUT_SECONDS = 30.0
+
+
+class WriteBack:
+    """Buffers outcomes and writes them back in batches, fenced by each job's lease token.
+
+    Outcomes normally ride along with the worker's next claim (``take``, then
+    ``written`` or ``not_written``); :meth:`run` writes what no claim picked up.
+    """
+
+    def __init__(
+        self, database: Database, store: Store, config: WorkerConfig, state: WorkerState
+    ) -> None:
+        self._database = database
+        self._store = store
+        self._config = config
+        self._state = state
+        #: Outcomes recorded and not yet taken by a write, oldest first.
+        self.outcomes: list[Outcome] = []
+        # Outcomes taken from the buffer by a write that has not returned yet.
+        self._writing: dict[int, Outcome] = {}  # by job id
+        self._ready = Flag()
+        self._flushed = Flag()
+        self._flushed.set()
+
+    def add(self, outcome: Outcome) -> None:
+        """Buffer one outcome; the flush loop writes it unless a claim carries it first."""
+        self.outcomes.append(outcome)
+        self._flushed.clear()
+        self._ready.set()
+
+    def held(self) -> list[tuple[int, uuid.UUID]]:
+        """Jobs whose outcome is not written yet: their leases must still be renewed."""
+        return [(o.job_id, o.token) for o in (*self.outcomes, *self._writing.values())]
+
+    async def wait_flushed(self) -> None:
+        while self.outcomes or self._writing:
+            self._ready.set()
+            await self._flushed.wait(1.0)
+
+    def take(self) -> list[Outcome]:
+        """Move the oldest buffered outcomes (up to a batch) to the in-flight list."""
+        batch = self.outcomes[: self._config.batch_size]
+        del self.outcomes[: len(batch)]
+        self._writing.update((o.job_id, o) for o in batch)
+        return batch
+
+    def written(self, batch: list[Outcome], lost: list[int]) -> None:
+        """A write of ``batch`` committed; ``lost``: the ids whose lease was no longer held."""
+        state = self._state
+        for outcome in batch:
+            self._writing.pop(outcome.job_id, None)
+        state.stats.writebacks += 1
+        if lost:
+            # Counted when recorded; another worker owns these jobs now.
+            gone = set(lost)
+            for outcome in batch:
+                if outcome.job_id in gone:
+                    state.uncount(outcome.kind)
+                    state.stats.lost += 1
+        if not self.outcomes and not self._writing:
+            self._flushed.set()
+        if any(o.kind == "retry" for o in batch):
+            state.wake.set()  # a retry may be due soon: recompute when to wake
+        if lost:
+            log.warning(
+                "worker %s: lease lost for job(s) %s before their outcome was written; "
+                "another worker owns them now, outcome dropped",
+                state.worker_id,
+                lost,
+            )
+
+    def not_written(self, batch: list[Outcome]) -> None:
+        """A write of ``batch`` failed, or may not have committed."""
+        # Back to the front of the buffer, to be sent again: the lease token
+        # makes a repeat of a write that did commit change nothing.
+        for outcome in batch:
+            self._writing.pop(outcome.job_id, None)
+        self.outcomes[:0] = batch
+
+    async def run(self) -> None:
+        """Write back what no claim carried, a moment after it was recorded."""
+        backoff = 0.05
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if not self._state.stopping:
+                # Outcomes normally ride along with the next claim (one round
+                # trip for both); this loop writes what no claim picked up.
+                await anyio.sleep(FLUSH_DELAY_SECONDS)
+            while self.outcomes:
+                try:
+                    await self.flush_batch()
+                except Exception as exc:  # a lost database or a driver fault must not end the loop
+                    log.warning(
+                        "worker %s cannot write back %d outcome(s): %s",
+                        self._state.worker_id,
+                        len(self.outcomes),
+                        exc,
+                    )
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.05
+
+    async def flush_all(self) -> None:
+        """Write back every buffered outcome now, retrying until cancelled."""
+        backoff = 0.05
+        while self.outcomes:
+            try:
+                await self.flush_batch()
+            except Exception as exc:  # a lost database or a driver fault must not end the loop
+                log.warning("worker %s cannot write back outcomes: %s", self._state.worker_id, exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    async def flush_batch(self) -> None:
+        """Write back the oldest buffered outcomes (up to a batch) in one statement."""
+        # Shielded: a write-back cancelled half-way (at shutdown) would commit
+        # without the buffer knowing, then be sent again and look like a lost
+        # lease. Bounded, so a hung database cannot hold shutdown for ever.
+        batch = self.take()
+        if not batch:
+            return
+        lost: list[int] | None = None
+        try:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(FLUSH_TIMEOUT_SECONDS) as scope,
+            ):
+                async with self._database.acquire("writing back job outcomes") as conn:
+                    lost = await self._store.finish(conn, batch)
+        finally:
+            if lost is None:
+                self.not_written(batch)
+            else:
+                self.written(batch, lost)
+        if scope.cancelled_caught:
+            raise DatabaseError(f"writing back outcomes took over {FLUSH_TIMEOUT_SECONDS:.0f}s")
