@@ -1,5 +1,7 @@
-"""The App a command works on (``MODULE:APP``, ``--dsn``, ``--schema``), opened with
-connection failures explained: the DSN, password masked, and where it came from."""
+"""The App a command works on (``MODULE:APP``, ``--dsn``, ``--schema``), opened and closed.
+
+Connection failures are explained: the DSN, password masked, and where it came from.
+"""
 
 from __future__ import annotations
 
