@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 import taskq
+from taskq._statements import Statements
 
 pytestmark = pytest.mark.anyio
 
@@ -93,7 +94,7 @@ async def test_hot_queries_use_indexes_on_a_million_rows(pg_dsn: str, schema: st
 
 
 async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
-    store = app.store
+    sql = Statements(app.schema)
     s = f'"{app.schema}"'
 
     for queues in (["q1"], ["q1", "q2"], None):
@@ -128,19 +129,19 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     assert "jobs_unique" in plan and "history_unique" in plan, plan
     assert "Seq Scan" not in plan, plan
 
-    plan = await explain(conn, store._rescue, "c1", "c2", 3)
+    plan = await explain(conn, sql.rescue, "c1", "c2", 3)
     assert "Seq Scan" not in plan, plan
     assert "jobs_running" in plan, plan
     assert "Scan using history" not in plan, plan  # it only inserts into history
 
-    plan = await explain(conn, store._get_job, 123)
+    plan = await explain(conn, sql.get_job, 123)
     assert "Seq Scan" not in plan, plan
     assert "jobs_pkey" in plan, plan
     assert "history_pkey" in plan, plan
 
-    plan = await inner_plans(conn, store._prune, 7 * 86400.0, 5000)
+    plan = await inner_plans(conn, sql.prune, 7 * 86400.0, 5000)
     assert "Seq Scan" not in plan, plan
     assert "history_finished_at" in plan, plan
 
-    plan = await explain(conn, store._renew, [1, 2], [None, None], 30.0)
+    plan = await explain(conn, sql.renew, [1, 2], [None, None], 30.0)
     assert "Seq Scan" not in plan, plan
