@@ -21,6 +21,7 @@ from taskq._scheduler import Scheduler
 from .conftest import PYTHON, subprocess_env
 from .test_flow import worker_processes
 
+
 def scheduler_of(app: taskq.App, clock: Any) -> Scheduler:
     return Scheduler(app.registry, app.database, app.store, clock=clock)
 
