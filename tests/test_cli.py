@@ -51,10 +51,15 @@ async def test_migrate_dry_run_prints_sql_and_applies_nothing(pg_dsn: str, schem
         latest = _migrations.latest_version()
         assert f"applied migration(s) {', '.join(map(str, range(1, latest + 1)))}" in done.stdout
         assert await conn.fetchval(f'SELECT max(version) FROM "{schema}".migrations') == latest
+        assert "created or replaced" in done.stdout and "finish" in done.stdout
         again = run_cli(pg_dsn, "migrate", "--schema", schema)
         assert "up to date" in again.stdout
         dry = run_cli(pg_dsn, "migrate", "--schema", schema, "--dry-run")
         assert "up to date" in dry.stdout
+        # A function whose file changed is created again, and migrate says so.
+        await conn.execute(f"UPDATE \"{schema}\".objects SET checksum = 'x' WHERE name = 'finish'")
+        stale = run_cli(pg_dsn, "migrate", "--schema", schema)
+        assert stale.stdout == f"created or replaced finish in schema {schema!r}\n", stale.stdout
     finally:
         await conn.close()
 

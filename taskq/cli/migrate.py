@@ -35,11 +35,14 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
             if args.dry_run:
                 sys.stdout.write(await _migrations.pending_sql(conn, app.schema))
                 return EXIT_OK
-            applied = await _migrations.migrate(conn, app.schema)
+            applied = await _migrations.apply_pending(conn, app.schema)
     finally:
         await conn.close()
-    if applied:
-        print(f"applied migration(s) {', '.join(map(str, applied))} to schema {app.schema!r}")
-    else:
+    if applied.versions:
+        versions = ", ".join(map(str, applied.versions))
+        print(f"applied migration(s) {versions} to schema {app.schema!r}")
+    if applied.objects:
+        print(f"created or replaced {', '.join(applied.objects)} in schema {app.schema!r}")
+    if not applied.versions and not applied.objects:
         print(f"schema {app.schema!r} is up to date")
     return EXIT_OK
