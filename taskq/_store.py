@@ -1,4 +1,4 @@
-"""Every SQL statement taskq runs, in one place.
+"""The Store: every query of the job path, as a method that takes a connection.
 
 The worker, the App and the CLI never build SQL; they call these methods with
 a connection. User values travel only as bind parameters; the schema name is
