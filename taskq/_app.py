@@ -150,20 +150,10 @@ class App:
         if self.is_open:
             raise ConfigurationError(f"{self!r} is open: close it before changing its database")
         quote_schema(schema)
-        old = self.database
-        self._wire(
-            Database(
-                dsn,
-                listen_dsn=listen_dsn,
-                name=schema,
-                listen_channels=Store(schema).channels,
-                pool_min_size=old.pool_min_size,
-                pool_max_size=old.pool_max_size,
-                connect_kwargs=old.connect_kwargs,
-                connect_retry=old.connect_retry,
-            ),
-            schema,
+        database = self.database.moved(
+            dsn, listen_dsn=listen_dsn, name=schema, listen_channels=Store(schema).channels
         )
+        self._wire(database, schema)
         self._open_lock = None  # made afresh in the event loop that opens it next
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ._converters import (
     NONE_TYPE,
@@ -301,38 +301,30 @@ class TaskCodec:
 
     def encode_args(self, stored: dict[str, Any]) -> dict[str, Any]:
         """Arguments by name -> their JSON forms; raises SerializationError naming one."""
-        if not self._ready:
-            self._prepare()
-        if not self._params:
-            return stored
-        out = dict(stored)
-        for name, conv in self._params.items():
-            if name not in out:
-                continue
-            value = out[name]
-            try:
-                out[name] = self._each(conv, name, value, encode=True)
-            except PathError as exc:
-                raise SerializationError(
-                    f"arguments of task {self._task!r}: argument {exc.path!r} {exc.reason}; "
-                    "nothing was written",
-                    path=exc.path,
-                ) from None
-        return out
+        return cast(dict[str, Any], self._convert_args(stored, encode=True))
 
     def decode_args(self, stored: Mapping[str, Any]) -> Mapping[str, Any]:
         """Stored JSON arguments -> values of the annotated types; raises DecodeError."""
+        return self._convert_args(stored, encode=False)
+
+    def _convert_args(self, stored: Mapping[str, Any], *, encode: bool) -> Mapping[str, Any]:
         if not self._ready:
             self._prepare()
         if not self._params:
-            return stored
+            return stored  # all plain JSON: no copy, no walk
         out = dict(stored)
         for name, conv in self._params.items():
             if name not in out:
                 continue
             try:
-                out[name] = self._each(conv, name, out[name], encode=False)
+                out[name] = self._each(conv, name, out[name], encode=encode)
             except PathError as exc:
+                if encode:
+                    raise SerializationError(
+                        f"arguments of task {self._task!r}: argument {exc.path!r} "
+                        f"{exc.reason}; nothing was written",
+                        path=exc.path,
+                    ) from None
                 where = "it" if exc.path == name else exc.path
                 raise DecodeError(
                     f"task {self._task!r}: argument {name!r} does not decode to "

@@ -195,6 +195,21 @@ class Database:
         self._held_busy = False
         self._notifier: Notifier | None = None
 
+    def moved(
+        self, dsn: str | None, *, listen_dsn: str | None, name: str, listen_channels: Sequence[str]
+    ) -> Database:
+        """A closed Database elsewhere, with this one's pool and connection settings."""
+        return Database(
+            dsn,
+            listen_dsn=listen_dsn,
+            name=name,
+            listen_channels=listen_channels,
+            pool_min_size=self.pool_min_size,
+            pool_max_size=self.pool_max_size,
+            connect_kwargs=self.connect_kwargs,
+            connect_retry=self.connect_retry,
+        )
+
     # -- lifecycle -------------------------------------------------------------
 
     async def open(self, prepare: Callable[[Any], Awaitable[object]]) -> None:
