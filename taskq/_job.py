@@ -37,7 +37,9 @@ class JobStatus:
     ``error`` is the last attempt's error as ``{"type", "message", "traceback"}``
     (kept while a job waits for a retry, and on a dead letter); ``result`` is the
     decoded return value of a succeeded job (``None`` if it returned nothing).
-    ``run_at`` is only known while the job is live.
+    ``run_at`` is only known while the job is live. ``errors`` keeps the errors
+    of the job's last attempts (``error`` is only the newest); ``progress`` is
+    the last progress its task reported.
     """
 
     id: int
@@ -60,6 +62,16 @@ class JobStatus:
     #: Metadata carried with the job (``options(meta=...)``, and the trace
     #: context added by tracing integrations); empty if none.
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The errors of the last attempts that failed or were retried (and of
+    #: rescues: ``taskq.LeaseExpired``, ``taskq.PoisonJob``), oldest first, at
+    #: most 10: ``{"attempt", "type", "message", "traceback", "at"}``, the
+    #: traceback cut to its last 4,000 characters and ``at`` an ISO 8601 time.
+    #: Empty if no attempt failed (or the job ended before taskq kept them).
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    #: The last progress the task reported with ``ctx.progress()``:
+    #: ``{"fraction", "message", "at"}``; ``None`` if none. Kept across
+    #: retries and when the job ends; a manual re-run starts without it.
+    progress: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The status as JSON-ready values: timestamps as ISO 8601 strings.
@@ -84,6 +96,8 @@ class JobStatus:
             "worker_id": self.worker_id,
             "unique_key": self.unique_key,
             "meta": self.meta,
+            "errors": self.errors,
+            "progress": self.progress,
         }
 
     @property
@@ -201,6 +215,8 @@ def status_from_row(row: Any) -> JobStatus:
         worker_id=row["worker_id"],
         unique_key=row["unique_key"],
         meta=decode(row.get("meta")) or {},
+        errors=decode(row.get("errors")) or [],
+        progress=decode(row.get("progress")),
     )
 
 

@@ -116,6 +116,20 @@ class Statements:
         )
         # Write back a batch of outcomes (see finish() in the migration).
         self.finish = f"SELECT {s}.finish($1, $2, $3, $4, $5, $6)"
+        # Of outcomes that finish() did not write (their token no longer
+        # matched), those the same attempt had written already: a write-back
+        # whose commit went through but whose reply was lost, sent again. Only
+        # finish() sets requeued_by and history.lease_token, and only to the
+        # token it matched, so a match proves the outcome was this attempt's.
+        # A separate statement, after finish(): its snapshot includes a first
+        # write that committed while the repeat waited for the row's lock.
+        self.committed_before = (
+            "SELECT u.id FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token) "
+            f"WHERE EXISTS (SELECT FROM {s}.jobs AS j WHERE j.id = u.id "
+            "AND j.requeued_by = u.token) "
+            f"OR EXISTS (SELECT FROM {s}.history AS h WHERE h.id = u.id "
+            "AND (h.lease_token = u.token OR h.requeued_by = u.token))"
+        )
         self.renew = (
             f"UPDATE {s}.jobs AS j SET lease_expires_at = now() + make_interval(secs => $3) "
             "FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token) "
@@ -129,15 +143,21 @@ class Statements:
         # nothing is re-queued behind its back. A job is not queued again when
         # its attempts are used up, when it was rescued too often (poison: it
         # takes its worker down every time), or when it was being cancelled.
+        # The rescue's error is added to the job's errors (not a cancel's), and
+        # it never sets requeued_by or history.lease_token: those name an
+        # attempt whose own outcome was written, and a rescued attempt's
+        # worker must not take the rescue for its outcome (see finish()).
         self.rescue = (
             f"WITH expired AS (SELECT id FROM {s}.jobs WHERE state = 'running' "
             "AND lease_expires_at < now() LIMIT 1000 FOR UPDATE SKIP LOCKED), "
             f"requeued AS (UPDATE {s}.jobs AS j SET state = 'queued', run_at = now(), "
             "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, "
-            "rescues = j.rescues + 1, last_error = jsonb_build_object('type', "
+            "rescues = j.rescues + 1, last_error = x.error, "
+            f"errors = {s}.append_error(j.errors, j.attempts, x.error) "
+            "FROM expired AS e, (SELECT jsonb_build_object('type', "
             "'taskq.LeaseExpired', 'message', 'the worker running this job stopped renewing "
             "its lease (it crashed, was killed or lost its database connection)', "
-            "'traceback', '') FROM expired AS e "
+            "'traceback', '') AS error) AS x "
             "WHERE j.id = e.id AND NOT j.cancel_requested AND j.attempts < j.max_attempts "
             "AND j.rescues + 1 < $3 RETURNING j.id, j.queue), "
             f"ended AS (DELETE FROM {s}.jobs AS j USING expired AS e "
@@ -145,10 +165,12 @@ class Statements:
             "OR j.rescues + 1 >= $3) RETURNING j.*), "
             f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
             "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, error, "
-            "unique_key, meta) "
-            "SELECT id, queue, task, args, "
-            "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END, priority, attempts, "
-            "max_attempts, rescues + 1, enqueued_at, started_at, worker_id, CASE "
+            "unique_key, meta, progress, errors, requeued_by) "
+            "SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues + 1, "
+            "enqueued_at, started_at, worker_id, err, unique_key, meta, progress, "
+            f"CASE WHEN kind = 'failed' THEN {s}.append_error(errors, attempts, err) "
+            "ELSE errors END, requeued_by FROM (SELECT ended.*, "
+            "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END AS kind, CASE "
             "WHEN cancel_requested THEN jsonb_build_object('type', 'taskq.JobCancelled', "
             "'message', 'cancelled; its worker stopped renewing the lease', 'traceback', '') "
             "WHEN rescues + 1 >= $3 THEN jsonb_build_object('type', 'taskq.PoisonJob', "
@@ -157,7 +179,7 @@ class Statements:
             "rescues + 1), 'traceback', '') "
             "ELSE jsonb_build_object('type', 'taskq.LeaseExpired', 'message', 'the worker "
             "running its last attempt stopped renewing the lease; no attempts left', "
-            "'traceback', '') END, unique_key, meta FROM ended RETURNING id, state) "
+            "'traceback', '') END AS err FROM ended) AS x RETURNING id, state) "
             "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
             "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS ended, "
             "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
@@ -168,21 +190,24 @@ class Statements:
         )
         self.get_job = (
             f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
-            f"NULL::text AS result, worker_id, meta::text AS meta FROM {s}.jobs WHERE id = $1 "
+            "NULL::text AS result, worker_id, meta::text AS meta, errors::text AS errors, "
+            f"progress::text AS progress FROM {s}.jobs WHERE id = $1 "
             "UNION ALL "
             "SELECT id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
             "enqueued_at, NULL::timestamptz AS run_at, started_at, unique_key, finished_at, "
             "error, result::text AS result, "
-            f"worker_id, meta::text AS meta FROM {s}.history WHERE id = $1"
+            "worker_id, meta::text AS meta, errors::text AS errors, progress::text AS progress "
+            f"FROM {s}.history WHERE id = $1"
         )
         self.cancel_queued = (
             f"WITH c AS (DELETE FROM {s}.jobs WHERE id = $1 AND state = 'queued' RETURNING *), "
             f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
-            "max_attempts, rescues, enqueued_at, started_at, error, unique_key, meta) "
+            "max_attempts, rescues, enqueued_at, started_at, error, unique_key, meta, progress, "
+            "errors, requeued_by) "
             "SELECT id, queue, task, args, 'cancelled', priority, attempts, max_attempts, "
             "rescues, enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
-            "'message', 'cancelled while queued', 'traceback', ''), unique_key, meta FROM c "
-            "RETURNING id) "
+            "'message', 'cancelled while queued', 'traceback', ''), unique_key, meta, progress, "
+            "errors, requeued_by FROM c RETURNING id) "
             "SELECT id, pg_notify($2, id::text) FROM h"
         )
         # Ask the write-back to announce this job's end. Zero rows: it has
@@ -201,15 +226,17 @@ class Statements:
         )
         # A unique job goes back only while no other live job holds its key;
         # the unique index settles a race with a producer (the caller reports it).
+        # It keeps the errors of the earlier attempts and starts without
+        # progress (the new run reports its own).
         self.rerun = (
             f"WITH h AS (DELETE FROM {s}.history AS h WHERE h.id = $1 "
             "AND h.state IN ('failed', 'cancelled') AND (h.unique_key IS NULL OR NOT EXISTS "
             f"(SELECT 1 FROM {s}.jobs AS j WHERE j.queue = h.queue "
             "AND j.unique_key = h.unique_key)) RETURNING *), "
             f"ins AS (INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
-            "max_attempts, enqueued_at, last_error, unique_key, meta) "
+            "max_attempts, enqueued_at, last_error, unique_key, meta, errors) "
             "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error, "
-            "unique_key, meta FROM h RETURNING id, queue) "
+            "unique_key, meta, errors FROM h RETURNING id, queue) "
             "SELECT id, pg_notify($2, queue) FROM ins"
         )
         self.counts = (

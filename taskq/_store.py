@@ -7,8 +7,9 @@ the one identifier in the text, validated and quoted by ``quote_schema``.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeAlias
 
@@ -61,12 +62,15 @@ class ClaimResult:
     ``held_back`` is true when a queue or task limit kept due jobs from being
     claimed; ``retry_in`` is then the seconds until a rate window frees a start
     (``None``: until a running job of a limited queue ends, which is announced).
+    ``lost`` and ``committed`` are about the outcomes the claim carried: see
+    :meth:`Store.write_back`.
     """
 
     jobs: list[ClaimedJob]
     lost: list[int]
     held_back: bool = False
     retry_in: float | None = None
+    committed: list[int] = field(default_factory=list)
 
 
 class Store:
@@ -175,6 +179,12 @@ class Store:
             else:
                 result.held_back = True
                 result.retry_in = r[9]
+        if result.lost and outcomes:
+            # The claim committed: its jobs are ours and must be started,
+            # whatever happens to this look-up (the outcomes then count as
+            # lost, as they would have without it).
+            with contextlib.suppress(Exception):
+                result.lost, result.committed = await self._split_lost(conn, outcomes, result.lost)
         return result
 
     async def seconds_until_next_due(
@@ -185,9 +195,39 @@ class Store:
         return None if gap is None else gap.total_seconds()
 
     async def finish(self, conn: Conn, outcomes: list[Outcome]) -> list[int]:
-        """Write back outcomes; return the ids whose lease was lost (nothing written)."""
+        """Write back outcomes; return the ids for which nothing was written now.
+
+        Their lease token no longer matched: the lease was lost, or (when the
+        outcome is sent again) this very outcome was written before.
+        :meth:`write_back` tells the two apart.
+        """
         lost = await conn.fetchval(self._sql.finish, *_outcome_arrays(outcomes))
         return list(lost)
+
+    async def write_back(self, conn: Conn, outcomes: list[Outcome]) -> tuple[list[int], list[int]]:
+        """Write back outcomes: (ids whose lease was lost, ids written before).
+
+        The second list holds outcomes that an earlier write of the same
+        attempt had already committed: the connection broke after the commit
+        and before the reply, and the worker sent them again. Nothing was lost
+        for those; the rest of the batch was written now.
+        """
+        lost = await self.finish(conn, outcomes)
+        if not lost:
+            return [], []
+        return await self._split_lost(conn, outcomes, lost)
+
+    async def _split_lost(
+        self, conn: Conn, outcomes: list[Outcome], lost: list[int]
+    ) -> tuple[list[int], list[int]]:
+        # Rare (a lease taken over, or a lost reply): one more round trip.
+        gone = set(lost)
+        sent = [o for o in outcomes if o.job_id in gone]
+        rows = await conn.fetch(
+            self._sql.committed_before, [o.job_id for o in sent], [o.token for o in sent]
+        )
+        before = {r[0] for r in rows}
+        return [i for i in lost if i not in before], [i for i in lost if i in before]
 
     async def renew_leases(
         self, conn: Conn, leases: list[tuple[int, uuid.UUID]], lease_seconds: float

@@ -41,6 +41,8 @@ JOB_KEYS = {
     "worker_id",
     "unique_key",
     "meta",
+    "errors",
+    "progress",
     "rescues",
     "cancel_requested",
 }
@@ -261,6 +263,13 @@ async def test_jobs_list_and_show(pg_dsn: str, schema: str) -> None:
     assert detail["error"]["message"] == "bad input 7"
     assert 'raise ValueError(f"bad input {n}")' in detail["error"]["traceback"]
     datetime.fromisoformat(detail["finished_at"])
+    [attempt] = detail["errors"]
+    assert (attempt["attempt"], attempt["type"], attempt["message"]) == (
+        1,
+        "ValueError",
+        "bad input 7",
+    )
+    assert detail["progress"] is None
 
     detail = json.loads(cli(pg_dsn, schema, "jobs", "show", str(good.id), "--json").stdout)
     assert (detail["result"], detail["meta"], detail["unique_key"]) == (
@@ -275,6 +284,8 @@ async def test_jobs_list_and_show(pg_dsn: str, schema: str) -> None:
     assert f"job {failed.id}" in text.stdout
     assert "error        ValueError: bad input 7" in text.stdout
     assert "traceback:" in text.stdout and "Traceback (most recent call last)" in text.stdout
+    assert "errors of the last 1 attempt:" in text.stdout
+    assert "attempt 1  " in text.stdout and text.stdout.rstrip().endswith("ValueError: bad input 7")
 
     def ids(*args: str) -> list[int]:
         done = cli(pg_dsn, schema, "jobs", "list", "--json", *args)

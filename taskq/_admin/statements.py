@@ -16,13 +16,14 @@ _LIVE_ROW = (
     "id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
     "enqueued_at, run_at, started_at, NULL::timestamptz AS finished_at, "
     "last_error::text AS error, NULL::text AS result, worker_id, unique_key, "
-    "meta::text AS meta, rescues, cancel_requested"
+    "meta::text AS meta, errors::text AS errors, progress::text AS progress, rescues, "
+    "cancel_requested"
 )
 _HISTORY_ROW = (
     "id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
     "enqueued_at, NULL::timestamptz AS run_at, started_at, finished_at, error::text AS error, "
-    "result::text AS result, worker_id, unique_key, meta::text AS meta, rescues, "
-    "false AS cancel_requested"
+    "result::text AS result, worker_id, unique_key, meta::text AS meta, "
+    "errors::text AS errors, progress::text AS progress, rescues, false AS cancel_requested"
 )
 # Optional filters on queue and task: NULL matches every value.
 _FILTERS = "($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3)"
@@ -120,7 +121,8 @@ class AdminStatements:
         # -- retry -----------------------------------------------------------
         # Exactly what Job.retry() does, for many jobs at once: the job goes
         # back to the hot table under its own id with a fresh attempt budget,
-        # due now, keeping its last error and its meta. A unique job goes back
+        # due now, keeping its last error, its errors and its meta, without the
+        # progress of its last run. A unique job goes back
         # only while no live job holds its key: ON CONFLICT leaves it in
         # history (also when two retried jobs share a key; the newest wins),
         # and it also settles a race with a producer. The candidates are
@@ -213,9 +215,9 @@ class AdminStatements:
         return (
             f"WITH cand AS (SELECT h.* FROM {s}.history AS h WHERE {where} FOR UPDATE OF h), "
             f"ins AS (INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
-            "max_attempts, enqueued_at, last_error, unique_key, meta) "
+            "max_attempts, enqueued_at, last_error, unique_key, meta, errors) "
             "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error, "
-            "unique_key, meta FROM cand ORDER BY id DESC "
+            "unique_key, meta, errors FROM cand ORDER BY id DESC "
             "ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING "
             "RETURNING id, queue), "
             f"gone AS (DELETE FROM {s}.history AS h USING ins WHERE h.id = ins.id "
@@ -232,11 +234,12 @@ class AdminStatements:
             f"WITH c AS (DELETE FROM {s}.jobs AS j WHERE j.id IN (SELECT id FROM {s}.jobs "
             f"WHERE {where} FOR UPDATE SKIP LOCKED) AND j.state = 'queued' RETURNING j.*), "
             f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
-            "max_attempts, rescues, enqueued_at, started_at, error, unique_key, meta) "
+            "max_attempts, rescues, enqueued_at, started_at, error, unique_key, meta, progress, "
+            "errors, requeued_by) "
             "SELECT id, queue, task, args, 'cancelled', priority, attempts, max_attempts, "
             "rescues, enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
-            "'message', 'cancelled while queued', 'traceback', ''), unique_key, meta FROM c "
-            "RETURNING id), "
+            "'message', 'cancelled while queued', 'traceback', ''), unique_key, meta, progress, "
+            "errors, requeued_by FROM c RETURNING id), "
             f"told AS (SELECT count(pg_notify({channel}, ids)) AS n "
             "FROM (SELECT string_agg(id::text, ',') AS ids "
             "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM c WHERE awaited) AS x "

@@ -106,6 +106,7 @@ async def cmd_jobs_show(args: argparse.Namespace) -> int:
         ("started at", iso(s.started_at)),
         ("finished at", iso(s.finished_at)),
         ("worker", s.worker_id or "-"),
+        ("progress", _progress_text(s.progress)),
     ]
     if s.state.finished:
         fields.append(("result", json_text(s.result) if s.state == "succeeded" else "-"))
@@ -119,7 +120,28 @@ async def cmd_jobs_show(args: argparse.Namespace) -> int:
         print("  traceback:")
         for line in str(traceback).rstrip("\n").splitlines():
             print(f"    {line}")
+    if s.errors:
+        # One line per attempt, oldest first; --json has their tracebacks.
+        print(f"  errors of the last {plural(len(s.errors), 'attempt')}:")
+        for e in s.errors:
+            text = f"{e.get('type')}: {e.get('message')}".replace("\n", " ")
+            print(f"    attempt {e.get('attempt')}  {e.get('at') or '-'}  {text}")
     return EXIT_OK
+
+
+def _progress_text(progress: dict[str, Any] | None) -> str:
+    """``40% copying files (at 2024-...)``, or ``-``."""
+    if not progress:
+        return "-"
+    parts = []
+    fraction = progress.get("fraction")
+    if isinstance(fraction, int | float):
+        parts.append(f"{fraction:.0%}")
+    if progress.get("message"):
+        parts.append(str(progress["message"]))
+    if progress.get("at"):
+        parts.append(f"(at {progress['at']})")
+    return " ".join(parts) or "-"
 
 
 async def resolve_task(app: App, name: str) -> str:

@@ -33,4 +33,4 @@ ALTER TABLE {schema}.history ADD COLUMN requeued_by uuid;
 ALTER TABLE {schema}.history ADD COLUMN lease_token uuid;
 
 -- Objects changed in this release (re-created from taskq/objects/ after this
--- file): finish() and claim().
+-- file): finish(), and append_error() (new).

@@ -1,4 +1,5 @@
 -- object: function finish(bigint[], uuid[], text[], text[], text[], double precision[])
+-- requires: append_error
 --
 -- Write back a batch of outcomes. Each names its lease token: a worker whose
 -- lease was taken over (rescued, cancelled) changes nothing, so a job is
@@ -9,6 +10,16 @@
 -- interrupted it). A job that would go back to the queue while a cancel is
 -- pending ends cancelled instead of running again. Returns the ids whose
 -- lease was no longer held (nothing was written for them).
+--
+-- A retried or failed attempt's error is added to the job's errors (the last
+-- attempts' errors, bounded by append_error()). The token of the attempt is
+-- kept with what it wrote: requeued_by on a job it put back in the queue,
+-- lease_token on the history row of a job it ended. Only this function sets
+-- them, and only with the token it matched, so when an outcome is sent again
+-- after a lost reply (the first write committed, its answer never arrived),
+-- the worker can tell its own committed outcome from a lost lease (see
+-- Statements.committed_before). The progress a task reported goes to history
+-- with the job.
 --
 -- Notifications: waiters on results hear the finished ids on the finished
 -- channel (in chunks: NOTIFY payloads are capped at 8000 bytes); retried and
@@ -35,6 +46,10 @@ BEGIN
             run_at = now() + make_interval(secs => u.delay),
             attempts = CASE WHEN u.kind = 'release' THEN j.attempts - 1 ELSE j.attempts END,
             last_error = coalesce(u.error::jsonb, j.last_error),
+            errors = CASE WHEN u.kind = 'retry'
+                THEN {schema}.append_error(j.errors, j.attempts, u.error::jsonb)
+                ELSE j.errors END,
+            requeued_by = u.token,
             worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
         FROM u
         WHERE u.kind IN ('retry', 'release') AND j.id = u.id AND j.lease_token = u.token
@@ -47,7 +62,10 @@ BEGIN
             AND (u.kind IN ('succeeded', 'failed', 'cancelled') OR j.cancel_requested)
         RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
             j.rescues, j.enqueued_at, j.started_at, j.worker_id, j.awaited, j.unique_key,
-            j.meta,
+            j.meta, j.progress, j.requeued_by, u.token,
+            CASE WHEN u.kind IN ('retry', 'failed')
+                THEN {schema}.append_error(j.errors, j.attempts, u.error::jsonb)
+                ELSE j.errors END AS errors,
             CASE WHEN u.kind IN ('retry', 'release') THEN 'cancelled' ELSE u.kind END AS kind,
             u.result,
             CASE WHEN u.kind IN ('retry', 'release') THEN jsonb_build_object('type',
@@ -57,9 +75,10 @@ BEGIN
     archived AS (
         INSERT INTO {schema}.history (id, queue, task, args, state, priority, attempts,
             max_attempts, rescues, enqueued_at, started_at, worker_id, result, error, unique_key,
-            meta)
+            meta, progress, errors, requeued_by, lease_token)
         SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues,
-            enqueued_at, started_at, worker_id, result::jsonb, error::jsonb, unique_key, meta
+            enqueued_at, started_at, worker_id, result::jsonb, error::jsonb, unique_key, meta,
+            progress, errors, requeued_by, token
         FROM finished
         RETURNING id
     ),
