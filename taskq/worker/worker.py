@@ -290,6 +290,7 @@ class Worker:
             sent = time.monotonic()
             carried = self._writeback.take()
             lost: list[int] | None = None
+            committed: list[int] = []
             try:
                 async with self._database.acquire("claiming jobs") as conn:
                     result = await self._store.claim(
@@ -301,7 +302,7 @@ class Worker:
                         lease_seconds=cfg.lease_seconds,
                         outcomes=carried,
                     )
-                claimed, lost = result.jobs, result.lost
+                claimed, lost, committed = result.jobs, result.lost, result.committed
             except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
                     "worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff
@@ -314,7 +315,7 @@ class Worker:
                     if lost is None:
                         self._writeback.not_written(carried)
                     else:
-                        self._writeback.written(carried, lost)
+                        self._writeback.written(carried, lost, committed)
             backoff = 0.1
             self.stats.claims += 1
             self.stats.claimed += len(claimed)

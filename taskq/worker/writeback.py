@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 
 import anyio
 
@@ -66,8 +67,13 @@ class WriteBack:
         self._writing.update((o.job_id, o) for o in batch)
         return batch
 
-    def written(self, batch: list[Outcome], lost: list[int]) -> None:
-        """A write of ``batch`` committed; ``lost``: the ids whose lease was no longer held."""
+    def written(self, batch: list[Outcome], lost: list[int], committed: Sequence[int] = ()) -> None:
+        """A write of ``batch`` committed; ``lost``: the ids whose lease was no longer held.
+
+        ``committed``: ids whose outcome an earlier write had committed already
+        (its reply was lost with the connection, and the batch was sent again).
+        They count as written: the job ended (or went back) once, as recorded.
+        """
         state = self._state
         for outcome in batch:
             self._writing.pop(outcome.job_id, None)
@@ -83,6 +89,13 @@ class WriteBack:
             self._flushed.set()
         if any(o.kind == "retry" for o in batch):
             state.wake.set()  # a retry may be due soon: recompute when to wake
+        if committed:
+            log.info(
+                "worker %s: the reply to a write-back was lost, but the outcome of job(s) %s "
+                "had committed; sent again, it changed nothing",
+                state.worker_id,
+                list(committed),
+            )
         if lost:
             log.warning(
                 "worker %s: lease lost for job(s) %s before their outcome was written; "
@@ -144,17 +157,18 @@ class WriteBack:
         if not batch:
             return
         lost: list[int] | None = None
+        committed: list[int] = []
         try:
             with (
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(FLUSH_TIMEOUT_SECONDS) as scope,
             ):
                 async with self._database.acquire("writing back job outcomes") as conn:
-                    lost = await self._store.finish(conn, batch)
+                    lost, committed = await self._store.write_back(conn, batch)
         finally:
             if lost is None:
                 self.not_written(batch)
             else:
-                self.written(batch, lost)
+                self.written(batch, lost, committed)
         if scope.cancelled_caught:
             raise DatabaseError(f"writing back outcomes took over {FLUSH_TIMEOUT_SECONDS:.0f}s")
