@@ -48,10 +48,13 @@ DEFAULT_BATCH_SIZE = 500
 #: Outcomes waiting to be written back before the worker stops claiming: while
 #: Postgres is unreachable, finished work piles up in memory only this far.
 DEFAULT_MAX_PENDING_OUTCOMES = 5000
-#: How often history is pruned. Expired leases are looked for every half
-#: lease (15 s by default), so a crashed worker's jobs run again within about
-#: 1.5 leases (45 s).
+#: How often history is pruned.
 DEFAULT_PRUNE_INTERVAL = 60.0
+#: Every worker looks for expired leases when it starts and then every this
+#: share of the lease (15 s by default): a killed worker's jobs are queued
+#: again at most lease + rescue_interval (45 s) after its last renewal, as
+#: long as any worker runs.
+DEFAULT_RESCUE_INTERVAL_SHARE = 0.5
 #: A job whose worker stops renewing its lease this many times (it crashes
 #: the worker, or is killed with it, every time) is failed as poison.
 DEFAULT_MAX_RESCUES = 3
@@ -71,7 +74,8 @@ class WorkerConfig:
         batch_size: most jobs claimed, or outcomes written back, per statement (500).
         max_pending_outcomes: outcomes buffered while Postgres is unreachable
             before the worker stops claiming (5000).
-        rescue_interval: seconds between looks for expired leases (half the lease).
+        rescue_interval: seconds between looks for expired leases, the first
+            when the worker starts (half the lease).
         max_rescues: rescues after which a job is failed as poison (3).
         prune_interval: seconds between history prunes (60).
         cron: run the cron scheduler in this worker (True; ``drain()`` never does).
@@ -84,13 +88,13 @@ class WorkerConfig:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     batch_size: int = DEFAULT_BATCH_SIZE
     max_pending_outcomes: int = DEFAULT_MAX_PENDING_OUTCOMES
-    rescue_interval: float = 0.0  # 0: half the lease
+    rescue_interval: float = 0.0  # 0: DEFAULT_RESCUE_INTERVAL_SHARE of the lease
     max_rescues: int = DEFAULT_MAX_RESCUES
 
     def __post_init__(self) -> None:
         lease = self.lease_seconds
         if not self.rescue_interval and isinstance(lease, int | float) and lease > 0:
-            object.__setattr__(self, "rescue_interval", lease / 2)
+            object.__setattr__(self, "rescue_interval", lease * DEFAULT_RESCUE_INTERVAL_SHARE)
 
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
     cron: bool = True

@@ -1,4 +1,4 @@
-"""The leases a worker holds: the keeper renews them (and rescues), the watchdog gives them up."""
+"""The leases a worker holds: the keeper renews them, the watchdog gives them up."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from .._database import Database
 from .._store import Store
 from .config import WorkerConfig
 from .state import WorkerState
-from .upkeep import Rescuer
 from .writeback import WriteBack
 
 log = logging.getLogger("taskq.worker")
@@ -25,8 +24,8 @@ LEASE_GIVE_UP_FRACTION = 0.75
 class LeaseKeeper:
     """Heartbeat, lease renewal, and the pickup of cancels whose notification was missed.
 
-    Its round also gives the rescuer its turn, right after a renewal went
-    through: the rescue runs on the keeper's schedule, not on its own.
+    One round every third of the lease. The rescue of other workers' expired
+    leases is a service of its own (``Rescuer``), on its own cadence.
     """
 
     def __init__(
@@ -36,20 +35,16 @@ class LeaseKeeper:
         config: WorkerConfig,
         state: WorkerState,
         writeback: WriteBack,
-        rescuer: Rescuer,
     ) -> None:
         self._database = database
         self._store = store
         self._config = config
         self._state = state
         self._writeback = writeback
-        self._rescuer = rescuer
 
     async def run(self) -> None:
-        """Heartbeat: renew leases, pick up missed cancels, rescue."""
-        cfg = self._config
-        interval = min(cfg.lease_seconds / 3, cfg.rescue_interval)
-        last_rescue = time.monotonic()
+        """Heartbeat: renew leases and pick up missed cancels, every third of the lease."""
+        interval = self._config.lease_seconds / 3
         while True:
             await anyio.sleep(interval)
             # Bounded: a database that hangs must not stop the next heartbeat
@@ -57,12 +52,10 @@ class LeaseKeeper:
             with anyio.move_on_after(max(interval, 1.0)):
                 try:
                     await self.renew()
-                    now = time.monotonic()
-                    if now - last_rescue >= cfg.rescue_interval:
-                        last_rescue = now
-                        await self._rescuer.rescue()
                 except Exception as exc:  # a lost database or a driver fault must not end the loop
-                    log.warning("worker %s upkeep failed: %s", self._state.worker_id, exc)
+                    log.warning(
+                        "worker %s could not renew its leases: %s", self._state.worker_id, exc
+                    )
 
     async def run_renewals(self) -> None:
         """Renew the leases of running jobs every third of a lease (for ``run_one``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from datetime import timedelta
 
@@ -20,13 +21,22 @@ log = logging.getLogger("taskq.worker")
 #: tens of thousands of finished jobs a second.
 PRUNE_BUDGET_SECONDS = 5.0
 PRUNE_BATCH = 5000
+#: Each pause between two rescues of one worker is drawn between this share of
+#: ``rescue_interval`` and all of it, so that workers started together (a
+#: deploy) drift apart instead of rescuing in lockstep. Never more than the
+#: interval: the documented bound (lease + rescue_interval) stays true.
+RESCUE_JITTER = 0.1
 
 
 class Rescuer:
     """Re-queues (or ends) jobs whose worker stopped renewing their lease; no leader needed.
 
-    It runs in the lease keeper's round (see LeaseKeeper), every
-    ``rescue_interval`` at most, whatever the queues and tasks of this worker.
+    A service of its own: it rescues as soon as the worker starts, then every
+    ``rescue_interval`` (a little less, see RESCUE_JITTER), whatever the queues
+    and tasks of this worker. Rescuing at start is what keeps a crash loop or a
+    rolling deploy from starving the rescue: workers that never live a whole
+    interval still each look once. Concurrent rescues by many workers are safe
+    (the statement skips rows another one has locked).
     """
 
     def __init__(
@@ -37,7 +47,28 @@ class Rescuer:
         self._config = config
         self._state = state
 
+    async def run(self) -> None:
+        """Rescue now, then on a steady cadence, until cancelled."""
+        interval = self._config.rescue_interval
+        while True:
+            started = time.monotonic()
+            # Bounded: a database that hangs must not hold up the next look.
+            with anyio.move_on_after(max(interval, 1.0)):
+                try:
+                    await self.rescue()
+                except Exception as exc:  # a lost database or a driver fault must not end the loop
+                    log.warning(
+                        "worker %s could not look for expired leases: %s",
+                        self._state.worker_id,
+                        exc,
+                    )
+            # Measured from the start of this look, so that slow statements do
+            # not stretch the cadence.
+            pause = interval * random.uniform(1 - RESCUE_JITTER, 1)
+            await anyio.sleep(max(0.0, started + pause - time.monotonic()))
+
     async def rescue(self) -> None:
+        """One look: re-queue or end the expired jobs, forget long-dead workers."""
         cfg = self._config
         state = self._state
         async with self._database.acquire("rescuing jobs") as conn:

@@ -64,10 +64,8 @@ class Worker:
         self._runner = JobRunner(
             self._registry, config, state, self._writeback, app.max_payload_bytes
         )
-        rescuer = Rescuer(self._database, self._store, config, state)
-        self._leases = LeaseKeeper(
-            self._database, self._store, config, state, self._writeback, rescuer
-        )
+        self._leases = LeaseKeeper(self._database, self._store, config, state, self._writeback)
+        self._rescuer = Rescuer(self._database, self._store, config, state)
         self._watchdog = LeaseWatchdog(config, state)
         self._pruner = Pruner(self._database, self._store, config, state, app.history_retention)
         self._sleep_until = 0.0  # monotonic end of the claim loop's idle sleep, 0 if awake
@@ -157,6 +155,7 @@ class Worker:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._writeback.run)
                 services.start_soon(self._leases.run)
+                services.start_soon(self._rescuer.run)
                 services.start_soon(self._watchdog.run)
                 services.start_soon(self._pruner.run)
                 if self.config.cron and not until_empty:
