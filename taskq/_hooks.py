@@ -34,7 +34,9 @@ AFTER_HOOK_TIMEOUT_SECONDS = 10.0
 #: ``failed``: it failed for good (a dead letter); ``released``: shutdown
 #: interrupted it and it went back to the queue without using up the attempt;
 #: ``lost``: this worker lost the job's lease (it was cut off from Postgres
-#: too long), another worker may run it, and nothing was written back.
+#: too long), another worker may run it, and nothing was written back; also a
+#: sync task whose thread was still running when a forced shutdown stopped it:
+#: its job is left to its lease, which expires, and is then run again.
 OutcomeKind = Literal["succeeded", "retried", "failed", "cancelled", "released", "lost"]
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import traceback
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from .._errors import DecodeError, SerializationError
 from .._hooks import JobContext, JobOutcome
@@ -18,6 +17,7 @@ from .._serialization import decode, encode
 from .._store import ClaimedJob, Outcome
 from .config import WorkerConfig
 from .state import OUTCOME_NAMES, RunningJob, WorkerState
+from .threads import SyncThreads, ThreadCall
 from .writeback import WriteBack
 
 if TYPE_CHECKING:
@@ -79,7 +79,8 @@ class JobRunner:
         self._state = state
         self._writeback = writeback
         self._max_payload_bytes = max_payload_bytes
-        self._threads = anyio.CapacityLimiter(config.concurrency)
+        #: Where sync tasks run: daemon threads, at most ``concurrency`` at once.
+        self.threads = SyncThreads(config.concurrency)
         # The claim loop wants a batch: half the slots free (see Worker._claim_loop).
         self._wake_at_running = config.concurrency - max(1, config.concurrency // 2)
 
@@ -94,6 +95,7 @@ class JobRunner:
         ctx: JobContext | None = None
         value: Any = None
         raised: BaseException | None = None
+        calls: list[ThreadCall] = []  # the sync function's call, once it started
         try:
             if task is None:  # cannot happen: the claim only takes known tasks
                 raise LookupError(f"no task named {job.task!r} in this worker")
@@ -116,7 +118,7 @@ class JobRunner:
                     # Encode inside the chain, so that a result that is not
                     # JSON fails the attempt where middleware (a tracing
                     # span) sees it.
-                    inner = await self._call(task, job, stored)
+                    inner = await self._call(task, job, stored, calls)
                     encoded[:] = [inner, self._encode_result(task, inner)]
                     return inner
 
@@ -126,7 +128,7 @@ class JobRunner:
                 else:  # middleware replaced the value
                     result = self._encode_result(task, value)
             else:
-                value = await self._call(task, job)
+                value = await self._call(task, job, None, calls)
                 result = self._encode_result(task, value)
             outcome = Outcome(job.id, job.token, "succeeded", result=result)
         except asyncio.CancelledError:
@@ -143,7 +145,7 @@ class JobRunner:
             raise
         finally:
             if outcome is None:
-                outcome = self._stopped_outcome(job, running.stop_reason)
+                outcome = self._stopped_outcome(job, running, calls)
             duration = time.monotonic() - started
             if ctx is not None:
                 # Before the slot is freed: a hook's work counts against the
@@ -168,7 +170,10 @@ class JobRunner:
             max_bytes=self._max_payload_bytes,
         )
 
-    def _stopped_outcome(self, job: ClaimedJob, reason: str | None) -> Outcome | None:
+    def _stopped_outcome(
+        self, job: ClaimedJob, running: RunningJob, calls: list[ThreadCall]
+    ) -> Outcome | None:
+        reason = running.stop_reason
         if reason == "cancel":
             err = {
                 "type": "taskq.JobCancelled",
@@ -178,6 +183,23 @@ class JobRunner:
             return Outcome(job.id, job.token, "cancelled", error=_dumps(err))
         if reason == "lost":
             return None  # another worker owns the job now: write nothing
+        if calls and not calls[0].returned:
+            # Its function still runs in a thread, which cannot be
+            # interrupted. Back in the queue, the job could be started by
+            # another worker while this thread still runs it: so it is not
+            # released. Its lease, no longer renewed, expires, and the rescue
+            # puts it back then (a worker process that stopped has exited
+            # by then, ending the thread).
+            log.warning(
+                "job %s %s: its sync function is still running in a thread, which cannot be "
+                "interrupted: not returned to the queue; its lease is no longer renewed and it "
+                "runs again once the lease expires (in about %.0fs)",
+                job.id,
+                job.task,
+                max(0.0, running.lease_deadline - time.monotonic()),
+                extra={"job_id": job.id, "task": job.task, "queue": job.queue},
+            )
+            return None
         return Outcome(job.id, job.token, "release")
 
     async def _after_hooks(
@@ -206,7 +228,11 @@ class JobRunner:
             log.warning("job %s: after-job hooks interrupted by shutdown", ctx.id)
 
     async def _call(
-        self, task: Task[Any, Any], job: ClaimedJob, stored: dict[str, Any] | None = None
+        self,
+        task: Task[Any, Any],
+        job: ClaimedJob,
+        stored: dict[str, Any] | None,
+        calls: list[ThreadCall],
     ) -> Any:
         args, kwargs = task.call_arguments(decode(job.args) if stored is None else stored)
         timeout = asyncio.timeout(task.timeout) if task.timeout else nullcontext()
@@ -215,10 +241,9 @@ class JobRunner:
                 return await task.fn(*args, **kwargs)
             # A sync function runs in a thread, bounded by the same concurrency.
             # A thread cannot be interrupted: on timeout or cancel the job ends
-            # here and the thread finishes in the background.
-            return await anyio.to_thread.run_sync(
-                lambda: task.fn(*args, **kwargs), limiter=self._threads, abandon_on_cancel=True
-            )
+            # here and the thread runs on; see _stopped_outcome for shutdown.
+            calls.append(ThreadCall(functools.partial(task.fn, *args, **kwargs)))
+            return await self.threads.run(calls[0])
 
     def _failure(self, job: ClaimedJob, task: Task[Any, Any] | None, exc: Exception) -> Outcome:
         error = _dumps(_error_dict(exc))

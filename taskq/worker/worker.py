@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,28 @@ JOB_CANCEL_GRACE_SECONDS = 10.0
 STRAY_CHECK_SECONDS = 60.0
 #: Rows that look reads at most, so that a huge backlog costs a bounded scan.
 STRAY_SCAN_ROWS = 10_000
+#: Exit status of a process that a third SIGINT/SIGTERM ends at once (as Ctrl-C).
+EXIT_STATUS_THIRD_SIGNAL = 130
+
+
+def _exit_now(signal_name: str, worker_id: str) -> None:
+    """The third stop signal: leave the process now, without a traceback.
+
+    Whatever still runs (a sync task's thread, a job that ignores its
+    cancellation, a write-back in progress) is left to lease expiry.
+    """
+    log.warning(
+        "%s received a third time: worker %s exits now (status %d); jobs still running "
+        "or not yet written back run again once their leases expire",
+        signal_name,
+        worker_id,
+        EXIT_STATUS_THIRD_SIGNAL,
+    )
+    logging.shutdown()  # flush the log handlers
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_STATUS_THIRD_SIGNAL)
 
 
 class Worker:
@@ -117,6 +140,8 @@ class Worker:
         return self.stats
 
     async def _watch_signals(self) -> None:
+        # 1st signal: stop claiming, give running jobs the shutdown timeout;
+        # 2nd: cancel them now; 3rd: leave the process at once.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -129,10 +154,16 @@ class Worker:
                     )
                     self._state.stopping = True
                     self._wake.set()
-                else:
-                    log.warning("%s received again: cancelling running jobs", name)
+                elif not self._forced:
+                    log.warning(
+                        "%s received again: cancelling running jobs (send it once more to "
+                        "exit at once)",
+                        name,
+                    )
                     self._force()
                     self._wake.set()
+                else:
+                    _exit_now(name, self.id)
 
     # -- main loop ---------------------------------------------------------------
 
@@ -193,6 +224,17 @@ class Worker:
                     self.id,
                     len(self._writeback.outcomes),
                 )
+            self._runner.threads.close()
+            if self._runner.threads.busy:
+                # Daemon threads: the process does not wait for them when it
+                # exits, and their functions end with it.
+                log.warning(
+                    "worker %s stopped with %d sync task thread(s) still running; a process "
+                    "that exits now does not wait for them, and their jobs run again once "
+                    "their leases expire",
+                    self.id,
+                    self._runner.threads.busy,
+                )
             self._stopped.set()
 
     async def _register(self) -> None:
@@ -224,7 +266,11 @@ class Worker:
         )
 
     async def _wind_down(self) -> None:
-        """After claiming stopped: give running jobs the grace period, then release them."""
+        """After claiming stopped: give running jobs the grace period, then release them.
+
+        A sync job whose thread still runs is not released (see
+        ``JobRunner._stopped_outcome``): its lease expires instead.
+        """
         if self._running and not self._forced:
             log.info(
                 "worker %s: waiting up to %.0fs for %d running job(s)",
@@ -238,7 +284,8 @@ class Worker:
                 await self._wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         if self._running:
             log.warning(
-                "worker %s: cancelling %d job(s) still running; they go back to the queue",
+                "worker %s: cancelling %d job(s) still running; they go back to the queue "
+                "(but for sync jobs whose thread still runs: they wait for their lease to expire)",
                 self.id,
                 len(self._running),
             )
