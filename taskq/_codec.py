@@ -45,7 +45,8 @@ from ._converters import (
     encode_at,
     type_name,
 )
-from ._errors import DecodeError, SerializationError
+from ._errors import ConfigurationError, DecodeError, SerializationError
+from ._hooks import JobContext
 
 log = logging.getLogger("taskq")
 
@@ -229,12 +230,16 @@ def _is_pydantic_model(tp: Any) -> bool:
     return base is not None and issubclass(tp, base) and hasattr(tp, "model_validate")
 
 
-def _resolve_hints(obj: Any, globalns: Mapping[str, Any]) -> dict[str, Any]:
+def _resolve_hints(
+    obj: Any, globalns: Mapping[str, Any], skip: str | None = None
+) -> dict[str, Any]:
     """Annotations of a function or class, resolved one by one.
 
     ``typing.get_type_hints`` fails as a whole when one name cannot be found
     (a class local to a function under ``from __future__ import annotations``);
     here only that annotation is treated as plain JSON, with a warning.
+    ``skip``: a name left out (the job's context parameter, whose annotation
+    may name a class imported only for type checkers).
     """
     try:
         return typing.get_type_hints(obj, include_extras=True)
@@ -245,6 +250,8 @@ def _resolve_hints(obj: Any, globalns: Mapping[str, Any]) -> dict[str, Any]:
         raw.update(getattr(klass, "__annotations__", {}) or {})
     hints: dict[str, Any] = {}
     for name, ann in raw.items():
+        if name == skip:
+            continue
         if isinstance(ann, str):
             try:
                 ann = eval(ann, dict(globalns))  # the module's own annotation text
@@ -262,15 +269,81 @@ def _resolve_hints(obj: Any, globalns: Mapping[str, Any]) -> dict[str, Any]:
     return hints
 
 
+# -- the job's context parameter ---------------------------------------------------
+
+
+def context_parameter(fn: Callable[..., Any]) -> str | None:
+    """The name of ``fn``'s parameter annotated ``taskq.JobContext``, if it has one.
+
+    Read when the task is made: the worker passes the job's context there, and
+    it is not an argument of the job. ``JobContext | None`` (or ``Optional``,
+    ``Annotated``) counts too. An annotation string that cannot be evaluated
+    yet (``from __future__ import annotations`` with the name imported only
+    under ``TYPE_CHECKING``) counts when it names ``JobContext``.
+
+    Raises:
+        ConfigurationError: two such parameters, or a ``*args``/``**kwargs`` one.
+    """
+    fn = inspect.unwrap(fn)
+    globalns = dict(getattr(fn, "__globals__", {}))
+    found = []
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.annotation is inspect.Parameter.empty:
+            continue
+        if not _is_context(param.annotation, globalns):
+            continue
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise ConfigurationError(
+                f"{getattr(fn, '__qualname__', fn)}: the job's context needs a parameter of its "
+                f"own, not *{name} or **{name}"
+            )
+        found.append(name)
+    if len(found) > 1:
+        raise ConfigurationError(
+            f"{getattr(fn, '__qualname__', fn)}: parameters {', '.join(found)} are all annotated "
+            "JobContext; a task receives one context"
+        )
+    return found[0] if found else None
+
+
+def _is_context(annotation: Any, globalns: dict[str, Any]) -> bool:
+    if isinstance(annotation, str):
+        try:
+            annotation = eval(annotation, globalns)  # the module's own annotation text
+        except Exception:
+            return _names_context(annotation)
+    if annotation is JobContext:
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _is_context(args[0], globalns)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not NONE_TYPE]
+        return len(members) == 1 and _is_context(members[0], globalns)
+    return False
+
+
+def _names_context(text: str) -> bool:
+    """Whether annotation text names JobContext (``ctx: "JobContext | None"``...)."""
+    text = text.replace(" ", "").replace("|None", "").replace("None|", "")
+    for wrapper in ("typing.Optional[", "Optional["):
+        if text.startswith(wrapper) and text.endswith("]"):
+            text = text[len(wrapper) : -1]
+    return text.rpartition(".")[2] == "JobContext"
+
+
 # -- per task ----------------------------------------------------------------------
 
 
 class TaskCodec:
     """Encodes and decodes one task's arguments and result by its annotations."""
 
-    def __init__(self, fn: Callable[..., Any], task: str) -> None:
+    def __init__(self, fn: Callable[..., Any], task: str, *, context: str | None = None) -> None:
         self._fn = fn
         self._task = task
+        # The parameter that receives the job's context: not an argument.
+        self._context = context
         self._ready = False
         #: Parameters that need converting, by name; empty: all plain JSON.
         self._params: dict[str, Converter] = {}
@@ -279,8 +352,10 @@ class TaskCodec:
 
     def _prepare(self) -> None:
         fn = inspect.unwrap(self._fn)
-        hints = _resolve_hints(fn, getattr(fn, "__globals__", {}))
+        hints = _resolve_hints(fn, getattr(fn, "__globals__", {}), self._context)
         for name, param in inspect.signature(fn).parameters.items():
+            if name == self._context:
+                continue
             conv = _build(hints.get(name, Any), ())
             if conv is None:
                 continue

@@ -12,7 +12,8 @@ Hook functions may be plain or async. Middleware and ``before_job`` hooks are
 part of the attempt: their exceptions fail it like the task's own would.
 ``after_job`` and ``on_failure`` hooks run once the outcome is decided; their
 exceptions are logged and change nothing. With no hook registered, a job
-costs nothing extra.
+costs nothing extra. A task that declares a parameter annotated
+:class:`JobContext` receives the very context its hooks see.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import math
+from collections.abc import Awaitable, Callable, Generator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal, Protocol
 
 log = logging.getLogger("taskq.hooks")
@@ -39,10 +42,56 @@ AFTER_HOOK_TIMEOUT_SECONDS = 10.0
 #: its job is left to its lease, which expires, and is then run again.
 OutcomeKind = Literal["succeeded", "retried", "failed", "cancelled", "released", "lost"]
 
+#: Longest progress message kept, in characters (the rest is cut).
+MAX_PROGRESS_MESSAGE_CHARS = 1000
+
+
+class JobControl(Protocol):
+    """What the worker running an attempt offers its :class:`JobContext`."""
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the worker stopped waiting for this attempt."""
+
+    @property
+    def lease_deadline(self) -> float:
+        """``time.monotonic()`` by which the job's lease runs out unless renewed."""
+
+    def report(self, fraction: float, message: str | None) -> None:
+        """Record progress; callable from any thread, never blocks."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        """A connection in a transaction that also records the job as succeeded."""
+
+
+class _Reported:
+    """What ``ctx.progress()`` returns: already done; awaiting it lets other tasks run."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        # A bare yield is asyncio's sleep(0): a tight loop that reports
+        # progress gives the write of that progress a chance to run.
+        yield
+
+
+_REPORTED = _Reported()
+
 
 @dataclass(slots=True)
 class JobContext:
-    """The job an attempt runs, as hooks and middleware see it.
+    """The job an attempt runs, as hooks, middleware and the task itself see it.
+
+    A task receives it by declaring a parameter annotated ``taskq.JobContext``
+    (any name; ``taskq.JobContext | None`` too). That parameter is not an
+    argument of the job: ``enqueue()`` refuses it, and the worker passes the
+    same object that its hooks and middleware get. Calling the task directly
+    (``charge(7, ctx=None)``) calls the plain function: pass a context, or
+    give the parameter a default.
+
+    A context made by hand (in a unit test) has no worker behind it:
+    ``progress()`` only checks its arguments, ``cancelled`` stays false,
+    ``lease_deadline`` is ``None`` and ``transaction()`` raises RuntimeError.
 
     Attributes:
         id: the job's id.
@@ -51,12 +100,14 @@ class JobContext:
         attempt: this attempt's number, from 1.
         max_attempts: the job's attempt budget.
         priority: the job's priority.
-        args: the job's arguments by name, decoded.
+        args: the job's arguments by name, as stored (JSON forms).
         meta: the metadata enqueued with the job (``options(meta=...)`` and the
             trace context of tracing integrations); empty if none.
         worker_id: the worker running it.
         state: a dict for hooks to share values across one attempt (e.g. a
             start time set in ``before_job`` and read in ``after_job``).
+        control: what the worker running the attempt provides (the worker
+            passes it; leave it out when making a context by hand).
     """
 
     id: int
@@ -69,6 +120,106 @@ class JobContext:
     meta: dict[str, Any]
     worker_id: str
     state: dict[str, Any] = field(default_factory=dict)
+    control: InitVar[JobControl | None] = None
+    _control: JobControl | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self, control: JobControl | None) -> None:
+        self._control = control
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the worker stopped waiting for this attempt.
+
+        That is: the job's cancellation was requested (``job.cancel()``), the
+        worker is shutting down and stopped it, it lost the job's lease, or the
+        task's timeout passed. An ``async def`` task is cancelled anyway; a sync
+        task runs in a thread that cannot be interrupted, so a long one should
+        look at this flag now and then and return early.
+        """
+        return self._control is not None and self._control.cancelled
+
+    @property
+    def lease_deadline(self) -> float | None:
+        """When the job's lease runs out unless renewed, on the ``time.monotonic()`` clock.
+
+        The worker renews it every third of ``lease_seconds`` while the job
+        runs, so it moves forward; a task that finds it near (an event loop
+        blocked for long) may be run again elsewhere. ``None`` for a context
+        made by hand.
+        """
+        return None if self._control is None else self._control.lease_deadline
+
+    def progress(self, fraction: float, message: str | None = None) -> Awaitable[None]:
+        """Report how far the task is: ``fraction`` from 0 to 1, and an optional message.
+
+        ``await ctx.progress(0.5, "half way")`` in an ``async def`` task;
+        ``ctx.progress(0.5)`` in a sync task (its thread hands the value over
+        and goes on). The value is recorded on the job's row, visible as
+        ``job.status().progress`` (``{"fraction", "message", "at"}``) and in
+        ``python -m taskq jobs show``. Writes are coalesced: at most one per
+        second per job, the latest value wins, and the last one is written
+        before the attempt's outcome, so a tight loop may report as often as
+        it likes. Each write names the job's lease token: a worker that lost
+        the job writes nothing. A failed write is logged, never raised.
+
+        Raises:
+            ValueError: ``fraction`` is not a number from 0 to 1.
+            TypeError: ``message`` is not a string or None.
+        """
+        if (
+            not isinstance(fraction, int | float)
+            or isinstance(fraction, bool)
+            or math.isnan(fraction)
+            or not 0 <= fraction <= 1
+        ):
+            raise ValueError(
+                f"ctx.progress(): fraction must be a number from 0 to 1, got {fraction!r}"
+            )
+        if message is not None:
+            if not isinstance(message, str):
+                raise TypeError(
+                    "ctx.progress(): message must be a string or None, got "
+                    f"{type(message).__name__}"
+                )
+            # What JSON in Postgres cannot hold (NUL, lone surrogates) is escaped.
+            message = (
+                message[:MAX_PROGRESS_MESSAGE_CHARS]
+                .encode("utf-8", "backslashreplace")
+                .decode("utf-8")
+                .replace("\x00", "\\x00")
+            )
+        if self._control is not None:
+            self._control.report(float(fraction), message)
+        return _REPORTED
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        """A connection whose transaction also records the job as succeeded.
+
+        ``async with ctx.transaction() as conn:`` gives an asyncpg connection
+        in a transaction. When the block ends without an error, the job is
+        recorded as succeeded in that same transaction (fenced by its lease),
+        and it commits: the block's writes and the job's success happen
+        together or not at all. If the worker dies before the commit, nothing
+        happened and the job runs again; once it committed, the job never runs
+        again (see "Exactly-once effects in the same database" in the delivery
+        guarantees).
+
+        The job's result is what the task then returns, written once it
+        returns; if it raises after the commit, the job stays succeeded
+        (without a result) and the error is logged. An error inside the block
+        rolls back and fails the attempt as usual. If the lease was lost before
+        the commit, the transaction is rolled back and the task is cancelled.
+        Once per attempt, in ``async def`` tasks only.
+
+        Raises:
+            RuntimeError: a context made by hand, a sync task, a second call.
+        """
+        if self._control is None:
+            raise RuntimeError(
+                "ctx.transaction() needs the context a worker gives a running job; this "
+                "one was made by hand"
+            )
+        return self._control.transaction()
 
 
 @dataclass(slots=True)

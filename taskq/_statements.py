@@ -301,3 +301,28 @@ class Statements:
             "RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts, "
             "j.lease_token, j.priority, j.meta::text"
         )
+        # The progress a running task reported (JobContext.progress), fenced by
+        # the lease token: a worker that lost the job writes nothing. "at" is
+        # when the task reported it ($5 seconds ago), on the database's clock.
+        self.progress = (
+            f"UPDATE {s}.jobs SET progress = jsonb_build_object('fraction', $3::float8, "
+            "'message', $4::text, 'at', now() - make_interval(secs => $5::float8)) "
+            "WHERE id = $1 AND lease_token = $2 RETURNING true"
+        )
+        # JobContext.transaction(), in the task's transaction just before its
+        # finish(): lock the job's row while it is still ours (a rescue that
+        # locked it first has changed the token: no row), and take over the
+        # announcement of its end (awaited, returned as it was), which is sent
+        # once the task's result is written (set_result), not at the commit.
+        self.lock_for_commit = (
+            f"WITH o AS (SELECT id, awaited FROM {s}.jobs WHERE id = $1 AND lease_token = $2 "
+            f"FOR UPDATE) UPDATE {s}.jobs AS j SET awaited = false FROM o WHERE j.id = o.id "
+            "RETURNING o.awaited"
+        )
+        # The result of a job that ctx.transaction() finished, written when its
+        # task returns; only the attempt that ended the job has its token.
+        self.set_result = (
+            f"UPDATE {s}.history SET result = coalesce($3::text::jsonb, result) "
+            "WHERE id = $1 AND lease_token = $2 "
+            "RETURNING CASE WHEN $4 THEN pg_notify($5, id::text) END"
+        )

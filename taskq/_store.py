@@ -468,6 +468,37 @@ class Store:
             row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], meta=row[8]
         )
 
+    # -- the job inside the task (JobContext) --------------------------------------------
+
+    async def report_progress(
+        self,
+        conn: Conn,
+        job_id: int,
+        token: uuid.UUID,
+        fraction: float,
+        message: str | None,
+        age: float,
+    ) -> bool:
+        """Record a running job's progress, reported ``age`` seconds ago; False if not ours."""
+        return bool(await conn.fetchval(self._sql.progress, job_id, token, fraction, message, age))
+
+    async def lock_for_commit(self, conn: Conn, job_id: int, token: uuid.UUID) -> bool | None:
+        """In a task's transaction: lock the job if its lease is ours (None if not).
+
+        Returns whether someone waits for its result: the end is announced by
+        :meth:`set_result` then, not by ``finish()``.
+        """
+        awaited = await conn.fetchval(self._sql.lock_for_commit, job_id, token)
+        return None if awaited is None else bool(awaited)
+
+    async def set_result(
+        self, conn: Conn, job_id: int, token: uuid.UUID, result: str | None, announce: bool
+    ) -> None:
+        """Store the result of a job its attempt ended itself; announce its end if asked."""
+        await conn.execute(
+            self._sql.set_result, job_id, token, result, announce, self.finished_channel
+        )
+
 
 def _outcome_arrays(outcomes: list[Outcome]) -> tuple[list[Any], ...]:
     return (

@@ -9,13 +9,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
-from ._codec import TaskCodec
+from ._codec import TaskCodec, context_parameter
 from ._errors import ConfigurationError
 from ._limits import RateLimit
 from ._names import check_queue, check_task_name, default_task_name
 from ._retry import Retry, coerce_retry
 
 if TYPE_CHECKING:
+    from ._hooks import JobContext
     from ._job import Job
 
 P = ParamSpec("P")
@@ -190,12 +191,19 @@ def make_task(
 
 
 class _Signature:
-    """Checks arguments against the task function at enqueue time and rebuilds calls."""
+    """Checks arguments against the task function at enqueue time and rebuilds calls.
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.sig = inspect.signature(fn)
-        params = list(self.sig.parameters.values())
-        kinds = {p.kind for p in params}
+    ``context``: the parameter that receives the job's context. It is not an
+    argument of the job: binding leaves it out (and refuses it), and the
+    worker's call passes the context there.
+    """
+
+    def __init__(self, fn: Callable[..., Any], context: str | None = None) -> None:
+        self.full = inspect.signature(fn)
+        self.context = context
+        params = [p for p in self.full.parameters.values() if p.name != context]
+        self.sig = self.full.replace(parameters=params) if context else self.full
+        kinds = {p.kind for p in self.full.parameters.values()}
         # Fast path for the common shape (only named parameters): set
         # arithmetic instead of Signature.bind, which matters for enqueue_many.
         self.simple = not kinds & {
@@ -211,22 +219,35 @@ class _Signature:
             keys = kwargs.keys()
             if keys <= self.names and self.required <= keys:
                 return dict(kwargs)
+        if self.context is not None and self.context in kwargs:
+            raise TypeError(
+                f"task {task!r}: {self.context!r} receives the job's context from the worker; "
+                f"it is not an argument of the job (signature: {task}{self.sig})"
+            )
         try:
             bound = self.sig.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"task {task!r}: {exc} (signature: {task}{self.sig})") from None
         return dict(bound.arguments)
 
-    def call_args(self, stored: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Rebuild (args, kwargs) for the function from stored arguments."""
+    def call_args(
+        self, stored: Mapping[str, Any], context: Any = None
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Rebuild (args, kwargs) for the function from stored arguments (and the context)."""
         if self.simple:
-            return [], dict(stored)
+            kwargs = dict(stored)
+            if self.context is not None:
+                kwargs[self.context] = context
+            return [], kwargs
         args: list[Any] = []
-        kwargs: dict[str, Any] = {}
-        for name, param in self.sig.parameters.items():
-            if name not in stored:
+        kwargs = {}
+        for name, param in self.full.parameters.items():
+            if name == self.context:
+                value = context
+            elif name in stored:
+                value = stored[name]
+            else:
                 continue
-            value = stored[name]
             if param.kind is inspect.Parameter.POSITIONAL_ONLY:
                 args.append(value)
             elif param.kind is inspect.Parameter.VAR_POSITIONAL:
@@ -242,7 +263,9 @@ class Task(Generic[P, R]):
     """A function registered with ``@app.task``.
 
     Calling it runs the function inline (tasks stay plain, testable functions);
-    ``enqueue()`` records a job for a worker instead.
+    ``enqueue()`` records a job for a worker instead. A parameter annotated
+    ``taskq.JobContext`` receives the running job's context from the worker;
+    it is not an argument of the job (see :class:`taskq.JobContext`).
     """
 
     def __init__(
@@ -266,9 +289,11 @@ class Task(Generic[P, R]):
         self.timeout = timeout
         self.rate_limit = rate_limit
         self.is_async = inspect.iscoroutinefunction(fn)
-        self._signature = _Signature(fn)
+        #: The parameter that receives the job's :class:`taskq.JobContext`, if any.
+        self.context_parameter = context_parameter(fn)
+        self._signature = _Signature(fn, self.context_parameter)
         #: Encodes and decodes arguments and the result by the function's annotations.
-        self.codec = TaskCodec(fn, name)
+        self.codec = TaskCodec(fn, name, context=self.context_parameter)
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
@@ -343,13 +368,17 @@ class Task(Generic[P, R]):
         """
         return self.codec.encode_args(self._signature.bind(self.name, args, kwargs))
 
-    def call_arguments(self, stored: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def call_arguments(
+        self, stored: Mapping[str, Any], context: JobContext | None = None
+    ) -> tuple[list[Any], dict[str, Any]]:
         """Rebuild ``(args, kwargs)`` for the function from stored arguments.
+
+        ``context`` goes to the parameter annotated ``JobContext``, if there is one.
 
         Raises:
             DecodeError: a stored value no longer decodes to its annotated type.
         """
-        return self._signature.call_args(self.codec.decode_args(stored))
+        return self._signature.call_args(self.codec.decode_args(stored), context)
 
 
 class BoundTask(Generic[P, R]):

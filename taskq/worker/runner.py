@@ -10,11 +10,13 @@ import traceback
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+from .._database import Database
 from .._errors import DecodeError, SerializationError
 from .._hooks import JobContext, JobOutcome
 from .._registry import Registry
 from .._serialization import decode, encode
-from .._store import ClaimedJob, Outcome
+from .._store import ClaimedJob, Outcome, Store
+from .attempt import AttemptControl
 from .config import WorkerConfig
 from .state import OUTCOME_NAMES, RunningJob, WorkerState
 from .threads import SyncThreads, ThreadCall
@@ -74,11 +76,15 @@ class JobRunner:
         state: WorkerState,
         writeback: WriteBack,
         max_payload_bytes: int,
+        database: Database,
+        store: Store,
     ) -> None:
         self._registry = registry
         self._state = state
         self._writeback = writeback
         self._max_payload_bytes = max_payload_bytes
+        self._database = database
+        self._store = store
         #: Where sync tasks run: daemon threads, at most ``concurrency`` at once.
         self.threads = SyncThreads(config.concurrency)
         # The claim loop wants a batch: half the slots free (see Worker._claim_loop).
@@ -93,14 +99,17 @@ class JobRunner:
         started = time.monotonic()
         outcome: Outcome | None = None
         ctx: JobContext | None = None
+        control: AttemptControl | None = None
+        calls: list[ThreadCall] = []  # the sync function's call, once it started
         value: Any = None
         raised: BaseException | None = None
-        calls: list[ThreadCall] = []  # the sync function's call, once it started
         try:
             if task is None:  # cannot happen: the claim only takes known tasks
                 raise LookupError(f"no task named {job.task!r} in this worker")
-            if hooks.around_jobs:
+            if hooks.around_jobs or task.context_parameter is not None:
+                # One context for hooks, middleware and the task itself.
                 stored = decode(job.args)
+                control = AttemptControl(self._database, self._store, running)
                 ctx = JobContext(
                     id=job.id,
                     task=job.task,
@@ -111,6 +120,7 @@ class JobRunner:
                     args=stored,
                     meta=decode(job.meta) if job.meta else {},
                     worker_id=state.worker_id,
+                    control=control,
                 )
                 encoded: list[Any] = []
 
@@ -118,7 +128,7 @@ class JobRunner:
                     # Encode inside the chain, so that a result that is not
                     # JSON fails the attempt where middleware (a tracing
                     # span) sees it.
-                    inner = await self._call(task, job, stored, calls)
+                    inner = await self._call(task, job, stored, ctx, control, calls)
                     encoded[:] = [inner, self._encode_result(task, inner)]
                     return inner
 
@@ -128,7 +138,7 @@ class JobRunner:
                 else:  # middleware replaced the value
                     result = self._encode_result(task, value)
             else:
-                value = await self._call(task, job, None, calls)
+                value = await self._call(task, job, None, None, None, calls)
                 result = self._encode_result(task, value)
             outcome = Outcome(job.id, job.token, "succeeded", result=result)
         except asyncio.CancelledError:
@@ -144,15 +154,30 @@ class JobRunner:
             running.stop_reason = running.stop_reason or "release"
             raise
         finally:
-            if outcome is None:
+            # ctx.transaction() committed: the job is succeeded already, and
+            # nothing else is written for it but its result.
+            committed = running.stop_reason == "committed"
+            if committed:
+                if outcome is None:
+                    _log_after_commit(job, raised)
+                    outcome = Outcome(job.id, job.token, "succeeded")
+            elif outcome is None:
                 outcome = self._stopped_outcome(job, running, calls)
+            if control is not None:
+                if committed and outcome is not None:
+                    await control.write_result(outcome.result)
+                elif outcome is not None and control.progress_unwritten:
+                    await control.flush_progress()
+                control.close()
             duration = time.monotonic() - started
             if ctx is not None:
                 # Before the slot is freed: a hook's work counts against the
                 # worker's concurrency like the job's own.
                 await self._after_hooks(ctx, outcome, duration, value, raised)
             del state.running[job.id]
-            if outcome is not None:
+            if committed:
+                self._count_committed(job, duration)
+            elif outcome is not None:
                 self._record(job, outcome, duration)
             else:
                 state.stats.lost += 1
@@ -232,18 +257,29 @@ class JobRunner:
         task: Task[Any, Any],
         job: ClaimedJob,
         stored: dict[str, Any] | None,
+        ctx: JobContext | None,
+        control: AttemptControl | None,
         calls: list[ThreadCall],
     ) -> Any:
-        args, kwargs = task.call_arguments(decode(job.args) if stored is None else stored)
-        timeout = asyncio.timeout(task.timeout) if task.timeout else nullcontext()
-        async with timeout:
-            if task.is_async:
-                return await task.fn(*args, **kwargs)
-            # A sync function runs in a thread, bounded by the same concurrency.
-            # A thread cannot be interrupted: on timeout or cancel the job ends
-            # here and the thread runs on; see _stopped_outcome for shutdown.
-            calls.append(ThreadCall(functools.partial(task.fn, *args, **kwargs)))
-            return await self.threads.run(calls[0])
+        args, kwargs = task.call_arguments(decode(job.args) if stored is None else stored, ctx)
+        deadline = asyncio.timeout(task.timeout) if task.timeout else None
+        try:
+            async with deadline or nullcontext():
+                if task.is_async:
+                    return await task.fn(*args, **kwargs)
+                # A sync function runs in a thread, bounded by the same
+                # concurrency. A thread cannot be interrupted: on timeout or
+                # cancel the job ends here and the thread runs on (its
+                # ctx.cancelled turns true); see _stopped_outcome for shutdown.
+                calls.append(ThreadCall(functools.partial(task.fn, *args, **kwargs)))
+                return await self.threads.run(calls[0])
+        except BaseException as exc:
+            if control is not None and (
+                isinstance(exc, asyncio.CancelledError)
+                or (deadline is not None and deadline.expired())
+            ):
+                control.stopped = True
+            raise
 
     def _failure(self, job: ClaimedJob, task: Task[Any, Any] | None, exc: Exception) -> Outcome:
         error = _dumps(_error_dict(exc))
@@ -263,6 +299,18 @@ class JobRunner:
             delay = task.retry.delay(exc, job.attempts)
             return Outcome(job.id, job.token, "retry", error=error, delay=delay)
         return Outcome(job.id, job.token, "failed", error=error)
+
+    def _count_committed(self, job: ClaimedJob, duration: float) -> None:
+        """A job its ctx.transaction() finished: counted, nothing to write back."""
+        self._state.stats.succeeded += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "job %s %s succeeded in %.3fs (its transaction committed)",
+                job.id,
+                job.task,
+                duration,
+                extra={"job_id": job.id, "task": job.task, "queue": job.queue},
+            )
 
     def _record(self, job: ClaimedJob, outcome: Outcome, duration: float) -> None:
         kind = outcome.kind
@@ -307,6 +355,28 @@ class JobRunner:
             self._state.stats.released += 1
             log.info("job %s %s interrupted; back to the queue", job.id, job.task, extra=extra)
         self._writeback.add(outcome)
+
+
+def _log_after_commit(job: ClaimedJob, raised: BaseException | None) -> None:
+    extra = {"job_id": job.id, "task": job.task, "queue": job.queue}
+    if raised is None:  # cancelled after the commit (shutdown, a late cancel request)
+        log.info(
+            "job %s %s: stopped after its transaction committed; it stays succeeded",
+            job.id,
+            job.task,
+            extra=extra,
+        )
+        return
+    log.warning(
+        "job %s %s raised after its transaction committed; it stays succeeded, without a "
+        "result: %s: %s",
+        job.id,
+        job.task,
+        _error_type(type(raised)),
+        raised,
+        exc_info=raised,
+        extra=extra,
+    )
 
 
 def _dumps(value: Any) -> str:

@@ -85,7 +85,13 @@ class Worker:
         self._forced = False
         self._writeback = WriteBack(self._database, self._store, config, state)
         self._runner = JobRunner(
-            self._registry, config, state, self._writeback, app.max_payload_bytes
+            self._registry,
+            config,
+            state,
+            self._writeback,
+            app.max_payload_bytes,
+            self._database,
+            self._store,
         )
         self._leases = LeaseKeeper(self._database, self._store, config, state, self._writeback)
         self._rescuer = Rescuer(self._database, self._store, config, state)
@@ -558,6 +564,8 @@ class Worker:
             raise
         finally:
             keeper.cancel()
+        if running.stop_reason == "committed":
+            return "succeeded"  # its ctx.transaction() recorded it, nothing to write back
         outcome = next((o for o in self._writeback.outcomes if o.job_id == job.id), None)
         lost = self.stats.lost
         while self._writeback.outcomes:
