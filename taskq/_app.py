@@ -518,7 +518,8 @@ class App:
         Args:
             concurrency: jobs run at once by this process (default 10).
             queues: queues to take jobs from (default: all).
-            handle_signals: stop gracefully on SIGTERM/SIGINT (a second one forces).
+            handle_signals: stop gracefully on SIGTERM/SIGINT (a second one cancels the
+                running jobs; a third ends the process at once, status 130).
             **options: other :class:`taskq.WorkerConfig` settings
                 (``poll_interval``, ``shutdown_timeout``, ``lease_seconds``...).
         """
