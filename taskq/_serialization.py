@@ -17,9 +17,17 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 _SCALARS = (str, int, bool, type(None))
 
+#: Containers nested deeper than this are refused (orjson's own limit). The
+#: walk that explains a refusal stops there too: without the bound a value
+#: nested a few thousand levels deep ended the walk with a RecursionError.
+_MAX_DEPTH = 254
 
-def _find_problem(value: Any, path: str) -> tuple[str, str] | None:
+
+def _find_problem(value: Any, path: str, depth: int = 0) -> tuple[str, str] | None:
     """Return (path, reason) of the first value that JSON cannot carry faithfully."""
+    if isinstance(value, dict | list | tuple) and depth >= _MAX_DEPTH:
+        where = path if len(path) <= 60 else f"{path[:40]}...{path[-17:]}"
+        return where, f"is nested more than {_MAX_DEPTH} levels deep"
     if isinstance(value, str):
         if "\x00" in value:
             return path, "contains a NUL character (\\x00), which Postgres cannot store in JSON"
@@ -38,14 +46,19 @@ def _find_problem(value: Any, path: str) -> tuple[str, str] | None:
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path}[{key!r}]", f"has a non-string key of type {type(key).__name__}"
+            if "\x00" in key:
+                # Postgres refuses \u0000 anywhere in jsonb, keys included: found
+                # here, the caller's transaction is not aborted by a failed INSERT.
+                where = f"{path}[{key!r}]" if path else key
+                return where, "is a key with a NUL character (\\x00), which Postgres cannot store"
             sub = f"{path}.{key}" if path else key
-            problem = _find_problem(item, sub)
+            problem = _find_problem(item, sub, depth + 1)
             if problem:
                 return problem
         return None
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            problem = _find_problem(item, f"{path}[{index}]")
+            problem = _find_problem(item, f"{path}[{index}]", depth + 1)
             if problem:
                 return problem
         return None
@@ -64,17 +77,22 @@ def _needs_check(value: Any) -> bool:
     return True
 
 
+def _suspicious(value: Any) -> bool:
+    """Whether ``value`` (usually a dict of arguments) needs the full walk."""
+    if isinstance(value, dict):
+        return any(_needs_check(v) for v in value.values()) or any(
+            isinstance(k, str) and "\x00" in k for k in value
+        )
+    return _needs_check(value)
+
+
 def encode(value: Any, *, what: str, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
     """Encode ``value`` to JSON text, or raise SerializationError naming the bad part.
 
     ``what`` names the value in messages ("arguments of task 'x'", "result").
     For a dict of keyword arguments the path starts at the argument name.
     """
-    if isinstance(value, dict):
-        suspicious = any(_needs_check(v) for v in value.values())
-    else:
-        suspicious = _needs_check(value)
-    if suspicious:
+    if _suspicious(value):
         problem = _find_problem(value, "")
         if problem:
             raise _error(what, *problem)
@@ -113,19 +131,15 @@ def encode_many(values: list[Any], *, what: str, max_bytes: int = DEFAULT_MAX_PA
     per item; items are only looked at one by one when something is wrong.
     """
     for value in values:
-        suspicious = (
-            any(_needs_check(v) for v in value.values())
-            if isinstance(value, dict)
-            else _needs_check(value)
-        )
-        if suspicious:
+        if _suspicious(value):
             _check_each(values, what, max_bytes)
             break
     try:
         data = orjson.dumps(values)
-    except (TypeError, orjson.JSONEncodeError):
+    except (TypeError, orjson.JSONEncodeError) as exc:
         _check_each(values, what, max_bytes)
-        raise  # pragma: no cover - _check_each raises for the bad item
+        # Every item alone is fine: one at the depth limit went over it inside the array.
+        raise SerializationError(f"{what} cannot be encoded as JSON: {exc}") from exc
     # Every item is at most as long as the whole array.
     if len(data) > max_bytes:
         _check_each(values, what, max_bytes)
