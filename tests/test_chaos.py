@@ -1,0 +1,95 @@
+"""Chaos, short form: SIGKILLs, a Postgres crash-restart and terminated backends, at once.
+
+Three worker processes drain 3,000 jobs (a fifth of them write their effect
+with ``ctx.transaction()``) on a Postgres of the test's own, while a worker is
+SIGKILLed every few seconds (and replaced), Postgres is stopped with
+``-m immediate`` and started again once, and random taskq backends are
+terminated. The long form, with its figures, is ``python -m benchmarks.chaos``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks import chaos
+from taskq import _embedded
+
+
+@pytest.fixture
+def chaos_server(tmp_path: Path) -> Iterator[_embedded.EmbeddedServer]:
+    server = chaos.own_server(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_chaos_loses_nothing_and_runs_twice_only_what_a_fault_cut(
+    chaos_server: _embedded.EmbeddedServer, tmp_path: Path
+) -> None:
+    cfg = chaos.Config(
+        jobs=3000,
+        workers=3,
+        concurrency=10,
+        lease=2.0,
+        kills=5,
+        kill_every=2.5,
+        restart="immediate",
+        terminate_every=1.5,
+        sleep="0.05:0.2",
+        timeout=240,
+    )
+    report = asyncio.run(chaos.run(cfg, chaos_server, tmp_path))
+    summary = "\n".join(report.lines())
+    print(summary)
+    assert len(report.kills) == cfg.kills, summary
+    assert len(report.restarts) == 1 and report.terminated, summary
+    assert report.worker_exits == 0, summary  # every worker rode out the restart
+    assert report.lost == [] and report.stuck == [], summary
+    # A job may only end failed as poison (rescued at three kills); none may just fail.
+    assert set(report.failed) <= {"taskq.PoisonJob"}, summary
+    assert report.succeeded + sum(report.failed.values()) == cfg.jobs, summary
+    # Every job that ran twice had a run cut off (or its outcome lost) by a fault.
+    assert report.unexplained == [] and report.completed_twice_unexplained == [], summary
+    assert report.in_flight_at_kill > 0, summary  # the kills did hit running jobs
+    # Exactly once for the jobs whose effect commits with their success.
+    assert report.duplicate_effects == [] and report.missing_effects == [], summary
+    # Every killed worker's jobs were taken back within the rescue bound (lease
+    # plus one rescue interval, plus the polling of this test), except when
+    # Postgres was down in between.
+    (down, up) = report.restarts[0]
+    bound = cfg.lease * 1.5 + 1.0
+    for kill in report.kills:
+        assert kill.rescued_after is not None, summary
+        outage = up - down if kill.at <= up and kill.at + bound >= down else 0.0
+        assert kill.rescued_after <= bound + outage + 5.0 * bool(outage), (kill, summary)
+
+
+def test_the_chaos_accounting_tells_a_cut_run_from_an_unexplained_one() -> None:
+    """The classification that the test above relies on, on made-up runs."""
+
+    def run(n: int, pid: int, started: float, ended: float | None) -> dict[str, object]:
+        return {"n": n, "kind": "work", "pid": pid, "started": started, "ended": ended}
+
+    report = chaos.Report(kills=[chaos.Kill(pid=7, at=100.0, held=[1])], terminated=[200.0])
+    runs = [
+        run(1, 7, 99.0, None),  # cut by the kill of pid 7
+        run(1, 8, 104.0, 104.5),
+        run(2, 7, 90.0, 99.5),  # ended, but its outcome was still in the buffer at the kill
+        run(2, 8, 104.0, 104.2),
+        run(3, 8, 199.0, None),  # its backend was terminated
+        run(3, 9, 201.0, 201.1),
+        run(4, 8, 150.0, 150.1),  # ran to its end, no fault anywhere near: a double run
+        run(4, 9, 151.0, 151.1),
+        run(5, 7, 50.0, 50.1),  # long before the kill of its worker
+        run(5, 8, 104.0, 104.1),
+    ]
+    chaos.classify_runs(runs, report)
+    assert report.ran_again == 5
+    assert (report.in_flight_at_kill, report.in_flight_at_db_fault) == (2, 1)
+    assert report.unexplained == [4, 5]
+    assert report.completed_twice == 3 and report.completed_twice_unexplained == [4, 5]
