@@ -433,25 +433,30 @@ async def analyse(
 
 
 def classify_runs(runs: list[Any], report: Report) -> None:
-    """Every run but a job's last must have been cut off (or had its outcome lost) by a fault."""
+    """Every run but a job's last must have been cut off (or had its outcome lost) by a fault.
+
+    A run's cause is the first fault that could have cut it: a SIGKILL of its
+    process, or a Postgres restart or terminated backend, after it started
+    and before it ended or shortly after (its outcome may still have been
+    waiting to be written). A run with no end was cut by the first such
+    fault after its start: a run that failed at a restart is not blamed on a
+    kill of its worker a minute later.
+    """
     kills_by_pid: dict[int, list[float]] = {}
     for k in report.kills:
         kills_by_pid.setdefault(k.pid, []).append(k.at)
     windows = list(report.restarts) + [(t, t) for t in report.terminated]
 
-    def at_kill(run: Any) -> bool:
-        end = run["ended"]
-        return any(
-            float(run["started"]) <= at and (end is None or float(end) >= at - WRITE_BACK_GRACE)
+    def cause(run: Any) -> str | None:
+        start = float(run["started"])
+        end = None if run["ended"] is None else float(run["ended"]) + WRITE_BACK_GRACE
+        faults = [
+            (at, "kill")
             for at in kills_by_pid.get(run["pid"], [])
-        )
-
-    def at_db_fault(run: Any) -> bool:
-        end = run["ended"]
-        return any(
-            float(run["started"]) <= b and (end is None or float(end) >= a - WRITE_BACK_GRACE)
-            for a, b in windows
-        )
+            if start <= at and (end is None or at <= end)
+        ]
+        faults += [(a, "db") for a, b in windows if start <= b and (end is None or a <= end)]
+        return min(faults)[1] if faults else None
 
     by_job: dict[int, list[Any]] = {}
     for r in runs:
@@ -459,17 +464,17 @@ def classify_runs(runs: list[Any], report: Report) -> None:
     for n, job_runs in by_job.items():
         if len(job_runs) > 1:
             report.ran_again += 1
-            earlier = job_runs[:-1]
-            if any(at_kill(r) for r in earlier):
-                report.in_flight_at_kill += 1
-            elif all(at_kill(r) or at_db_fault(r) for r in earlier):
-                report.in_flight_at_db_fault += 1
-            if not all(at_kill(r) or at_db_fault(r) for r in earlier):
+            causes = [cause(r) for r in job_runs[:-1]]
+            if None in causes:
                 report.unexplained.append(n)
+            elif "kill" in causes:
+                report.in_flight_at_kill += 1
+            else:
+                report.in_flight_at_db_fault += 1
         completed = [r for r in job_runs if r["ended"] is not None]
         if len(completed) > 1 and job_runs[0]["kind"] == "work":
             report.completed_twice += 1
-            if not all(at_kill(r) or at_db_fault(r) for r in completed[:-1]):
+            if any(cause(r) is None for r in completed[:-1]):
                 report.completed_twice_unexplained.append(n)
 
 

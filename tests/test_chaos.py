@@ -75,7 +75,11 @@ def test_the_chaos_accounting_tells_a_cut_run_from_an_unexplained_one() -> None:
     def run(n: int, pid: int, started: float, ended: float | None) -> dict[str, object]:
         return {"n": n, "kind": "work", "pid": pid, "started": started, "ended": ended}
 
-    report = chaos.Report(kills=[chaos.Kill(pid=7, at=100.0, held=[1])], terminated=[200.0])
+    report = chaos.Report(
+        kills=[chaos.Kill(pid=7, at=100.0, held=[1]), chaos.Kill(pid=9, at=310.0, held=[])],
+        restarts=[(300.0, 301.5)],
+        terminated=[200.0],
+    )
     runs = [
         run(1, 7, 99.0, None),  # cut by the kill of pid 7
         run(1, 8, 104.0, 104.5),
@@ -87,9 +91,11 @@ def test_the_chaos_accounting_tells_a_cut_run_from_an_unexplained_one() -> None:
         run(4, 9, 151.0, 151.1),
         run(5, 7, 50.0, 50.1),  # long before the kill of its worker
         run(5, 8, 104.0, 104.1),
+        run(6, 9, 299.0, None),  # failed at the restart, long before its worker was killed
+        run(6, 8, 320.0, 320.1),
     ]
     chaos.classify_runs(runs, report)
-    assert report.ran_again == 5
-    assert (report.in_flight_at_kill, report.in_flight_at_db_fault) == (2, 1)
+    assert report.ran_again == 6
+    assert (report.in_flight_at_kill, report.in_flight_at_db_fault) == (2, 2)
     assert report.unexplained == [4, 5]
     assert report.completed_twice == 3 and report.completed_twice_unexplained == [4, 5]
