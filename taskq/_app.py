@@ -72,8 +72,9 @@ class App:
         connect_kwargs: extra keyword arguments for ``asyncpg.connect``
             (ssl, timeouts, server_settings...).
         connect_retry: seconds to keep trying to get a connection (Postgres
-            restarting, connection limit reached) before an operation such as
-            ``enqueue()`` raises :class:`taskq.DatabaseError` (default 5).
+            down or restarting, connection limit reached) before opening the
+            App or an operation such as ``enqueue()`` raises
+            :class:`taskq.DatabaseError` (default 5).
         listen_dsn: where the one LISTEN connection goes, when ``dsn`` points
             at a pooler in transaction mode (PgBouncer), which cannot carry
             notifications: point this at Postgres itself or at a session-mode
@@ -408,8 +409,12 @@ class App:
     async def open(self) -> None:
         """Open the pool and apply (or check) migrations. ``async with app`` calls it.
 
-        Opening an App that is already open only counts one more user; each
-        ``open()`` needs its ``close()``.
+        While Postgres cannot be reached (down, restarting, refusing
+        connections) this keeps trying for ``connect_retry`` seconds, logging
+        one WARNING; errors that waiting cannot fix (credentials, a missing
+        database, a schema error) are raised at once. Opening an App that is
+        already open only counts one more user; each ``open()`` needs its
+        ``close()``.
         """
         if self._open_lock is None:
             self._open_lock = anyio.Lock()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +22,14 @@ import tenacity
 
 from ._errors import ConfigurationError, DatabaseError, TaskqError
 from ._notifier import Notifier
+from ._pool import (
+    CheckedPool,
+    PoolConnection,
+    acquire_retrying,
+    init_connection,
+    quiet_pool_log,
+    reset_connection,
+)
 
 log = logging.getLogger("taskq")
 
@@ -32,45 +42,40 @@ DEFAULT_POOL_MAX_SIZE = 10
 DEFAULT_CONNECT_RETRY_SECONDS = 5.0
 #: Seconds to wait for a new connection before giving up.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Longest pause between two attempts to open the App (pool and schema check)
+#: while Postgres cannot be reached; pauses grow from 0.1 s, with jitter.
+OPEN_RETRY_MAX_WAIT = 2.0
 #: Environment variable read when no DSN is given.
 DSN_ENV = "TASKQ_DSN"
 #: Environment variable read when ``App(listen_dsn=None)``.
 LISTEN_DSN_ENV = "TASKQ_LISTEN_DSN"
 
 
-class _Connection(asyncpg.Connection):  # type: ignore[misc]
-    """A pool connection that can skip the reset round trip when taskq used it.
-
-    asyncpg resets every connection on release (UNLISTEN, RESET ALL, ...), one
-    extra round trip that costs about a third of an enqueue. taskq's own
-    statements leave no session state behind, so it marks the connections it
-    used as clean; connections handed to user code are reset as usual.
-    """
-
-    _taskq_clean = False
-
-    def _taskq_mark_clean(self) -> None:
-        self._taskq_clean = True
-
-
-async def _reset(conn: _Connection) -> None:
-    if conn._taskq_clean:
-        conn._taskq_clean = False
-        return
-    query = conn.get_reset_query()
-    if query:
-        await conn.execute(query)
-
-
-# Errors that mean "no connection could be had": nothing was sent, so trying
-# again cannot do anything twice.
-_CONNECT_ERRORS = (
+# Errors while opening (connecting, then checking or migrating the schema in
+# one transaction) after which opening again may work: Postgres is not
+# reachable, starting up or shutting down, full, or ended the session. Not:
+# bad credentials, a missing database, an invalid DSN, a schema error.
+_OPEN_AGAIN = (
     OSError,
     TimeoutError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down
+    asyncpg.AdminShutdownError,  # 57P01
+    asyncpg.CrashShutdownError,  # 57P02
     asyncpg.TooManyConnectionsError,
     asyncpg.PostgresConnectionError,
+    asyncpg.InternalClientError,
+    asyncpg.InterfaceError,  # "connection is closed", but see _NOT_AGAIN
 )
+# ssl.SSLError is an OSError, but a refused certificate stays refused; a bad
+# DSN is an InterfaceError; taskq's own errors (the schema) are for a human.
+_NOT_AGAIN = (ssl.SSLError, asyncpg.ClientConfigurationError, TaskqError)
+
+
+def _may_open_again(exc: BaseException) -> bool:
+    """Whether an error of ``open()`` (or the driver error it wraps) is worth another try."""
+    while isinstance(exc, DatabaseError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return isinstance(exc, _OPEN_AGAIN) and not isinstance(exc, _NOT_AGAIN)
 
 
 # Errors after which a connection cannot be trusted. InternalClientError is
@@ -85,13 +90,16 @@ _BROKEN_CONNECTION = (
 
 
 @contextlib.contextmanager
-def _statement_guard(conn: Any, action: str, *, close_on_cancel: bool) -> Iterator[None]:
+def _statement_guard(
+    conn: Any, action: str, *, close_on_cancel: bool, broken: Callable[[], None]
+) -> Iterator[None]:
     """Translate errors of statements under way; close a connection that broke."""
     with translate_errors(action, in_flight=True):
         try:
             yield
         except _BROKEN_CONNECTION:
             _terminate(conn)
+            broken()
             raise
         except BaseException as exc:
             if close_on_cancel and not isinstance(exc, Exception):
@@ -189,6 +197,7 @@ class Database:
         self.connect_kwargs = dict(connect_kwargs or {})
         self.connect_retry = float(connect_retry)
         self._pool: asyncpg.Pool | None = None
+        self._checked: CheckedPool | None = None  # app.pool: the pool user code gets
         # One pool connection kept out for taskq's own short statements while
         # it is free (see acquire); the pool serves everything else.
         self._held: Any = None
@@ -215,26 +224,65 @@ class Database:
     async def open(self, prepare: Callable[[Any], Awaitable[object]]) -> None:
         """Resolve the DSN, open the pool and run ``prepare(conn)`` (migrations) first.
 
-        If ``prepare`` fails the pool is closed again and the error raised.
+        While Postgres cannot be reached (down, restarting, full) this is
+        tried again with backoff for up to ``connect_retry`` seconds, so that
+        processes started with their database come up by themselves. Other
+        errors (credentials, a missing database, a schema error) are raised at
+        once. If ``prepare`` fails the pool is closed again.
         """
         self.dsn = await self.resolve_dsn()
+        quiet_pool_log()
+        started = time.monotonic()
+        tries = 0
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.log(
+                logging.WARNING if state.attempt_number == 1 else logging.DEBUG,
+                "cannot open taskq's connection to Postgres yet (%s); trying again for up to %gs",
+                error,
+                self.connect_retry,
+            )
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_delay(self.connect_retry),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=OPEN_RETRY_MAX_WAIT)
+            + tenacity.wait_random(0, 0.1),
+            retry=tenacity.retry_if_exception(_may_open_again),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                tries += 1
+                pool, held = await self._open_pool(prepare)
+        if tries > 1:
+            log.info("connected to Postgres after %.1fs", time.monotonic() - started)
+        self._pool = pool
+        self._checked = CheckedPool(pool, connect_retry=self.connect_retry)
+        self._held = held
+
+    async def _open_pool(self, prepare: Callable[[Any], Awaitable[object]]) -> tuple[Any, Any]:
+        """One try: the pool, ``prepare`` on one of its connections, the held connection."""
         with translate_errors("connecting to Postgres"):
             pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=self.pool_min_size,
                 max_size=self.pool_max_size,
-                connection_class=_Connection,
-                reset=_reset,
+                connection_class=PoolConnection,
+                init=init_connection,
+                reset=reset_connection,
                 **self.connect_args(f"taskq ({self.name})"),
             )
         try:
             async with pool.acquire() as conn:
                 await prepare(conn)
+            with translate_errors("connecting to Postgres"):
+                held = await pool.acquire()
         except BaseException:
-            await pool.close()
+            pool.terminate()  # nothing of ours is under way on it
             raise
-        self._pool = pool
-        self._held = await pool.acquire()
+        return pool, held
 
     async def close(self) -> None:
         """Stop the LISTEN connection and close the pool."""
@@ -242,6 +290,7 @@ class Database:
         if notifier is not None:
             await notifier.stop()
         pool, self._pool = self._pool, None
+        self._checked = None
         if pool is None:
             return
         held, self._held = self._held, None
@@ -255,11 +304,11 @@ class Database:
             pool.terminate()
 
     @property
-    def pool(self) -> asyncpg.Pool:
-        """The asyncpg pool; raises ConfigurationError when not open."""
-        if self._pool is None:
+    def pool(self) -> CheckedPool:
+        """The pool for user code (see CheckedPool); raises ConfigurationError when not open."""
+        if self._checked is None:
             raise ConfigurationError("the App is not open: use `async with app:` first")
-        return self._pool
+        return self._checked
 
     @property
     def is_open(self) -> bool:
@@ -306,7 +355,8 @@ class Database:
         so a retry cannot do anything twice. Errors once a statement is under
         way are not retried here.
         """
-        pool = self.pool
+        checked = self.pool
+        pool = checked.raw
         held = self._held
         if held is not None and not _usable(held):
             # Lost (e.g. a Postgres restart): hand it back to the pool, which
@@ -325,17 +375,19 @@ class Database:
             try:
                 # Cancelled mid-statement, its protocol may still be busy: close
                 # it; the next call hands it back to the pool and adopts another.
-                with _statement_guard(held, action, close_on_cancel=True):
+                with _statement_guard(
+                    held, action, close_on_cancel=True, broken=checked.note_trouble
+                ):
                     yield held
             finally:
                 self._held_busy = False
             return
         with translate_errors(action):
-            conn = await self._connect_retrying(pool)
+            conn = await acquire_retrying(pool, self.connect_retry)
         clean = False
         try:
             # The pool waits out a cancelled statement itself on release.
-            with _statement_guard(conn, action, close_on_cancel=False):
+            with _statement_guard(conn, action, close_on_cancel=False, broken=checked.note_trouble):
                 yield conn
             clean = True
         finally:
@@ -343,26 +395,8 @@ class Database:
                 self._held = conn  # replaces a held connection that was lost
             else:
                 if clean:
-                    conn._taskq_mark_clean()
+                    conn.taskq_mark_clean()
                 await pool.release(conn)
-
-    async def _connect_retrying(self, pool: asyncpg.Pool) -> Any:
-        try:  # the common case, without building a retry loop
-            return await pool.acquire()
-        except _CONNECT_ERRORS:
-            if not self.connect_retry:
-                raise
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_delay(self.connect_retry),
-            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0)
-            + tenacity.wait_random(0, 0.05),
-            retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await pool.acquire()
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def listener(self) -> Notifier:
         """The one LISTEN connection of this database, started on first use.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,16 @@ _CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Timeo
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 Handler = Callable[[str], None]
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    """One WARNING per outage, then DEBUG: a Postgres restart is not a line a second."""
+    error = state.outcome.exception() if state.outcome else "?"
+    if state.attempt_number == 1:
+        log.warning("taskq notifier cannot connect (%s); retrying until it can", error)
+    else:
+        wait = state.upcoming_sleep
+        log.debug("taskq notifier cannot connect (%s); retrying in %.1fs", error, wait)
 
 
 class Notifier:
@@ -112,11 +123,7 @@ class Notifier:
             wait=tenacity.wait_exponential(multiplier=0.1, max=DEFAULT_MAX_RECONNECT_WAIT)
             + tenacity.wait_random(0, 0.5),
             retry=tenacity.retry_if_exception_type(_CONNECT_ERRORS),
-            before_sleep=lambda state: log.warning(
-                "taskq notifier cannot connect (%s); retrying in %.1fs",
-                state.outcome.exception() if state.outcome else "?",
-                state.upcoming_sleep,
-            ),
+            before_sleep=_log_retry,
         )
         async for attempt in retrying:
             with attempt:
@@ -125,6 +132,7 @@ class Notifier:
 
     async def _run(self) -> None:
         first = True
+        lost_at = 0.0
         while True:
             conn = await self._connect_retrying()
             self._conn = conn
@@ -133,7 +141,7 @@ class Notifier:
             self._ready.set()
             if not first:
                 self.reconnects += 1
-                log.info("taskq notifier reconnected")
+                log.info("taskq notifier reconnected after %.1fs", time.monotonic() - lost_at)
             first = False
             # Anything sent before this LISTEN took effect is lost (including,
             # on a slow first connect, what consumers subscribed to before
@@ -141,6 +149,7 @@ class Notifier:
             for handler in list(self._reconnect_handlers):
                 handler()
             await self._watch(conn)
+            lost_at = time.monotonic()
             await self._close()
 
     async def _watch(self, conn: asyncpg.Connection) -> None:

@@ -144,7 +144,8 @@ def test_worker_connection_errors_name_the_dsn_and_its_source(pg_dsn: str, tmp_p
         env = subprocess_env(pg_dsn, **env_extra)
         app = "ownapp:app" if source.startswith("the App") else "workerapp:app"
         done = subprocess.run(
-            [PYTHON, "-m", "taskq", "worker", app, *extra],
+            # --connect-retry 0: the worker otherwise keeps trying for 60 s.
+            [PYTHON, "-m", "taskq", "worker", app, "--connect-retry", "0", *extra],
             env=env,
             cwd=tmp_path,
             capture_output=True,
@@ -194,7 +195,11 @@ def test_connect_timeout_says_no_answer_within(pg_dsn: str, schema: str) -> None
         for args, env_extra, source in [
             (("status", "--dsn", dsn, "--connect-timeout", "0.5"), {}, "--dsn"),
             (("migrate", "--dsn", dsn, "--connect-timeout", "0.5"), {}, "--dsn"),
-            (("worker", "workerapp:app", "--connect-timeout", "0.5"), {"TASKQ_DSN": dsn}, None),
+            (
+                ("worker", "workerapp:app", "--connect-timeout", "0.5", "--connect-retry", "0"),
+                {"TASKQ_DSN": dsn},
+                None,
+            ),
         ]:
             started = time.monotonic()
             done = subprocess.run(

@@ -60,6 +60,9 @@ def app_for(args: argparse.Namespace) -> App:
         # Two connections are plenty for one command.
         app = App(args.dsn, schema=args.schema, pool_max_size=2)
     app.auto_migrate = False  # only `migrate` changes the schema
+    # Someone waits for the answer: a database that cannot be reached is
+    # reported at once (the worker command keeps trying, see --connect-retry).
+    app.database.connect_retry = 0
     set_connect_timeout(app, args)
     return app
 

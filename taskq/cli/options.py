@@ -79,6 +79,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def limit_arg(value: str) -> int | None:
     """An integer, or ``none`` (None: no limit)."""
     if value.lower() == "none":

@@ -10,9 +10,14 @@ from typing import Any
 from .._errors import TaskqError
 from .connect import load_app, opened, set_connect_timeout
 from .exits import EXIT_OK
-from .options import Commands, connect_timeout_option
+from .options import Commands, connect_timeout_option, non_negative_float
 
 log = logging.getLogger("taskq.cli")
+
+#: How long a worker process keeps trying to reach Postgres (at start, and
+#: for each connection it needs) before it gives up: long enough that a fleet
+#: started or restarted together with its database comes up by itself.
+WORKER_CONNECT_RETRY_SECONDS = 60.0
 
 
 def add_parser(commands: Commands) -> None:
@@ -35,8 +40,8 @@ def add_parser(commands: Commands) -> None:
     worker.add_argument(
         "--lease-seconds",
         type=float,
-        help="lease of a claimed job, renewed every third of it; a crashed worker's jobs "
-        "run again about 1.5 leases later (default 30)",
+        help="lease of a claimed job, renewed every third of it; a killed worker's jobs "
+        "are queued again at most 1.5 leases after its last renewal (default 30)",
     )
     worker.add_argument(
         "--poll-interval",
@@ -60,6 +65,14 @@ def add_parser(commands: Commands) -> None:
     )
     worker.add_argument("--dsn", help="override the App's DSN")
     connect_timeout_option(worker)
+    worker.add_argument(
+        "--connect-retry",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="keep trying to reach Postgres this long, at start and for each connection, "
+        "while it is down or restarting; 0 gives up at once "
+        f"(default {WORKER_CONNECT_RETRY_SECONDS:g}, or the App's connect_retry if longer)",
+    )
     worker.set_defaults(handler=cmd_worker)
 
 
@@ -68,6 +81,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     if args.dsn:
         app.database.dsn_arg = args.dsn
     set_connect_timeout(app, args)
+    if args.connect_retry is not None:
+        app.database.connect_retry = args.connect_retry
+    else:
+        app.database.connect_retry = max(app.connect_retry, WORKER_CONNECT_RETRY_SECONDS)
     settings: dict[str, Any] = {"shutdown_timeout": args.shutdown_timeout}
     if args.lease_seconds is not None:
         settings["lease_seconds"] = args.lease_seconds
