@@ -363,7 +363,9 @@ def test_fuzzed_names_are_refused_before_sql_or_round_trip(fz: Fuzzed) -> None:
                         assert repr(name) in str(exc), exc
             assert fz.run(fz.rows()) == before
         before = fz.run(fz.rows())
-        if valid_task(name) and name != "fz.echo":  # echo takes no argument x
+        if name == "fz.echo":
+            pass  # the fixture's own task, which takes no argument x
+        elif valid_task(name):
             if name not in fz.app.tasks:
                 fz.app.task(name=name)(lambda x: x)
             job = fz.run(fz.app.enqueue(name, {"x": name}))
