@@ -3,9 +3,9 @@
 Measures the rescue bound that ``docs/guarantees.md`` states (lease plus one
 rescue interval), with real worker processes killed with SIGKILL::
 
-    python -m benchmarks.rescue_bound --dsn postgresql://...              # steady: one worker rescues
-    python -m benchmarks.rescue_bound --dsn ... --restarts 3              # workers live 3 s each
-    python -m benchmarks.rescue_bound --dsn ... --lease 4 --kills 4       # quick
+    python -m benchmarks.rescue_bound --dsn postgresql://...   # steady: one worker rescues
+    python -m benchmarks.rescue_bound --dsn ... --restarts 3   # workers live 3 s each
+    python -m benchmarks.rescue_bound --dsn ... --lease 4 --kills 4   # quick
 
 Each killed worker holds one job in a queue of its own, killed at a random
 moment of its lease. The delay is measured on the database's clock: from the
@@ -44,8 +44,10 @@ async def hang() -> None:
 def spawn(dsn: str, schema: str, lease: float, queue: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, TASKQ_DSN=dsn, TASKQ_SCHEMA=schema, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
-        [sys.executable, "-m", "taskq", "worker", "benchmarks.rescue_bound:app"]
-        + ["--queue", queue, "--lease-seconds", str(lease), "--shutdown-timeout", "1"],
+        [
+            *(sys.executable, "-m", "taskq", "worker", "benchmarks.rescue_bound:app"),
+            *("--queue", queue, "--lease-seconds", str(lease), "--shutdown-timeout", "1"),
+        ],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -88,7 +90,8 @@ async def measure(dsn: str, lease: float, kills: int, lifetime: float | None) ->
                 await measuring.enqueue("rescue_bound.hang", queue=f"d{i}")
                 doomed.append(spawn(dsn, schema, lease, f"d{i}"))
             async with measuring.pool.acquire() as c:
-                while await c.fetchval(f"SELECT count(*) FROM {s}.jobs WHERE state = 'running'") < kills:
+                running = f"SELECT count(*) FROM {s}.jobs WHERE state = 'running'"
+                while await c.fetchval(running) < kills:
                     await asyncio.sleep(0.1)
             rescuing = asyncio.create_task(rescuers(dsn, schema, lease, lifetime))
             renewed: dict[str, object] = {}

@@ -73,6 +73,11 @@ class EnqueueOptions:
             )
         if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
             raise ConfigurationError(f"unique_key must be a non-empty string, got {unique_key!r}")
+        if unique_key is not None and not _storable(unique_key):
+            raise ConfigurationError(
+                f"unique_key {unique_key!r} holds a NUL character or a lone surrogate, "
+                "which Postgres cannot store in text"
+            )
         window = 0.0 if unique_for is None else _seconds("unique_for", unique_for)
         if window and unique_key is None:
             raise ConfigurationError("unique_for needs a unique_key")
@@ -83,6 +88,17 @@ class EnqueueOptions:
                 )
             meta = dict(meta) or None
         return cls(queue, priority, seconds, run_at, connection, unique_key, window, meta)
+
+
+def _storable(text: str) -> bool:
+    """Whether Postgres can store ``text``: no NUL, valid UTF-8 (no lone surrogates)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seconds(name: str, value: object) -> float:
@@ -181,7 +197,8 @@ def make_task(
     return Task(
         owner,
         fn,
-        name=check_task_name(name or default_task_name(fn)),
+        # None means "the default"; any other value, "" included, must be a valid name.
+        name=check_task_name(default_task_name(fn) if name is None else name),
         queue=settings.queue,
         priority=settings.priority,
         retry=settings.retry,

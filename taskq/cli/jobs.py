@@ -10,7 +10,7 @@ from .._admin import ALL_STATES, get_job, known_tasks, list_jobs, task_in_histor
 from .._app import App
 from .connect import app_for, opened
 from .exits import EXIT_OK, UsageError
-from .options import Commands, db_options, json_option, positive_int
+from .options import Commands, db_options, json_option, positive_int, queue_name, task_name
 from .output import iso, json_text, plural, print_json, print_table, when
 
 
@@ -24,9 +24,10 @@ def add_parser(commands: Commands) -> None:
         choices=ALL_STATES,
         help="only jobs in this state (repeatable; default all)",
     )
-    listing.add_argument("--queue", help="only jobs of this queue")
+    listing.add_argument("--queue", type=queue_name, help="only jobs of this queue")
     listing.add_argument(
         "--task",
+        type=task_name,
         help="only jobs of this task: its full name, or the part after the last dot when "
         "only one known task ends with it (e.g. store for myapp.jobs.store)",
     )

@@ -13,7 +13,15 @@ from .._admin import FINISHED_STATES, LIVE_STATES, RETRYABLE_STATES, Matched, Re
 from .._app import App
 from .connect import app_for, opened
 from .exits import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, UsageError
-from .options import Commands, db_options, json_option, parse_duration, positive_int
+from .options import (
+    Commands,
+    db_options,
+    json_option,
+    parse_duration,
+    positive_int,
+    queue_name,
+    task_name,
+)
 from .output import Progress, error, plural, print_json, when
 
 
@@ -26,8 +34,8 @@ def add_parsers(commands: Commands) -> None:
     )
     retry.add_argument("ids", nargs="*", type=positive_int, metavar="ID", help="job ids")
     retry.add_argument("--all", action="store_true", help="every failed job")
-    retry.add_argument("--queue", help="failed jobs of this queue")
-    retry.add_argument("--task", help="failed jobs of this task")
+    retry.add_argument("--queue", type=queue_name, help="failed jobs of this queue")
+    retry.add_argument("--task", type=task_name, help="failed jobs of this task")
     retry.add_argument(
         "--state",
         action="append",
@@ -48,8 +56,8 @@ def add_parsers(commands: Commands) -> None:
         description="cancel ID [ID ...] | cancel [--queue Q] [--task T] [--state queued|running]",
     )
     cancel.add_argument("ids", nargs="*", type=positive_int, metavar="ID", help="job ids")
-    cancel.add_argument("--queue", help="live jobs of this queue")
-    cancel.add_argument("--task", help="live jobs of this task")
+    cancel.add_argument("--queue", type=queue_name, help="live jobs of this queue")
+    cancel.add_argument("--task", type=task_name, help="live jobs of this task")
     cancel.add_argument(
         "--state",
         action="append",

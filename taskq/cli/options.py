@@ -7,7 +7,8 @@ import re
 from typing import Any, Protocol
 
 from .._database import DEFAULT_CONNECT_TIMEOUT
-from .._names import DEFAULT_SCHEMA
+from .._errors import ConfigurationError
+from .._names import DEFAULT_SCHEMA, check_queue, check_task_name
 
 #: Default of options that leave a setting as it is.
 KEEP: Any = object()
@@ -59,14 +60,36 @@ def window_arg(text: str) -> float | None:
     return seconds
 
 
+#: Job ids (and counts) are Postgres bigints.
+MAX_BIGINT = 2**63 - 1
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_BIGINT:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer of at most {MAX_BIGINT}, got {text!r}"
+        )
     return value
+
+
+def queue_name(text: str) -> str:
+    """A ``--queue`` value, checked by the rules every queue name follows."""
+    try:
+        return check_queue(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def task_name(text: str) -> str:
+    """A ``--task`` value (full or short name), checked by the rules of task names."""
+    try:
+        return check_task_name(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_float(text: str) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from .._errors import TaskqError
 from .connect import load_app, opened, set_connect_timeout
 from .exits import EXIT_OK
-from .options import Commands, connect_timeout_option, non_negative_float
+from .options import Commands, connect_timeout_option, non_negative_float, queue_name
 
 log = logging.getLogger("taskq.cli")
 
@@ -26,7 +26,11 @@ def add_parser(commands: Commands) -> None:
         "app", metavar="MODULE:APP", help="where your taskq.App lives, e.g. jobs:app"
     )
     worker.add_argument(
-        "--queue", "-q", action="append", help="queue to serve (repeatable; default all)"
+        "--queue",
+        "-q",
+        action="append",
+        type=queue_name,
+        help="queue to serve (repeatable; default all)",
     )
     worker.add_argument(
         "--concurrency", "-c", type=int, default=10, help="jobs at once (default 10)"
