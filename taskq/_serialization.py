@@ -41,10 +41,10 @@ def _find_problem(value: Any, path: str, depth: int = 0) -> tuple[str, str] | No
     if isinstance(value, float):
         if not math.isfinite(value):
             return path, f"is {value!r}, which JSON cannot represent"
-        if abs(value) >= 1e16 and value.is_integer():
+        if 1e16 <= abs(value) < 2**64 and value.is_integer():
             # orjson writes it as 1e16; jsonb keeps the number, not its
-            # spelling, and returns 10000000000000000: an int, or past 64
-            # bits a number no reader takes back.
+            # spelling, and returns 10000000000000000, which reads back as an
+            # int (past 64 bits orjson reads a float again).
             return path, (
                 f"is {value!r}, an integral float that Postgres would return as an integer; "
                 "pass int(...) or a string"
