@@ -14,7 +14,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import asyncpg
@@ -32,6 +32,8 @@ from ._pool import (
 )
 
 log = logging.getLogger("taskq")
+
+_T = TypeVar("_T")
 
 #: Pool size: enough for a worker's claim, acknowledgement and heartbeat
 #: connections plus a busy web app's enqueues; raise it for many producers.
@@ -72,7 +74,8 @@ _NOT_AGAIN = (ssl.SSLError, asyncpg.ClientConfigurationError, TaskqError)
 
 
 def _may_open_again(exc: BaseException) -> bool:
-    """Whether an error of ``open()`` (or the driver error it wraps) is worth another try."""
+    """Whether an error of ``open()`` or ``run_retrying()`` (or the driver error it wraps) is
+    worth another try."""
     while isinstance(exc, DatabaseError) and exc.__cause__ is not None:
         exc = exc.__cause__
     return isinstance(exc, _OPEN_AGAIN) and not isinstance(exc, _NOT_AGAIN)
@@ -89,6 +92,22 @@ _BROKEN_CONNECTION = (
 )
 
 
+def commit_outcome_unknown(exc: BaseException) -> bool:
+    """Whether an error raised by a COMMIT leaves unknown whether it committed.
+
+    Only Postgres refusing the COMMIT (a deferred constraint, a serialization
+    failure) says that it rolled back. A connection that broke under way may
+    have lost the reply to a commit that happened; and a backend terminated
+    during COMMIT (an operator, a shutdown, a cancelled wait for a
+    synchronous standby) may report that after committing locally.
+    """
+    if not isinstance(exc, asyncpg.PostgresError):
+        return True
+    return isinstance(
+        exc, asyncpg.PostgresConnectionError | asyncpg.exceptions.OperatorInterventionError
+    )
+
+
 @contextlib.contextmanager
 def _statement_guard(
     conn: Any, action: str, *, close_on_cancel: bool, broken: Callable[[], None]
@@ -98,16 +117,17 @@ def _statement_guard(
         try:
             yield
         except _BROKEN_CONNECTION:
-            _terminate(conn)
+            terminate_quietly(conn)
             broken()
             raise
         except BaseException as exc:
             if close_on_cancel and not isinstance(exc, Exception):
-                _terminate(conn)
+                terminate_quietly(conn)
             raise
 
 
-def _terminate(conn: Any) -> None:
+def terminate_quietly(conn: Any) -> None:
+    """Close a connection at once, without a word to the server; no error if it is gone."""
     # A proxy the pool has already taken back raises InterfaceError here,
     # which would hide the error being handled.
     with contextlib.suppress(asyncpg.InterfaceError):
@@ -397,6 +417,30 @@ class Database:
                 if clean:
                     conn.taskq_mark_clean()
                 await pool.release(conn)
+
+    async def run_retrying(self, action: str, statements: Callable[[Any], Awaitable[_T]]) -> _T:
+        """``statements(conn)`` on a connection of :meth:`acquire`, tried again while
+        Postgres is briefly away.
+
+        Only for statements that may run twice (reads, idempotent writes): a
+        try whose connection broke under way may have taken effect. After an
+        error worth another try (Postgres unreachable, restarting, the
+        connection lost) it is tried again on another connection, with
+        backoff, for up to ``connect_retry`` seconds; other errors are raised
+        at once.
+        """
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_delay(self.connect_retry),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0)
+            + tenacity.wait_random(0, 0.05),
+            retry=tenacity.retry_if_exception(_may_open_again),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                async with self.acquire(action) as conn:
+                    return await statements(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def listener(self) -> Notifier:
         """The one LISTEN connection of this database, started on first use.

@@ -319,6 +319,22 @@ class Statements:
             f"FOR UPDATE) UPDATE {s}.jobs AS j SET awaited = false FROM o WHERE j.id = o.id "
             "RETURNING o.awaited"
         )
+        # The connection of a ctx.transaction() broke during its COMMIT: did it
+        # commit? The server may still be running that transaction (COMMIT
+        # not read yet, or still being written, or the client's end not
+        # noticed): first end its backend, found by the pid the connection had
+        # and by the transaction that holds the job's row (its xmax), so that
+        # no other session can be hit; then wait for the row's lock, which the
+        # transaction holds until it ends; then read whether the job ended
+        # under the attempt's token.
+        self.end_commit_backend = (
+            f"SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity AS a "
+            f"JOIN {s}.jobs AS j ON a.backend_xid = j.xmax WHERE j.id = $1 AND a.pid = $2"
+        )
+        self.commit_wait = f"SELECT true FROM {s}.jobs WHERE id = $1 FOR KEY SHARE"
+        self.committed_by = (
+            f"SELECT EXISTS (SELECT FROM {s}.history WHERE id = $1 AND lease_token = $2)"
+        )
         # The result of a job that ctx.transaction() finished, written when its
         # task returns; only the attempt that ended the job has its token.
         self.set_result = (

@@ -491,6 +491,20 @@ class Store:
         awaited = await conn.fetchval(self._sql.lock_for_commit, job_id, token)
         return None if awaited is None else bool(awaited)
 
+    async def transaction_committed(
+        self, conn: Conn, job_id: int, token: uuid.UUID, backend_pid: int
+    ) -> bool:
+        """Whether a task's transaction that finished the job committed, its reply lost.
+
+        For a ``ctx.transaction()`` whose connection (to the backend
+        ``backend_pid``) broke during COMMIT. Ends that backend if it still
+        runs the transaction and waits for the transaction to end, so the
+        answer is final. Only reads (and ends that one backend): safe to repeat.
+        """
+        await conn.execute(self._sql.end_commit_backend, job_id, backend_pid)
+        await conn.execute(self._sql.commit_wait, job_id)
+        return bool(await conn.fetchval(self._sql.committed_by, job_id, token))
+
     async def set_result(
         self, conn: Conn, job_id: int, token: uuid.UUID, result: str | None, announce: bool
     ) -> None:

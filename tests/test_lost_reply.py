@@ -60,6 +60,8 @@ class LossyRelay:
         self._dsn = dsn
         self._server: asyncio.Server | None = None
         self._armed: str | None = None
+        self._drop_request = False
+        self._cut_server_side = True
         #: Set once a reply was swallowed and its connection cut.
         self.cut = asyncio.Event()
         self.swallowed: list[bytes] = []  # message types of the reply that was lost
@@ -87,10 +89,18 @@ class LossyRelay:
             user = f"{parts.username}:{quote(unquote(parts.password), safe='')}@"
         return f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
 
-    def arm(self, statement_text: str) -> None:
-        """Lose the reply to the next execution of a statement containing this text."""
+    def arm(self, statement_text: str, *, request: bool = False, server_side: bool = True) -> None:
+        """Lose the reply to the next execution of a statement containing this text.
+
+        ``request``: lose the statement itself instead: the server never gets
+        it, and the client's connection is cut at once; ``server_side=False``
+        leaves the server's end open, as when the server does not notice a
+        client gone (its session waits for the statement for ever).
+        """
         self.cut.clear()
         self._armed = statement_text
+        self._drop_request = request
+        self._cut_server_side = server_side
 
     async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         parts = urlsplit(self._dsn)
@@ -134,6 +144,13 @@ class LossyRelay:
                 text = body.rstrip(b"\0").decode()
             if text is not None and self._armed is not None and self._armed in text:
                 self._armed = None
+                if self._drop_request:
+                    link.client.transport.abort()
+                    if self._cut_server_side:
+                        link.server.transport.abort()
+                    link.swallowing = True  # nothing more reaches the client
+                    self.cut.set()
+                    return
                 link.swallowing = True  # from here on, the server's answer is lost
             link.server.write(kind + head + body)
             await link.server.drain()

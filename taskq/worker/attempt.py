@@ -15,7 +15,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .._database import Database, translate_errors
+from .._database import Database, commit_outcome_unknown, terminate_quietly, translate_errors
+from .._errors import DatabaseError
 from .._store import Outcome, Store
 from .state import RunningJob
 
@@ -26,6 +27,9 @@ log = logging.getLogger("taskq.worker")
 PROGRESS_INTERVAL_SECONDS = 1.0
 #: Longest the last progress write may hold up an attempt's outcome.
 PROGRESS_FLUSH_TIMEOUT_SECONDS = 10.0
+#: Longest the worker looks for the outcome of a ctx.transaction() whose
+#: connection broke during COMMIT (on top of the database's ``connect_retry``).
+COMMIT_CHECK_TIMEOUT_SECONDS = 10.0
 
 # A progress value waiting to be written: (fraction, message, monotonic time reported).
 _Progress = tuple[float, str | None, float]
@@ -204,6 +208,7 @@ class AttemptControl:
         with translate_errors("opening the job's transaction"):
             conn = await pool.acquire()
         try:
+            backend_pid = conn.get_server_pid()
             tx = conn.transaction()
             with translate_errors("opening the job's transaction"):
                 await tx.start()
@@ -215,7 +220,7 @@ class AttemptControl:
             # The block ended well: record the job as succeeded in the same
             # transaction and commit. Seen through even if the task is
             # cancelled meanwhile, so that what happened is known.
-            commit = self._loop.create_task(self._commit(conn, tx))
+            commit = self._loop.create_task(self._commit(conn, tx, backend_pid))
             try:
                 await _shielded(commit)
             except _LeaseLost:
@@ -237,9 +242,32 @@ class AttemptControl:
                     await _shielded(_rollback(conn, tx))
                 raise
         finally:
-            await _shielded(pool.release(conn))
+            await _shielded(self._release(conn))
 
-    async def _commit(self, conn: Any, tx: Any) -> None:
+    async def _release(self, conn: Any) -> None:
+        """Hand the transaction's connection back to the pool; one that broke is discarded.
+
+        Whatever happens to the connection once the transaction ended (its
+        backend terminated, the server restarting) is not the task's concern:
+        the transaction has committed or rolled back, and the job's outcome
+        does not depend on the connection any more.
+        """
+        pool = self._database.pool
+        try:
+            await pool.release(conn)
+        except Exception as exc:
+            terminate_quietly(conn)
+            pool.note_trouble()
+            job = self._running.job
+            log.info(
+                "job %s: the connection of its ctx.transaction() broke after the transaction "
+                "ended (%r); discarded",
+                job.id,
+                exc,
+                extra={"job_id": job.id, "task": job.task, "queue": job.queue},
+            )
+
+    async def _commit(self, conn: Any, tx: Any, backend_pid: int) -> None:
         job = self._running.job
         pending = await self._close_progress()
         with translate_errors("committing the job's transaction", in_flight=True):
@@ -255,7 +283,17 @@ class AttemptControl:
                 )
             if await self._store.finish(conn, [Outcome(job.id, job.token, "succeeded")]):
                 raise _LeaseLost  # cannot happen while the row is locked
+        try:
             await tx.commit()
+        except Exception as exc:
+            if not commit_outcome_unknown(exc):
+                # Postgres refused the commit: the transaction rolled back.
+                with translate_errors("committing the job's transaction"):
+                    raise
+            # The connection broke while COMMIT was under way (or its backend
+            # ended): the transaction may have committed, or not. Ask.
+            terminate_quietly(conn)
+            await self._commit_in_doubt(backend_pid, exc)
         self.committed = True
         self.awaited = bool(awaited)
         # The job is done: the lease keeper and the watchdog leave it alone
@@ -268,15 +306,72 @@ class AttemptControl:
             extra={"job_id": job.id, "task": job.task, "queue": job.queue},
         )
 
+    async def _commit_in_doubt(self, backend_pid: int, error: Exception) -> None:
+        """The connection broke during COMMIT: return if the transaction committed, else raise.
+
+        Found out on another connection (see ``Store.transaction_committed``),
+        tried again while Postgres is briefly away. The transaction committed
+        if and only if the job ended under this attempt's token.
+        """
+        job = self._running.job
+        extra = {"job_id": job.id, "task": job.task, "queue": job.queue}
+
+        async def check(conn: Any) -> bool:
+            return await self._store.transaction_committed(conn, job.id, job.token, backend_pid)
+
+        try:
+            async with asyncio.timeout(COMMIT_CHECK_TIMEOUT_SECONDS + self._database.connect_retry):
+                committed = await self._database.run_retrying(
+                    "finding out whether the job's transaction committed", check
+                )
+        except Exception as exc:
+            # Neither outcome can be told. The task sees the error; the
+            # outcome the worker then writes is fenced by the lease token, so
+            # it changes nothing if the transaction did commit.
+            log.warning(
+                "job %s: the connection broke during the commit of its ctx.transaction() (%r), "
+                "and whether it committed could not be found out: %r",
+                job.id,
+                error,
+                exc,
+                extra=extra,
+            )
+            raise DatabaseError(
+                f"committing the job's transaction failed: the connection to Postgres broke "
+                f"during COMMIT ({error!r}); whether it committed is unknown"
+            ) from error
+        if not committed:
+            raise DatabaseError(
+                f"committing the job's transaction failed: the connection to Postgres broke "
+                f"during COMMIT ({error!r}); the transaction did not commit"
+            ) from error
+        log.info(
+            "job %s: the connection broke during the commit of its ctx.transaction() (%r), "
+            "and the transaction did commit",
+            job.id,
+            error,
+            extra=extra,
+        )
+
     async def write_result(self, result: str | None) -> None:
-        """After a committed transaction: store the task's result, then tell waiters."""
+        """After a committed transaction: store the task's result, then tell waiters.
+
+        On a connection of its own (the transaction's may be gone), tried
+        again while Postgres is briefly away: the write names the attempt's
+        token, so a repeat changes nothing.
+        """
         if result is None and not self.awaited:
             return
         job = self._running.job
+
+        async def write(conn: Any) -> None:
+            await self._store.set_result(conn, job.id, job.token, result, self.awaited)
+
         try:
-            async with asyncio.timeout(PROGRESS_FLUSH_TIMEOUT_SECONDS):
-                async with self._database.acquire("recording a job's result") as conn:
-                    await self._store.set_result(conn, job.id, job.token, result, self.awaited)
+            async with asyncio.timeout(
+                PROGRESS_FLUSH_TIMEOUT_SECONDS + self._database.connect_retry
+            ):
+                await self._database.run_retrying("recording a job's result", write)
         except (Exception, asyncio.CancelledError) as exc:  # the job succeeded all the same
             log.warning(
                 "job %s: succeeded, but its result could not be recorded: %s",
@@ -290,7 +385,7 @@ async def _rollback(conn: Any, tx: Any) -> None:
         await tx.rollback()
     except Exception:
         # Postgres rolls back the transaction of a connection that closes.
-        conn.terminate()
+        terminate_quietly(conn)
 
 
 async def _shielded(awaitable: Any) -> Any:
