@@ -49,7 +49,7 @@ import pytest
 
 import taskq
 
-from .conftest import PYTHON, ROOT, subprocess_env
+from .conftest import PYTHON, ROOT, subprocess_env, until
 from .partitionapp import read_events
 
 pytestmark = pytest.mark.anyio
@@ -212,17 +212,6 @@ class Relay:
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Worker:

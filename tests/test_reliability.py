@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import taskq
 from taskq import _embedded
 from taskq._store import Outcome
 
-from .conftest import PYTHON, subprocess_env
+from .conftest import PYTHON, subprocess_env, until
 from .reliableapp import LEDGER_SQL
 
 pytestmark = pytest.mark.anyio
@@ -99,18 +99,6 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
             with_cont = w.proc.pid
             os.kill(with_cont, signal.SIGCONT)
         w.stop()
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll a database condition until it holds (the event), failing after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def prepare(dsn: str, schema: str, jobs: int) -> taskq.App:

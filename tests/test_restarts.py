@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 import taskq
 from taskq import _embedded
 
-from .conftest import PYTHON, new_schema_name, subprocess_env
+from .conftest import PYTHON, new_schema_name, subprocess_env, until
 from .reliableapp import LEDGER_SQL
 
 pytestmark = pytest.mark.anyio
@@ -73,18 +73,6 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll a condition until it holds, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def val(app: taskq.App, sql: str, *args: Any) -> Any:
