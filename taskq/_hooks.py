@@ -25,7 +25,7 @@ import math
 from collections.abc import Awaitable, Callable, Generator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import InitVar, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 log = logging.getLogger("taskq.hooks")
 
@@ -45,6 +45,13 @@ OutcomeKind = Literal["succeeded", "retried", "failed", "cancelled", "released",
 #: Longest progress message kept, in characters (the rest is cut).
 MAX_PROGRESS_MESSAGE_CHARS = 1000
 
+#: Longest name of a recorded step (``ctx.step(name, ...)``), in characters:
+#: a name is a key chosen in code ("charge-card"), not data.
+MAX_STEP_NAME_CHARS = 200
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
 
 class JobControl(Protocol):
     """What the worker running an attempt offers its :class:`JobContext`."""
@@ -62,6 +69,11 @@ class JobControl(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Any]:
         """A connection in a transaction that also records the job as succeeded."""
+
+    def step(
+        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[Any]:
+        """Run ``fn(*args, **kwargs)`` unless an earlier attempt recorded step ``name``."""
 
 
 class _Reported:
@@ -220,6 +232,127 @@ class JobContext:
                 "one was made by hand"
             )
         return self._control.transaction()
+
+    @overload
+    def step(
+        self,
+        name: str,
+        fn: Callable[_P, Awaitable[_T]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> Awaitable[_T]: ...
+
+    @overload
+    def step(
+        self, name: str, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Awaitable[_T]: ...
+
+    def step(
+        self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Awaitable[Any]:
+        """Run ``fn(*args, **kwargs)`` once for the job, across its attempts: a recorded step.
+
+        ``await ctx.step("charge-card", charge, order_id)`` calls ``charge``
+        (an async function is awaited; a plain one is called, and what it
+        returns is awaited if awaitable) and records its result with the job.
+        When the job runs again (its retry policy, or a rescue after its
+        worker died or lost the lease), a step already recorded is not run:
+        its recorded result is returned. So a task made of steps resumes
+        after the last one that succeeded::
+
+            @app.task(retry=taskq.Retry(attempts=5))
+            async def fulfil(order_id: int, ctx: taskq.JobContext) -> str:
+                payment = await ctx.step("charge-card", charge, order_id)
+                label = await ctx.step("print-label", print_label, order_id)
+                await ctx.step("email", send_mail, order_id, payment.id, label)
+                return label
+
+        The one rule: a step's name must say which step it is in every
+        attempt (no counters, times or random parts), and no two steps of one
+        attempt share a name.
+
+        The result is encoded by ``fn``'s return annotation, as a task's
+        result is (a dataclass, ``datetime``, ``UUID``, ``Decimal``, a
+        pydantic model...), and decoded by it when replayed, so a replayed step
+        returns the same type; without an annotation it must be plain JSON.
+        The first call that returns records its result (``None`` included);
+        one that raises records nothing and its exception reaches the task
+        unchanged (the retry policy applies), as does a cancellation.
+
+        The record is written only while the attempt holds the job's lease;
+        if it was lost (another worker may be running the job), nothing is
+        recorded and the task is cancelled, as for any lost lease. If
+        another attempt of the same job recorded the step first, its result
+        is returned. Inside ``ctx.transaction()`` the record is written in
+        that transaction: the step's own writes there and its record commit
+        together, or roll back together (and the step runs again next time).
+        Steps there run one at a time (one connection).
+
+        A plain ``fn`` runs in the event loop: for blocking work use
+        ``await ctx.step(name, asyncio.to_thread, blocking_fn, arg)``. In
+        ``async def`` tasks only: a sync task runs in a thread, which cannot
+        await. After ``ctx.transaction()`` committed, a step just runs (the
+        job never runs again). A context made by hand runs ``fn`` every time
+        and records nothing.
+
+        Raises:
+            TypeError: ``name`` is not a string, or ``fn`` is not callable.
+            ValueError: ``name`` is empty, longer than 200 characters, or
+                holds a NUL character or a lone surrogate.
+            RuntimeError: a step of that name is running or has returned in
+                this attempt (a call that raised frees its name); a sync task.
+            taskq.SerializationError: the result cannot be encoded (nothing
+                was recorded); ``taskq.DecodeError`` when a recorded result
+                no longer decodes to the annotation.
+        """
+        check_step_name(name)
+        if not callable(fn):
+            raise TypeError(
+                f"ctx.step({name!r}, fn): fn must be a function to call, got {type(fn).__name__}"
+            )
+        if self._control is None:
+            return _call_unrecorded(fn, args, kwargs)
+        return self._control.step(name, fn, args, kwargs)
+
+
+def check_step_name(name: object) -> None:
+    """Refuse a step name that is not a non-empty string of at most 200 characters, NUL-free.
+
+    Raises:
+        TypeError: not a string.
+        ValueError: empty, too long, a NUL character or a lone surrogate.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"ctx.step(): the step name must be a string, got {type(name).__name__}")
+    if not name:
+        raise ValueError("ctx.step(): the step name is empty; name the step (e.g. 'charge-card')")
+    if len(name) > MAX_STEP_NAME_CHARS:
+        raise ValueError(
+            f"ctx.step(): the step name {name[:40]!r}... has {len(name)} characters; at most "
+            f"{MAX_STEP_NAME_CHARS}"
+        )
+    if "\x00" in name:
+        raise ValueError(
+            f"ctx.step(): the step name {name!r} contains a NUL character (\\x00), which "
+            "Postgres cannot store"
+        )
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"ctx.step(): the step name {name!r} is not valid text (a lone surrogate)"
+            ) from None
+
+
+async def _call_unrecorded(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    value = fn(*args, **kwargs)
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 @dataclass(slots=True)

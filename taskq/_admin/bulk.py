@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .._checkpoints import checkpoints_for
 from .jobs import LIVE_STATES
 from .statements import AdminStatements, statements
 
@@ -361,15 +362,21 @@ async def purge(
     progress: Progress | None = None,
 ) -> int:
     """Delete finished jobs in ``states`` (finished before the cutoff, if any)
-    with ids up to ``last_id``; return how many were deleted."""
+    with ids up to ``last_id``, and their recorded steps; return how many jobs
+    were deleted."""
     sql = statements(schema)
+    checkpoints = checkpoints_for(schema)
     after = 0
     deleted = 0
     while True:
-        async with database.acquire("purging history") as conn:
+        async with database.acquire("purging history") as conn, conn.transaction():
             row = await conn.fetchrow(
                 sql.purge_batch, list(states), finished_before, after, last_id, batch_size
             )
+            if row["n"]:
+                # The recorded steps (ctx.step) of the jobs just deleted, in
+                # the same transaction: none is left behind without its job.
+                await checkpoints.delete_orphans(conn, after, row["last_id"])
         if not row["n"]:
             break
         deleted += row["n"]

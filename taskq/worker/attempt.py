@@ -1,22 +1,25 @@
 """What a running attempt asks of its worker through its JobContext.
 
 Progress (coalesced, fenced by the lease), the lease and cancellation as the
-worker sees them, and the transaction that records the job as succeeded
-together with the task's own writes.
+worker sees them, the transaction that records the job as succeeded
+together with the task's own writes, and recorded steps (``ctx.step()``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
 
+from .._checkpoints import Recorded, checkpoints_for, decode_result, encode_result, result_converter
 from .._database import Database, commit_outcome_unknown, terminate_quietly, translate_errors
 from .._errors import DatabaseError
+from .._serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from .._store import Outcome, Store
 from .state import RunningJob
 
@@ -49,20 +52,32 @@ class AttemptControl:
         "_last_write",
         "_loop",
         "_loop_thread",
+        "_max_payload_bytes",
         "_pending",
+        "_recorded",
+        "_recorded_lock",
         "_running",
+        "_step_names",
         "_store",
         "_timer",
+        "_tx_conn",
         "_writing",
         "awaited",
         "committed",
         "stopped",
     )
 
-    def __init__(self, database: Database, store: Store, running: RunningJob) -> None:
+    def __init__(
+        self,
+        database: Database,
+        store: Store,
+        running: RunningJob,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
         self._database = database
         self._store = store
         self._running = running
+        self._max_payload_bytes = max_payload_bytes
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         #: Set by the runner once it stopped waiting for the task (timeout,
@@ -79,6 +94,13 @@ class AttemptControl:
         self._timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task[None] | None = None
         self._closed = False
+        #: The connection of the open ctx.transaction(), while its block runs.
+        self._tx_conn: Any = None
+        #: Recorded steps of the job (name -> result as JSON text), read at
+        #: the attempt's first ctx.step(); names of this attempt's steps.
+        self._recorded: dict[str, str | None] | None = None
+        self._recorded_lock: asyncio.Lock | None = None
+        self._step_names: set[str] = set()
 
     # -- what the context reads ------------------------------------------------------
 
@@ -212,11 +234,15 @@ class AttemptControl:
             tx = conn.transaction()
             with translate_errors("opening the job's transaction"):
                 await tx.start()
+            # Steps of the block record on its connection (see step()).
+            self._tx_conn = conn
             try:
                 yield conn
             except BaseException:
+                self._tx_conn = None
                 await _shielded(_rollback(conn, tx))
                 raise
+            self._tx_conn = None
             # The block ended well: record the job as succeeded in the same
             # transaction and commit. Seen through even if the task is
             # cancelled meanwhile, so that what happened is known.
@@ -353,6 +379,128 @@ class AttemptControl:
             extra=extra,
         )
 
+    # -- recorded steps (ctx.step) ---------------------------------------------------------
+
+    def step(
+        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[Any]:
+        # Checked when called, not when awaited: a sync task that calls it
+        # learns at once (and could not await it anyway).
+        if threading.get_ident() != self._loop_thread:
+            raise RuntimeError(
+                "ctx.step() is for async def tasks: a sync task runs in a thread, which cannot "
+                "await it; make the task async def (a blocking function can still be a step: "
+                "await ctx.step(name, asyncio.to_thread, fn, ...))"
+            )
+        # Taken now, so that two steps of one name started together are told apart.
+        if name in self._step_names:
+            raise RuntimeError(
+                f"job {self._running.job.id}: ctx.step({name!r}) was already called in this "
+                "attempt; every step needs a name of its own (the second call would get the "
+                "first one's result)"
+            )
+        self._step_names.add(name)
+        return self._step(name, fn, args, kwargs)
+
+    async def _step(
+        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        job = self._running.job
+        returned = False
+        try:
+            conv = result_converter(fn)
+            if self.committed:
+                # The job is succeeded for good and never runs again: nothing
+                # to replay, nothing to record.
+                value = await _call(fn, args, kwargs)
+                returned = True
+                return value
+            recorded = await self._recorded_steps()
+            if name in recorded:
+                value = decode_result(conv, recorded[name], name)
+                returned = True
+                log.debug("job %s: step %r was recorded before; not run again", job.id, name)
+                return value
+            value = await _call(fn, args, kwargs)
+            text = encode_result(conv, value, name, self._max_payload_bytes)
+            found = await self._record_step(name, text)
+            if not found.held:
+                self._step_lease_lost(name)
+            if not found.inserted:
+                # Another attempt of the job (one that lost its lease, still
+                # running) recorded it first: its result is the step's.
+                log.info(
+                    "job %s: step %r was recorded by another attempt meanwhile; its result is "
+                    "returned",
+                    job.id,
+                    name,
+                    extra={"job_id": job.id, "task": job.task, "queue": job.queue},
+                )
+                value = decode_result(conv, found.result, name)
+            returned = True
+            return value
+        finally:
+            if not returned:  # nothing recorded by this call: the name may be used again
+                self._step_names.discard(name)
+
+    async def _recorded_steps(self) -> dict[str, str | None]:
+        """The job's recorded steps, read once per attempt (one query)."""
+        if self._recorded is not None:
+            return self._recorded
+        if self._recorded_lock is None:
+            self._recorded_lock = asyncio.Lock()
+        async with self._recorded_lock:
+            if self._recorded is None:
+                job_id = self._running.job.id
+                checkpoints = checkpoints_for(self._store.schema)
+                conn = self._tx_conn
+                if conn is not None:
+                    with translate_errors("reading the job's recorded steps"):
+                        self._recorded = await checkpoints.load(conn, job_id)
+                else:
+
+                    async def load(conn: Any) -> dict[str, str | None]:
+                        return await checkpoints.load(conn, job_id)
+
+                    self._recorded = await self._database.run_retrying(
+                        "reading the job's recorded steps", load
+                    )
+            return self._recorded
+
+    async def _record_step(self, name: str, text: str | None) -> Recorded:
+        job = self._running.job
+        checkpoints = checkpoints_for(self._store.schema)
+        conn = self._tx_conn
+        if conn is not None:
+            # In the task's transaction: the record commits with the step's
+            # writes there, or not at all.
+            with translate_errors("recording a step of the job", in_flight=True):
+                return await checkpoints.record(
+                    conn, job.id, job.token, name, text, job.attempts, in_transaction=True
+                )
+
+        async def record(conn: Any) -> Recorded:
+            return await checkpoints.record(
+                conn, job.id, job.token, name, text, job.attempts, in_transaction=False
+            )
+
+        # Tried again while Postgres is briefly away: a repeat finds its own row.
+        return await self._database.run_retrying("recording a step of the job", record)
+
+    def _step_lease_lost(self, name: str) -> NoReturn:
+        job = self._running.job
+        log.warning(
+            "job %s: its lease was lost before step %r was recorded; not recorded, and the "
+            "job's task is cancelled (it may run again elsewhere)",
+            job.id,
+            name,
+            extra={"job_id": job.id, "task": job.task, "queue": job.queue},
+        )
+        # As for a lease lost before ctx.transaction() commits: the worker
+        # writes nothing for the job, and the cancellation unwinds the task.
+        self._running.stop_reason = self._running.stop_reason or "lost"
+        raise asyncio.CancelledError(f"job {job.id}: lease lost before step {name!r} was recorded")
+
     async def write_result(self, result: str | None) -> None:
         """After a committed transaction: store the task's result, then tell waiters.
 
@@ -378,6 +526,13 @@ class AttemptControl:
                 job.id,
                 "shutdown" if isinstance(exc, asyncio.CancelledError) else exc,
             )
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    value = fn(*args, **kwargs)
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 async def _rollback(conn: Any, tx: Any) -> None:
