@@ -103,7 +103,8 @@ class JobContext:
 
     A context made by hand (in a unit test) has no worker behind it:
     ``progress()`` only checks its arguments, ``cancelled`` stays false,
-    ``lease_deadline`` is ``None`` and ``transaction()`` raises RuntimeError.
+    ``lease_deadline`` is ``None``, ``transaction()`` raises RuntimeError and
+    ``step()`` calls its function every time, recording nothing.
 
     Attributes:
         id: the job's id.
