@@ -260,7 +260,7 @@ class JobContext:
         When the job runs again (its retry policy, or a rescue after its
         worker died or lost the lease), a step already recorded is not run:
         its recorded result is returned. So a task made of steps resumes
-        after the last one that succeeded::
+        after the last one that succeeded:
 
             @app.task(retry=taskq.Retry(attempts=5))
             async def fulfil(order_id: int, ctx: taskq.JobContext) -> str:
