@@ -18,8 +18,13 @@ from ._errors import (
     SerializationError,
     TaskqError,
     UnknownTaskError,
+    WorkflowCancelled,
+    WorkflowError,
+    WorkflowFailed,
+    WorkflowNotFound,
 )
 from ._hooks import EnqueueContext, JobContext, JobOutcome
+from ._inputs import StepFailed
 from ._job import Job, JobState, JobStatus
 from ._limits import RateLimit
 from ._logging import JsonFormatter
@@ -27,6 +32,8 @@ from ._queues import Queue, QueueInfo
 from ._retry import Retry
 from ._task import BoundTask, Task
 from ._version import __version__
+from ._workflow import StepRef, Workflow
+from ._workflow_run import StepStatus, WorkflowRun, WorkflowState, WorkflowStatus
 from .worker import Worker, WorkerConfig, WorkerStats
 
 __all__ = [
@@ -53,11 +60,22 @@ __all__ = [
     "Retry",
     "SchemaError",
     "SerializationError",
+    "StepFailed",
+    "StepRef",
+    "StepStatus",
     "Task",
     "TaskqError",
     "UnknownTaskError",
     "Worker",
     "WorkerConfig",
     "WorkerStats",
+    "Workflow",
+    "WorkflowCancelled",
+    "WorkflowError",
+    "WorkflowFailed",
+    "WorkflowNotFound",
+    "WorkflowRun",
+    "WorkflowState",
+    "WorkflowStatus",
     "__version__",
 ]

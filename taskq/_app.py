@@ -7,7 +7,7 @@ the App keeps the public methods, each delegating to a part:
 - ``Store`` (``_store``): every SQL statement;
 - ``Registry`` (``_registry``): tasks, cron entries and hooks;
 - ``Enqueuer`` (``_enqueue``): writing jobs;
-- ``Results`` (``_results``): job handles, waiting, status, cancel, re-run;
+- ``Results`` (``_results``), ``Workflows`` (``_workflow_run``): handles, waiting, status;
 - ``Worker`` (``worker``): claiming and running jobs.
 """
 
@@ -43,6 +43,8 @@ from ._retry import Retry
 from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from ._store import Store
 from ._task import Task, TaskSettings, make_task
+from ._workflow_run import WorkflowRun, Workflows, WorkflowStatus
+from ._workflow_store import WorkflowStore
 from .worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -141,6 +143,8 @@ class App:
             schema=schema,
             max_payload_bytes=self.max_payload_bytes,
         )
+        #: Workflow handles: waiting, status, cancel and retry (``get_workflow()``).
+        self.workflows = Workflows(database, WorkflowStore(schema), self.results, self.registry)
 
     def use_database(self, dsn: str | None, *, schema: str, listen_dsn: str | None = None) -> None:
         """Point this (closed) App at another database and schema; the registry stays.
@@ -503,6 +507,23 @@ class App:
     def get_job(self, job_id: int) -> Job:
         """A handle on an existing job, e.g. from an id sent in an earlier request."""
         return self.results.job(job_id)
+
+    def get_workflow(self, workflow_id: int) -> WorkflowRun:
+        """A handle on an existing workflow, e.g. from an id sent in an earlier request."""
+        return self.workflows.run(workflow_id)
+
+    async def list_workflows(
+        self,
+        *,
+        state: str | None = None,
+        name: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[WorkflowStatus]:
+        """Workflows, newest first, with step counts; ``before_id``: the page after it."""
+        return await self.workflows.listing(
+            state=state, name=name, before_id=before_id, limit=limit
+        )
 
     async def queue_counts(self) -> list[tuple[str, str, int]]:
         """(queue, state, count) rows over live jobs and history."""

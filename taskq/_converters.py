@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from ._inputs import StepFailed
+
 PLAIN = (str, int, float, bool, type(None))
 NONE_TYPE = type(None)
 
@@ -409,6 +411,8 @@ def encode_at(conv: Converter, value: Any, step: str) -> Any:
 
 
 def decode_at(conv: Converter, value: Any, step: str) -> Any:
+    if isinstance(value, StepFailed):
+        return value  # a failed workflow parent, in place of its result: the task checks
     try:
         return conv.decode(value)
     except Refused as exc:

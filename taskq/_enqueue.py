@@ -7,8 +7,10 @@ transaction when it gave a connection, or on a connection of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import orjson
 
 from ._database import Database, translate_errors
 from ._errors import ConfigurationError, TaskqError, UnknownTaskError
@@ -20,6 +22,7 @@ from ._results import Results
 from ._serialization import encode, encode_many
 from ._store import Store
 from ._task import EnqueueOptions, Task, with_defaults
+from ._workflow_store import WorkflowStore
 
 
 class Enqueuer:
@@ -41,6 +44,7 @@ class Enqueuer:
         self._results = results
         self._schema = schema
         self._max_payload_bytes = max_payload_bytes
+        self._workflow_store = WorkflowStore(schema)
         # (default queue, attempt budget) of tasks some worker reported.
         self._known_tasks: dict[str, tuple[str, int]] = {}
 
@@ -188,3 +192,64 @@ class Enqueuer:
                 f"an enqueue middleware did not call call_next(): no {name!r} job was written"
             )
         return result
+
+    async def enqueue_workflow(
+        self,
+        name: str,
+        steps: Sequence[dict[str, Any]],
+        *,
+        meta: Mapping[str, Any] | None,
+        connection: Any,
+    ) -> tuple[int, list[int]]:
+        """Write a workflow's steps (see ``workflow_enqueue()``) in one statement: (id, job ids).
+
+        Each step's ``args`` is checked like a job's (JSON, size). The enqueue
+        middleware runs once for the whole workflow (``ctx.task`` is
+        ``"workflow:<name>"``); the meta it leaves is the workflow's and is
+        carried by every step (a step's own meta wins).
+        """
+        parts = []
+        for step in steps:
+            args = encode(
+                step["args"],
+                what=f"arguments of step {step['name']!r} (task {step['task']!r})",
+                max_bytes=self._max_payload_bytes,
+            )
+            parts.append({**step, "args": orjson.Fragment(args)})
+        payload = orjson.dumps(parts).decode()
+        label = f"workflow:{name}"
+
+        async def write(meta: Mapping[str, Any] | None) -> tuple[int, list[int]]:
+            meta_text = (
+                encode(meta, what=f"meta of workflow {name!r}", max_bytes=self._max_payload_bytes)
+                if meta
+                else None
+            )
+            if connection is not None:
+                with translate_errors("enqueueing a workflow"):
+                    return await self._workflow_store.enqueue(connection, name, payload, meta_text)
+            async with self._db.acquire("enqueueing a workflow") as conn:
+                return await self._workflow_store.enqueue(conn, name, payload, meta_text)
+
+        if not self._registry.hooks.enqueue:
+            return await write(meta)
+        ctx = EnqueueContext(
+            task=label,
+            queue=str(steps[0]["queue"]) if steps else "",
+            count=len(steps),
+            meta=dict(meta or {}),
+            in_transaction=connection is not None,
+        )
+        written: list[tuple[int, list[int]]] = []
+
+        async def call_next() -> Any:
+            written.append(await write(ctx.meta))
+            ctx.job_ids = list(written[-1][1])
+            return written[-1]
+
+        await self._registry.hooks.run_enqueue(ctx, call_next)
+        if not written:
+            raise TaskqError(
+                f"an enqueue middleware did not call call_next(): workflow {name!r} was not written"
+            )
+        return written[-1]

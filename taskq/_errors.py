@@ -129,6 +129,35 @@ class JobCancelled(JobError):
     """The job was cancelled before it finished."""
 
 
+class WorkflowNotFound(TaskqError, LookupError):
+    """No workflow with that id (it never existed, or retention pruned it)."""
+
+
+class WorkflowError(TaskqError):
+    """The workflow did not produce its result.
+
+    Attributes:
+        workflow_id: the id of the workflow.
+        steps: the steps that did not succeed, as ``{"step", "job_id", "state", "type",
+            "message"}``.
+    """
+
+    def __init__(
+        self, message: str, *, workflow_id: int, steps: list[dict[str, Any]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.workflow_id = workflow_id
+        self.steps = steps or []
+
+
+class WorkflowFailed(WorkflowError):
+    """A step the workflow's result depends on failed or was cancelled."""
+
+
+class WorkflowCancelled(WorkflowError):
+    """The workflow was cancelled (``run.cancel()``)."""
+
+
 # Every class here is public as ``taskq.<Name>``: say so in ``__module__``, so
 # that messages, logs and stored error types name ``taskq.JobFailed``, never
 # the private module.

@@ -15,9 +15,12 @@ class JobState(enum.StrEnum):
     """Where a job is in its life.
 
     ``queued`` (runnable at ``run_at``) -> ``running`` -> ``succeeded`` | ``failed`` |
-    ``cancelled``. A retry goes from ``running`` back to ``queued``.
+    ``cancelled``. A retry goes from ``running`` back to ``queued``. A workflow
+    step starts ``waiting`` (for its parent steps; no worker sees it) and is
+    ``queued`` when the last of its parents ends.
     """
 
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -72,6 +75,10 @@ class JobStatus:
     #: ``{"fraction", "message", "at"}``; ``None`` if none. Kept across
     #: retries and when the job ends; a manual re-run starts without it.
     progress: dict[str, Any] | None = None
+    #: The workflow this job is a step of (``app.get_workflow(id)``), if any.
+    workflow_id: int | None = None
+    #: The step's name in its workflow, if the job is a step.
+    step: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The status as JSON-ready values: timestamps as ISO 8601 strings.
@@ -98,6 +105,8 @@ class JobStatus:
             "meta": self.meta,
             "errors": self.errors,
             "progress": self.progress,
+            "workflow_id": self.workflow_id,
+            "step": self.step,
         }
 
     @property
@@ -217,6 +226,8 @@ def status_from_row(row: Any) -> JobStatus:
         meta=decode(row.get("meta")) or {},
         errors=decode(row.get("errors")) or [],
         progress=decode(row.get("progress")),
+        workflow_id=row.get("workflow_id"),
+        step=row.get("step"),
     )
 
 

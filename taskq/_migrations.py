@@ -53,6 +53,8 @@ def render(template: str, schema: str) -> str:
         template.replace("{schema}", quoted)
         .replace("{finished_channel}", f"'taskq:{schema}:finished'")
         .replace("{enqueued_channel}", f"'taskq:{schema}:enqueued'")
+        .replace("{cancel_channel}", f"'taskq:{schema}:cancel'")
+        .replace("{workflow_channel}", f"'taskq:{schema}:workflow'")
     )
 
 
@@ -297,6 +299,24 @@ async def _create(conn: asyncpg.Connection, schema: str, obj: SchemaObject) -> N
     await conn.execute(_record_sql(schema), obj.name, obj.checksum(schema))
 
 
+async def _replace_refused(conn: asyncpg.Connection, obj: SchemaObject, schema: str) -> bool:
+    """Whether CREATE OR REPLACE of ``obj`` would be refused (its result type changed).
+
+    Found out by trying, in a transaction that is always rolled back.
+    """
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute(obj.sql(schema))
+    except _REPLACE_REFUSED:
+        return True
+    except asyncpg.PostgresError:
+        return False  # anything else (rights, a table not there yet) is for migrate to tell
+    finally:
+        await tx.rollback()
+    return False
+
+
 async def pending_sql(conn: asyncpg.Connection, schema: str) -> str:
     """The SQL that ``migrate`` would run now, for a DBA to read (``--dry-run``)."""
     state = await schema_state(conn, schema)
@@ -326,6 +346,8 @@ async def pending_sql(conn: asyncpg.Connection, schema: str) -> str:
     for obj in stale:
         parts.append(f"-- object {obj.name}")
         parts.extend(f"DROP FUNCTION IF EXISTS {s};" for s in await _strays(conn, schema, obj))
+        if await _replace_refused(conn, obj, schema):
+            parts.append(f"{obj.drop_sql(schema)};")
         parts.append(obj.sql(schema))
         parts.append(
             f"INSERT INTO {q}.objects (name, checksum) "

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from ._database import Database
-from ._errors import JobNotFound
+from ._errors import ConfigurationError, JobNotFound
 from ._job import Job, JobState, JobStatus, outcome_of, status_from_row
 from ._names import suggest_task
 from ._notifier import Notifier
@@ -203,6 +203,14 @@ class Results:
                 row = await self._store.get_job(conn, job_id)
                 if row is None:
                     raise JobNotFound(f"no job with id {job_id} in schema {self._schema!r}")
+                if row["workflow_id"] is not None and row["state"] in ("waiting", "queued"):
+                    # A step: its descendants are cancelled with it.
+                    cancelled, _ = await self._store.cancel_steps(
+                        conn, [job_id], "cancelled with job.cancel()"
+                    )
+                    if cancelled:
+                        return True
+                    continue
                 if JobState(row["state"]).finished:
                     log.info("job %s is already %s; nothing to cancel", job_id, row["state"])
                     return False
@@ -212,7 +220,17 @@ class Results:
         if not is_bigint(job_id):
             return False  # no such job to run again
         async with self._db.acquire("re-running a job") as conn:
-            return await self._store.rerun(conn, job_id)
+            if await self._store.rerun(conn, job_id):
+                return True
+            row = await self._store.get_job(conn, job_id)
+        if row is not None and row["workflow_id"] is not None and row["state"] != "succeeded":
+            raise ConfigurationError(
+                f"job {job_id} is step {row['step']!r} of workflow {row['workflow_id']}: run it "
+                f"again with its workflow, app.get_workflow({row['workflow_id']}).retry() "
+                f"(or: python -m taskq workflows retry {row['workflow_id']}), which also runs "
+                "the steps that depend on it"
+            )
+        return False
 
     async def counts(self) -> list[tuple[str, str, int]]:
         """(queue, state, count) rows over live jobs and history."""

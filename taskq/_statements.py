@@ -147,6 +147,8 @@ class Statements:
         # it never sets requeued_by or history.lease_token: those name an
         # attempt whose own outcome was written, and a rescued attempt's
         # worker must not take the rescue for its outcome (see finish()).
+        # Workflow steps it ended go to steps_ended() in the same transaction
+        # (Store.rescue_expired).
         self.rescue = (
             f"WITH expired AS (SELECT id FROM {s}.jobs WHERE state = 'running' "
             "AND lease_expires_at < now() LIMIT 1000 FOR UPDATE SKIP LOCKED), "
@@ -165,11 +167,11 @@ class Statements:
             "OR j.rescues + 1 >= $3) RETURNING j.*), "
             f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
             "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, error, "
-            "unique_key, meta, progress, errors, requeued_by) "
+            "unique_key, meta, progress, errors, requeued_by, workflow_id, step, inputs) "
             "SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues + 1, "
             "enqueued_at, started_at, worker_id, err, unique_key, meta, progress, "
             f"CASE WHEN kind = 'failed' THEN {s}.append_error(errors, attempts, err) "
-            "ELSE errors END, requeued_by FROM (SELECT ended.*, "
+            "ELSE errors END, requeued_by, workflow_id, step, inputs FROM (SELECT ended.*, "
             "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END AS kind, CASE "
             "WHEN cancel_requested THEN jsonb_build_object('type', 'taskq.JobCancelled', "
             "'message', 'cancelled; its worker stopped renewing the lease', 'traceback', '') "
@@ -179,9 +181,11 @@ class Statements:
             "rescues + 1), 'traceback', '') "
             "ELSE jsonb_build_object('type', 'taskq.LeaseExpired', 'message', 'the worker "
             "running its last attempt stopped renewing the lease; no attempts left', "
-            "'traceback', '') END AS err FROM ended) AS x RETURNING id, state) "
+            "'traceback', '') END AS err FROM ended) AS x RETURNING id, state, workflow_id) "
             "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
             "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS ended, "
+            "(SELECT coalesce(array_agg(id), '{}') FROM archived WHERE workflow_id IS NOT NULL) "
+            "AS ended_steps, "
             "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
             "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
             "GROUP BY chunk) AS n) AS notified, "
@@ -191,16 +195,19 @@ class Statements:
         self.get_job = (
             f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
             "NULL::text AS result, worker_id, meta::text AS meta, errors::text AS errors, "
-            f"progress::text AS progress FROM {s}.jobs WHERE id = $1 "
+            "progress::text AS progress, workflow_id, step "
+            f"FROM {s}.jobs WHERE id = $1 "
             "UNION ALL "
             "SELECT id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
             "enqueued_at, NULL::timestamptz AS run_at, started_at, unique_key, finished_at, "
             "error, result::text AS result, "
-            "worker_id, meta::text AS meta, errors::text AS errors, progress::text AS progress "
-            f"FROM {s}.history WHERE id = $1"
+            "worker_id, meta::text AS meta, errors::text AS errors, progress::text AS progress, "
+            f"workflow_id, step FROM {s}.history WHERE id = $1"
         )
+        # A workflow step is cancelled by cancel_steps() instead (its children).
         self.cancel_queued = (
-            f"WITH c AS (DELETE FROM {s}.jobs WHERE id = $1 AND state = 'queued' RETURNING *), "
+            f"WITH c AS (DELETE FROM {s}.jobs WHERE id = $1 AND state = 'queued' "
+            "AND workflow_id IS NULL RETURNING *), "
             f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
             "max_attempts, rescues, enqueued_at, started_at, error, unique_key, meta, progress, "
             "errors, requeued_by) "
@@ -225,12 +232,14 @@ class Statements:
             "RETURNING id, pg_notify($2, id::text)"
         )
         # A unique job goes back only while no other live job holds its key;
+        # a workflow step goes back with its workflow (workflow_retry()).
         # the unique index settles a race with a producer (the caller reports it).
         # It keeps the errors of the earlier attempts and starts without
         # progress (the new run reports its own).
         self.rerun = (
             f"WITH h AS (DELETE FROM {s}.history AS h WHERE h.id = $1 "
-            "AND h.state IN ('failed', 'cancelled') AND (h.unique_key IS NULL OR NOT EXISTS "
+            "AND h.state IN ('failed', 'cancelled') AND h.workflow_id IS NULL "
+            "AND (h.unique_key IS NULL OR NOT EXISTS "
             f"(SELECT 1 FROM {s}.jobs AS j WHERE j.queue = h.queue "
             "AND j.unique_key = h.unique_key)) RETURNING *), "
             f"ins AS (INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
@@ -246,6 +255,8 @@ class Statements:
             "ORDER BY queue, state"
         )
         self.prune = f"SELECT {s}.prune($1, $2)"
+        self.steps_ended = f"SELECT {s}.steps_ended($1::bigint[])"
+        self.cancel_steps = f"SELECT cancelled, flagged FROM {s}.cancel_steps($1::bigint[], $2)"
         self.register_worker = (
             f"INSERT INTO {s}.workers (id, hostname, pid, queues, tasks, concurrency) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()"
@@ -299,7 +310,7 @@ class Statements:
             "lease_expires_at = now() + make_interval(secs => $4), started_at = now() "
             "WHERE j.id = $1 AND j.state = 'queued' AND j.task = ANY($2::text[]) "
             "RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts, "
-            "j.lease_token, j.priority, j.meta::text"
+            "j.lease_token, j.priority, j.meta::text, j.inputs::text, j.workflow_id, j.step"
         )
         # The progress a running task reported (JobContext.progress), fenced by
         # the lease token: a worker that lost the job writes nothing. "at" is

@@ -35,6 +35,11 @@ class ClaimedJob:
     priority: int
     #: The job's metadata as JSON text, None when it has none.
     meta: str | None = None
+    #: For a workflow step: its parents' results by step name (JSON text),
+    #: its workflow's id and its name.
+    inputs: str | None = None
+    workflow_id: int | None = None
+    step: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -81,8 +86,14 @@ class Store:
         self.enqueued_channel = f"taskq:{schema}:enqueued"
         self.finished_channel = f"taskq:{schema}:finished"
         self.cancel_channel = f"taskq:{schema}:cancel"
+        self.workflow_channel = f"taskq:{schema}:workflow"
         #: Every channel taskq notifies on, for the one LISTEN connection.
-        self.channels = [self.enqueued_channel, self.finished_channel, self.cancel_channel]
+        self.channels = [
+            self.enqueued_channel,
+            self.finished_channel,
+            self.cancel_channel,
+            self.workflow_channel,
+        ]
         self._sql = Statements(schema)
 
     # -- enqueue ---------------------------------------------------------------
@@ -172,7 +183,9 @@ class Store:
         for r in rows:
             if r[8] is False:
                 result.jobs.append(
-                    ClaimedJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], meta=r[10])
+                    ClaimedJob(
+                        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[10], r[11], r[12], r[13]
+                    )
                 )
             elif r[8]:
                 result.lost.append(r[0])
@@ -244,9 +257,13 @@ class Store:
         Ended jobs went to history as failed (no attempts left, or poison after
         ``max_rescues`` rescues) or cancelled (a cancel was pending).
         """
-        row = await conn.fetchrow(
-            self._sql.rescue, self.finished_channel, self.enqueued_channel, max_rescues
-        )
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                self._sql.rescue, self.finished_channel, self.enqueued_channel, max_rescues
+            )
+            if row["ended_steps"]:
+                # Their children are released or cancelled with the rescue.
+                await conn.execute(self._sql.steps_ended, row["ended_steps"])
         return list(row["requeued"]), list(row["ended"])
 
     async def register_worker(
@@ -307,6 +324,17 @@ class Store:
         return (
             await conn.fetchrow(self._sql.cancel_queued, job_id, self.finished_channel) is not None
         )
+
+    async def cancel_steps(
+        self, conn: Conn, job_ids: list[int], reason: str
+    ) -> tuple[list[int], list[int]]:
+        """Cancel workflow steps: (ids cancelled now, running ids flagged now).
+
+        Their descendants are cancelled with them (see ``cancel_steps()``).
+        Rows another transaction held at that instant are in neither list.
+        """
+        row = await conn.fetchrow(self._sql.cancel_steps, job_ids, reason)
+        return list(row[0]), list(row[1])
 
     async def mark_awaited(self, conn: Conn, job_id: int) -> None:
         """Have the job's end announced on the finished channel."""
@@ -464,9 +492,7 @@ class Store:
         )
         if row is None:
             return None
-        return ClaimedJob(
-            row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], meta=row[8]
-        )
+        return ClaimedJob(*row)
 
     # -- the job inside the task (JobContext) --------------------------------------------
 

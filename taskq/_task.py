@@ -385,6 +385,37 @@ class Task(Generic[P, R]):
         """
         return self.codec.encode_args(self._signature.bind(self.name, args, kwargs))
 
+    def bind_template(
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        template: Callable[[Any], Any],
+        *,
+        skip: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
+        """Like :meth:`bind_arguments`, for a workflow step whose arguments may hold references.
+
+        ``template(value)`` returns the stored form of a value that holds step
+        references (filled in when the step starts, then decoded by the
+        annotation), or ``None`` for a plain value, which is encoded now.
+        Arguments named in ``skip`` are checked against the signature but not
+        stored (a map's item argument, given per item).
+        """
+        bound = self._signature.bind(self.name, args, kwargs)
+        templated: dict[str, Any] = {}
+        plain: dict[str, Any] = {}
+        for name, value in bound.items():
+            if name in skip:
+                continue
+            stored = template(value)
+            if stored is None:
+                plain[name] = value
+            else:
+                templated[name] = stored
+        out = self.codec.encode_args(plain)
+        out.update(templated)
+        return out
+
     def call_arguments(
         self, stored: Mapping[str, Any], context: JobContext | None = None
     ) -> tuple[list[Any], dict[str, Any]]:

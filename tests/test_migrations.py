@@ -35,11 +35,19 @@ RELEASED_VERSIONS = [1, 2, 3]
 # you change its file; until then the test below proves that moving the
 # functions into taskq/objects/ changed none of them.
 CHANGED_SINCE_VERSION_3: set[str] = {
-    "finish",  # version 5: errors, progress, requeued_by and lease_token
+    "finish",  # version 5: errors, progress, requeued_by and lease_token; 6: workflow steps
+    "claim",  # version 6: a step's inputs, workflow and name
+    "prune",  # version 6: recorded job steps; history of running workflows kept
 }
 # Objects that version 3 did not have.
 ADDED_SINCE_VERSION_3: set[str] = {
     "append_error",  # version 5: one attempt's error added to a job's errors
+    # version 6: workflows
+    "steps_ended",
+    "steps_ready",
+    "workflow_enqueue",
+    "cancel_steps",
+    "workflow_retry",
 }
 
 NewSchema = Callable[[], str]

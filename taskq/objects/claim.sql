@@ -36,7 +36,8 @@
 -- for finish()): writing them back and claiming the next jobs then costs one
 -- round trip and one commit instead of two.
 --
--- Rows returned: jobs (lost = false, with their meta); lost outcomes
+-- Rows returned: jobs (lost = false, with their meta, and for a workflow
+-- step its workflow, name and parents' results); lost outcomes
 -- (lost = true: outcomes whose lease was no longer held); and a row with
 -- lost = NULL when a limit held jobs back: wait_seconds is when to look again
 -- (a rate window frees a start, or a lock was busy); NULL means when a
@@ -49,7 +50,7 @@ CREATE OR REPLACE FUNCTION {schema}.claim(
 ) RETURNS TABLE (
     id bigint, task text, queue text, args text, attempts integer, max_attempts integer,
     lease_token uuid, priority smallint, lost boolean, wait_seconds double precision,
-    meta text
+    meta text, inputs text, workflow_id bigint, step text
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off
@@ -90,7 +91,8 @@ BEGIN
     IF cardinality(p_ids) > 0 THEN
         RETURN QUERY
         SELECT x, NULL::text, NULL::text, NULL::text, NULL::integer, NULL::integer,
-            NULL::uuid, NULL::smallint, true, NULL::double precision, NULL::text
+            NULL::uuid, NULL::smallint, true, NULL::double precision, NULL::text, NULL::text,
+            NULL::bigint, NULL::text
         FROM unnest({schema}.finish(p_ids, p_tokens, p_kinds, p_results, p_errors, p_delays))
             AS x;
     END IF;
@@ -177,7 +179,8 @@ BEGIN
                 lease_expires_at = now() + make_interval(secs => p_lease), started_at = v_now
             FROM picked WHERE j.id = picked.id
             RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
-                j.lease_token, j.priority, false, NULL::double precision, j.meta::text;
+                j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
+                j.inputs::text, j.workflow_id, j.step;
             GET DIAGNOSTICS v_got = ROW_COUNT;
         END IF;
         -- Rate-limited tasks, each under its own window.
@@ -216,7 +219,8 @@ BEGIN
                 started_at = v_tnow
             FROM picked WHERE j.id = picked.id
             RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
-                j.lease_token, j.priority, false, NULL::double precision, j.meta::text;
+                j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
+                j.inputs::text, j.workflow_id, j.step;
             GET DIAGNOSTICS v_tgot = ROW_COUNT;
             IF v_tgot > 0 THEN
                 UPDATE {schema}.tasks AS t SET rate_log_at = l.at, rate_log_n = l.n
@@ -239,7 +243,8 @@ BEGIN
     END LOOP;
     IF v_blocked OR v_wait IS NOT NULL THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::integer,
-            NULL::integer, NULL::uuid, NULL::smallint, NULL::boolean, v_wait, NULL::text;
+            NULL::integer, NULL::uuid, NULL::smallint, NULL::boolean, v_wait, NULL::text,
+            NULL::text, NULL::bigint, NULL::text;
     END IF;
 END
 $$;

@@ -1,5 +1,5 @@
 -- object: function finish(bigint[], uuid[], text[], text[], text[], double precision[])
--- requires: append_error
+-- requires: append_error, steps_ended
 --
 -- Write back a batch of outcomes. Each names its lease token: a worker whose
 -- lease was taken over (rescued, cancelled) changes nothing, so a job is
@@ -27,6 +27,11 @@
 -- concurrency limit that ends (or goes back to the queue) announces the freed
 -- slot, so that workers held back by the limit claim at once instead of at
 -- their next poll.
+--
+-- Workflow steps that ended are handed to steps_ended() in the same
+-- transaction: their children are released (or cancelled) by the statement
+-- that records their outcome, with no poller or sweeper. Plain jobs pay
+-- nothing for it (an empty array).
 CREATE OR REPLACE FUNCTION {schema}.finish(
     p_ids bigint[], p_tokens uuid[], p_kinds text[], p_results text[], p_errors text[],
     p_delays double precision[]
@@ -36,6 +41,7 @@ SET jit = off
 AS $$
 DECLARE
     v_done bigint[];
+    v_steps bigint[];
 BEGIN
     WITH u AS (
         SELECT * FROM unnest(p_ids, p_tokens, p_kinds, p_results, p_errors, p_delays)
@@ -62,7 +68,7 @@ BEGIN
             AND (u.kind IN ('succeeded', 'failed', 'cancelled') OR j.cancel_requested)
         RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
             j.rescues, j.enqueued_at, j.started_at, j.worker_id, j.awaited, j.unique_key,
-            j.meta, j.progress, j.requeued_by, u.token,
+            j.meta, j.progress, j.requeued_by, u.token, j.workflow_id, j.step, j.inputs,
             CASE WHEN u.kind IN ('retry', 'failed')
                 THEN {schema}.append_error(j.errors, j.attempts, u.error::jsonb)
                 ELSE j.errors END AS errors,
@@ -75,12 +81,12 @@ BEGIN
     archived AS (
         INSERT INTO {schema}.history (id, queue, task, args, state, priority, attempts,
             max_attempts, rescues, enqueued_at, started_at, worker_id, result, error, unique_key,
-            meta, progress, errors, requeued_by, lease_token)
+            meta, progress, errors, requeued_by, lease_token, workflow_id, step, inputs)
         SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues,
             enqueued_at, started_at, worker_id, result::jsonb, error::jsonb, unique_key, meta,
-            progress, errors, requeued_by, token
+            progress, errors, requeued_by, token, workflow_id, step, inputs
         FROM finished
-        RETURNING id
+        RETURNING id, workflow_id
     ),
     told AS (
         SELECT count(pg_notify({finished_channel}, ids)) AS n
@@ -102,9 +108,13 @@ BEGIN
             AND q.name IN (SELECT f.queue FROM finished AS f
                            UNION SELECT r.queue FROM requeued AS r)
     )
-    SELECT array(SELECT id FROM requeued UNION ALL SELECT id FROM archived)
-    INTO v_done
+    SELECT array(SELECT id FROM requeued UNION ALL SELECT id FROM archived),
+        array(SELECT id FROM archived WHERE workflow_id IS NOT NULL)
+    INTO v_done, v_steps
     FROM told, woken, freed;
+    IF cardinality(v_steps) > 0 THEN
+        PERFORM {schema}.steps_ended(v_steps);
+    END IF;
     RETURN array(SELECT x FROM unnest(p_ids) AS x WHERE x <> ALL (v_done));
 END
 $$;

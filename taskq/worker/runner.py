@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .._database import Database
 from .._errors import DecodeError, SerializationError
 from .._hooks import JobContext, JobOutcome
+from .._inputs import fill_inputs
 from .._registry import Registry
 from .._serialization import decode, encode
 from .._store import ClaimedJob, Outcome, Store
@@ -108,7 +109,7 @@ class JobRunner:
                 raise LookupError(f"no task named {job.task!r} in this worker")
             if hooks.around_jobs or task.context_parameter is not None:
                 # One context for hooks, middleware and the task itself.
-                stored = decode(job.args)
+                stored = stored_arguments(job)
                 control = AttemptControl(self._database, self._store, running)
                 ctx = JobContext(
                     id=job.id,
@@ -261,7 +262,7 @@ class JobRunner:
         control: AttemptControl | None,
         calls: list[ThreadCall],
     ) -> Any:
-        args, kwargs = task.call_arguments(decode(job.args) if stored is None else stored, ctx)
+        args, kwargs = task.call_arguments(stored_arguments(job) if stored is None else stored, ctx)
         deadline = asyncio.timeout(task.timeout) if task.timeout else None
         try:
             async with deadline or nullcontext():
@@ -386,3 +387,11 @@ def _dumps(value: Any) -> str:
 def _summary(outcome: Outcome) -> str:
     err = decode(outcome.error) if outcome.error else {}
     return f"{err.get('type')}: {err.get('message')}"
+
+
+def stored_arguments(job: ClaimedJob) -> dict[str, Any]:
+    """The job's stored arguments; for a workflow step, with its parents' results in place."""
+    stored: dict[str, Any] = decode(job.args)
+    if job.inputs is not None:
+        stored = fill_inputs(stored, decode(job.inputs))
+    return stored
