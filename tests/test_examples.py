@@ -85,3 +85,22 @@ def test_scheduling_example_runs(pg_dsn: str, schema: str) -> None:
     # One job per second of the worker's life: the 3-second wait holds at least two slots.
     assert 2 <= int(cron[1]) <= elapsed + 1
     assert len(lines) == 4, done.stdout
+
+
+def test_workflows_example_runs(pg_dsn: str, schema: str) -> None:
+    done = subprocess.run(
+        [PYTHON, "workflows.py"],
+        cwd=EXAMPLES,
+        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "fan-out/fan-in: south at 11.75",
+        "map-reduce steps: split, count, add_counts, count[0], count[1]",
+        "map-reduce: 11 words, top [('the', 4), ('dog', 2), ('fox', 2)]",
+        "partial join: south at 11.75 (3 shops answered; no price from ['west'])",
+        "recorded steps: order 7: R-7 on its way; reserve ran 1x, courier 2x",
+    ], done.stdout
