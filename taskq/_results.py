@@ -152,6 +152,13 @@ class Results:
             return f"{head}; it has finished since"
         task, queue = row["task"], row["queue"]
         head = f"{head} (task {task!r}, queue {queue!r})"
+        if row["state"] == "waiting":
+            parents = list(row["waiting_for"] or [])
+            shown = ", ".join(repr(p) for p in parents[:5]) + (" ..." if len(parents) > 5 else "")
+            return (
+                f"{head}: it is step {row['step']!r} of workflow {row['workflow_id']}, waiting "
+                f"for its parent step(s) {shown or '(its map items)'} to end"
+            )
         if row["state"] == "running":
             return (
                 f"{head}: it is running, attempt {row['attempts']} of {row['max_attempts']}, "

@@ -299,8 +299,10 @@ class Statements:
             "WHERE w.heartbeat_at > now() - make_interval(secs => $2) AND j.task = ANY(w.tasks) "
             "AND (w.queues IS NULL OR j.queue = ANY(w.queues))) AS serving, "
             f"(SELECT array_agg(DISTINCT t) FROM {s}.workers w, unnest(w.tasks) AS t "
-            "WHERE w.heartbeat_at > now() - make_interval(secs => $2)) AS known "
-            f"FROM {s}.jobs j WHERE j.id = $1"
+            "WHERE w.heartbeat_at > now() - make_interval(secs => $2)) AS known, "
+            "j.workflow_id, j.step, (SELECT array_agg(e.parent_step ORDER BY e.parent_id) "
+            f"FROM {s}.workflow_edges e WHERE e.child_id = j.id AND e.outcome IS NULL) "
+            f"AS waiting_for FROM {s}.jobs j WHERE j.id = $1"
         )
         # One chosen job claimed now, whatever its due time, queue pause or
         # limits (taskq.testing's run_job): the lease of claim(), otherwise.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._errors import ConfigurationError
 from ._inputs import REF_KEY
+from ._serialization import encode
 from ._task import BoundTask, EnqueueOptions, Task
 
 if TYPE_CHECKING:
@@ -349,6 +350,9 @@ class Workflow:
         return stored
 
     def _record(self, step: _Step) -> StepRef:
+        # Not JSON: refused now, where the caller wrote it (enqueue() checks
+        # the App's size limit again).
+        encode(step.args, what=f"arguments of step {step.name!r} (task {step.task.name!r})")
         for parent in step.parents:
             self._steps[parent].children += 1
         self._steps[step.name] = step
