@@ -7,6 +7,8 @@ runs inside a plpgsql function, so its inner plan is read with auto_explain.
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 import asyncpg
@@ -14,6 +16,7 @@ import pytest
 
 import taskq
 from taskq._statements import Statements
+from taskq._workflow_store import WorkflowStore
 
 pytestmark = pytest.mark.anyio
 
@@ -145,3 +148,82 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
 
     plan = await explain(conn, sql.renew, [1, 2], [None, None], 30.0)
     assert "Seq Scan" not in plan, plan
+
+    await check_workflow_plans(app, conn)
+
+
+async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The statements that drive workflows read jobs and history by index only."""
+    s = f'"{app.schema}"'
+    steps = [
+        {
+            "name": f"p{i}",
+            "task": "plan.task",
+            "queue": "q1",
+            "priority": 0,
+            "args": {},
+            "max_attempts": 1,
+            "delay": 0,
+            "run_at": None,
+            "unique_key": None,
+            "meta": None,
+            "kind": "task",
+            "on_parent_failure": "cancel",
+            "sink": False,
+            "map_over": None,
+            "map_arg": None,
+            "parents": [],
+        }
+        for i in range(50)
+    ]
+    steps.append(
+        {
+            **steps[0],
+            "name": "join",
+            "sink": True,
+            "parents": [{"step": f"p{i}", "data": True} for i in range(50)],
+        }
+    )
+    # Past the ids fill() gave to history rows.
+    await conn.execute(f"SELECT setval(pg_get_serial_sequence('{s}.jobs', 'id'), {3 * ROWS})")
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        row = await conn.fetchrow(
+            f"SELECT * FROM {s}.workflow_enqueue('plan', $1::jsonb, NULL)", json.dumps(steps)
+        )
+        workflow_id, ids = row["workflow_id"], row["job_ids"]
+        token = uuid.uuid4()
+        await conn.execute(
+            f"UPDATE {s}.jobs SET state = 'running', lease_token = $2 WHERE id = ANY($1)",
+            ids[:50],
+            token,
+        )
+        finishing = (
+            f"SELECT {s}.finish($1, $2, $3, $4, $5, $6)",
+            ids[:50],
+            [token] * 50,
+            ["succeeded"] * 50,
+            ["1"] * 50,
+            [None] * 50,
+            [0.0] * 50,
+        )
+        plans = [await inner_plans(conn, *finishing)]
+        await conn.fetch(*finishing)  # for real (rolled back below): the join is released
+        assert await conn.fetchval(f"SELECT state FROM {s}.jobs WHERE id = $1", ids[50]) == (
+            "queued"
+        )
+        store = WorkflowStore(app.schema)
+        plans.append(await explain(conn, store._get, workflow_id))
+        plans.append(await explain(conn, store._steps, workflow_id))
+        plans.append(await explain(conn, store._list, None, None, 50, None))
+        plans.append(await inner_plans(conn, f"SELECT * FROM {s}.cancel_steps($1, 'x')", ids[50:]))
+        plans.append(await inner_plans(conn, f"SELECT {s}.workflow_retry($1)", workflow_id))
+    finally:
+        await tx.rollback()
+    for plan in plans:
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+    assert "workflow_edges" in plans[0] and "workflow_steps" in plans[0], plans[0]
+    assert "history_workflow" in plans[2] or "history_pkey" in plans[2], plans[2]
+    assert "workflow_retry" in plans[5] or "history_workflow" in plans[5], plans[5]
