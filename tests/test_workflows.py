@@ -688,3 +688,69 @@ async def test_list_workflows_by_state_and_page(app: taskq.App) -> None:
             await app.list_workflows(state="bogus")
         with pytest.raises(taskq.WorkflowNotFound):
             await app.get_workflow(10**15).status()
+
+
+async def test_a_step_the_rescue_ends_releases_its_children_the_same_way(
+    app: taskq.App, conn: asyncpg.Connection, schema: str
+) -> None:
+    """A step whose worker died on its last attempt: the rescue fails it and its
+    on_parent_failure="run" child runs with a StepFailed, its default child is cancelled."""
+
+    @app.task(retry=NO_RETRY)
+    async def lost() -> int:
+        return 1
+
+    @app.task
+    async def report(value: int) -> str:
+        return str(value)
+
+    async with app:
+        wf = taskq.Workflow()
+        first = wf.add(lost)
+        wf.add(report, value=first, on_parent_failure="run")
+        wf.add(report, value=first)
+        run = await wf.enqueue()
+        # As if a worker had claimed it and died: running, lease long expired.
+        await conn.execute(
+            f"UPDATE \"{schema}\".jobs SET state = 'running', attempts = 1, "
+            "lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 minute' "
+            "WHERE id = $1",
+            run.job_ids["lost"],
+        )
+        async with app.database.acquire("test") as c:
+            requeued, ended = await app.store.rescue_expired(c)
+        assert (requeued, ended) == ([], [run.job_ids["lost"]])
+        async with app.worker(concurrency=2):
+            with pytest.raises(taskq.WorkflowFailed):
+                await run.result(timeout=30)
+        status = await run.status()
+        assert (status.step("lost").error or {})["type"] == "taskq.LeaseExpired"
+        assert str(status.step("report-2").state) == "cancelled"
+        shown = await (await run.job("report")).result()
+        assert shown.startswith("step 'lost' failed: taskq.LeaseExpired")
+
+
+async def test_cancelling_a_running_step_cancels_its_descendants(app: taskq.App) -> None:
+    started = asyncio.Event()
+
+    @app.task
+    async def forever() -> int:
+        started.set()
+        await asyncio.sleep(3600)
+        return 0
+
+    @app.task
+    async def use(x: int) -> int:
+        return x
+
+    async with app:
+        wf = taskq.Workflow()
+        wf.add(use, x=wf.add(use, x=wf.add(forever)))
+        run = await wf.enqueue()
+        async with app.worker(concurrency=2):
+            await asyncio.wait_for(started.wait(), 30)
+            assert await (await run.job("forever")).cancel() is True
+            with pytest.raises(taskq.WorkflowFailed):
+                await run.result(timeout=30)
+        states = {s.name: str(s.state) for s in (await run.status()).steps}
+        assert states == {"forever": "cancelled", "use": "cancelled", "use-2": "cancelled"}
