@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
                    help="comma-separated names, NAME:VARIANT for one variant")  # fmt: skip
     p.add_argument("--workloads", default=",".join(runner.WORKLOADS),
                    help="comma-separated: A bulk, B streaming, C latency, D scaling, "
-                   "E sleeping jobs and memory, F taskq's feature costs")  # fmt: skip
+                   "E sleeping jobs and memory, F taskq's feature costs, W workflows")  # fmt: skip
     p.add_argument("--jobs", type=int, help="jobs in A, D and F (default 20,000; quick 5,000)")
     p.add_argument("--batch", type=int, default=1_000, help="jobs per batch enqueue call")
     p.add_argument("--concurrency", type=int, default=10, help="worker concurrency (A-D, F)")
@@ -56,6 +56,10 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
     p.add_argument("--sleep-concurrency", type=int, default=1_000, help="concurrency in E")
     p.add_argument("--history-rows", type=int,
                    help="finished jobs in history in F (default 1e6; quick 1e5)")  # fmt: skip
+    p.add_argument("--workflow-steps", type=int,
+                   help="steps of W's workflow (default 10,000; quick 1,000)")  # fmt: skip
+    p.add_argument("--workflow-chains", type=int,
+                   help="two-step workflows timed in W (default 500; quick 100)")  # fmt: skip
     p.add_argument("--analyze", action="store_true",
                    help="ANALYZE after A's enqueue (fresh planner statistics)")  # fmt: skip
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy flame graphs of A drains")
@@ -91,10 +95,12 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
         peer_workloads=("A",) if quick else None,
         analyze=args.analyze,
         profile_dir=args.profile,
+        workflow_steps=args.workflow_steps or (1_000 if quick else 10_000),
+        workflow_chains=args.workflow_chains or (100 if quick else 500),
     )
     numbers = (cfg.repeat, cfg.jobs, cfg.batch, cfg.concurrency, cfg.rate, cfg.latency_seconds,
                cfg.stream_seconds, cfg.sleep_jobs, cfg.sleep_concurrency, cfg.history_rows,
-               *cfg.processes)  # fmt: skip
+               cfg.workflow_steps - 2, cfg.workflow_chains, *cfg.processes)  # fmt: skip
     if min(numbers) <= 0 or not cfg.processes:
         p.error("counts, rates and durations must be positive")
     return cfg, args

@@ -115,6 +115,8 @@ def markdown(
         out += _sleepers(r)
     if "F" in cfg.workloads and plan.features:
         out += _features(r)
+    if "W" in cfg.workloads:
+        out += _workflows(r)
     out += _ratios(r)
     out += _targets(r)
     out += ["", "## Environment", ""]
@@ -347,6 +349,74 @@ def _features(r: Report) -> list[str]:
     return out + _table(header, rows)
 
 
+def _workflows(r: Report) -> list[str]:
+    cfg = r.cfg
+    n = cfg.workflow_steps
+    rep = cfg.repeat
+    out = [
+        "",
+        "## W. taskq: workflows against plain jobs",
+        "",
+        f"Throughput: one workflow of {n:,} steps (a root, {n - 2:,} parallel steps that each "
+        "take the root's result, a join that takes the list of all of theirs) against "
+        f"{n:,} no-op jobs enqueued with one `enqueue_many()` call, each in a fresh database "
+        f"with one worker process at concurrency {cfg.concurrency}; jobs/s from the enqueue "
+        "to the last job finished, on the database clock (`clock_timestamp()` before the "
+        "workflow is built or the jobs' arguments bound; the newest `finished_at`). Build "
+        "and enqueue are the producer's seconds (the workflow's steps named explicitly).",
+        "",
+    ]
+    w = "W"
+    label = TASKQ
+    if w not in r.summ.get(label, {}):
+        return [*out, "Not run."]
+
+    def cell(key: str) -> str:
+        return _cell(r.stats(label, w, key), rep)
+
+    rows = [
+        [
+            what,
+            cell(f"{mode}_jobs_per_s"),
+            cell(f"{mode}_build_seconds") if mode == "workflow" else "",
+            cell(f"{mode}_enqueue_seconds"),
+            cell(f"{mode}_worker_cpu_us_per_job"),
+            cell(f"{mode}_server_cpu_us_per_job"),
+        ]
+        for mode, what in (("plain", "plain jobs"), ("workflow", "fan-out/fan-in workflow"))
+    ]
+    header = ["jobs", "jobs/s", "build s", "enqueue s", "worker CPU µs/job", "Postgres CPU µs/job"]
+    out += _table(header, rows)
+    out += ["", f"Workflow / plain: {cell('ratio')}×."]
+    k = cfg.workflow_chains
+    out += [
+        "",
+        f"Pickup: an idle worker (concurrency {cfg.concurrency}); every "
+        f"{1000 * 0.01:g} ms the producer submits, in turn, a plain no-op job or a two-step "
+        f"workflow A → B (B takes A's result), {k:,} of each. History's timestamps (database "
+        "clock): the plain job's `started_at - enqueued_at`, and B's `started_at` minus A's "
+        "`finished_at`. Task bodies: `clock_timestamp()` written by the tasks (unlogged "
+        "table) as the plain job's and B's bodies start and as A's body returns; the plain "
+        "job's from its `enqueued_at`.",
+        "",
+    ]
+    rows = [
+        ["history: plain job, enqueued → started", cell("plain_p50_ms"), cell("plain_p95_ms")],
+        ["history: B, A finished → B started", cell("child_p50_ms"), cell("child_p95_ms")],
+        ["bodies: plain job, enqueued → body starts", cell("body_plain_p50_ms"),
+         cell("body_plain_p95_ms")],
+        ["bodies: A's body returns → B's body starts", cell("body_child_p50_ms"),
+         cell("body_child_p95_ms")],
+    ]  # fmt: skip
+    out += _table(["gap", "p50 ms", "p95 ms"], rows)
+    out += [
+        "",
+        f"B claimed in the transaction that recorded A's end (same `now()`): "
+        f"{cell('child_in_parents_transaction')} of {k:,}.",
+    ]
+    return out
+
+
 def _ratio(mine: float | None, floor: float | None) -> str:
     return "n/a" if not mine or not floor else f"{mine / floor:.2f}×"
 
@@ -437,5 +507,10 @@ def _targets(r: Report) -> list[str]:
         f"{rss or 0:.0f} MB",
         rss is not None and rss < 150,
     )
+    q = m(TASKQ, "W", "ratio")
+    add("W workflow jobs/s ≥ 0.7× plain", q, f"{q or 0:.2f}×", q is not None and q >= 0.7)
+    d = m(TASKQ, "W", "pickup_p50_delta_ms")
+    add("W released child's pickup p50 within 1 ms of a plain job's", d, f"{d or 0:+.2f} ms",
+        d is not None and d <= 1.0)  # fmt: skip
     out = ["", "## taskq's targets (medians)", ""]
     return out + _table(["target", "measured", "met"], rows, numbers=False)

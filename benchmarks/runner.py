@@ -7,6 +7,8 @@ D  scaling: A's drain with several worker processes.
 E  many sleeping jobs at high concurrency: drain rate and the worker's peak memory.
 F  taskq only: A's drain with each feature in use (results, retries, queue limits,
    a big history).
+W  taskq only: a fan-out/fan-in workflow against the same jobs enqueued plainly, and a
+   released child's pickup against a plain job's (benchmarks/workflows.py).
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class Config:
     peer_workloads: tuple[str, ...] | None = None
     analyze: bool = False
     profile_dir: Path | None = None
+    #: Workload W: steps of the fan-out/fan-in workflow; two-step chains timed.
+    workflow_steps: int = 10_000
+    workflow_chains: int = 500
 
 
 @dataclass(frozen=True)
@@ -532,6 +537,13 @@ async def feature(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[
     return {k: res[k] for k in keys}
 
 
+async def workflows(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """W: taskq's workflows against plain jobs (benchmarks/workflows.py)."""
+    from . import workflows as w  # it imports this module
+
+    return await w.workload(cfg, srv, subject, rep)
+
+
 Workload = Callable[[Config, Server, Subject, int], Awaitable[dict[str, Any]]]
 WORKLOADS: dict[str, Workload] = {
     "A": bulk,
@@ -540,7 +552,10 @@ WORKLOADS: dict[str, Workload] = {
     "D": scaling,
     "E": sleepers,
     "F": feature,
+    "W": workflows,
 }
+#: Workloads only taskq (its plain row) runs.
+TASKQ_ONLY = ("W",)
 
 
 # -- the plan and the run --------------------------------------------------------------
@@ -618,6 +633,8 @@ async def run(
     for rep in range(1, cfg.repeat + 1):
         for workload in cfg.workloads:
             rows = plan_.features if workload == "F" else plan_.subjects
+            if workload in TASKQ_ONLY:
+                rows = [s for s in rows if s.system == "taskq" and not s.variant]
             if cfg.peer_workloads is not None and workload not in cfg.peer_workloads:
                 rows = [s for s in rows if not s.peer]
             for subject in rows:
@@ -664,6 +681,6 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 def _brief(result: dict[str, Any]) -> str:
     keys: tuple[str, ...] = ("enqueue_per_s", "drain_per_s", "executed_per_s", "backlog")
-    keys += ("p50_ms", "p99_ms")
+    keys += ("p50_ms", "p99_ms", "ratio", "pickup_p50_delta_ms")
     keys += (*(k for k in result if k.startswith("drain_per_s_")), "rss_peak_mb")
     return ", ".join(f"{k} {result[k]:,.1f}" for k in keys if result.get(k) is not None)
