@@ -45,6 +45,9 @@ JOB_KEYS = {
     "progress",
     "rescues",
     "cancel_requested",
+    "workflow_id",
+    "step",
+    "waiting_for",
 }
 
 
@@ -175,6 +178,7 @@ async def test_status_counts_queues_and_lists_workers(pg_dsn: str, schema: str) 
     assert {q["name"]: q for q in report["queues"]}["beta"] == {
         "name": "beta",
         "paused": False,
+        "waiting": 0,
         "queued": 0,
         "scheduled": 0,
         "running": 0,
@@ -420,6 +424,7 @@ async def test_retry_named_jobs_and_a_unique_job_whose_key_is_held(
             "key_held": [],
             "skipped": [],
             "not_found": [],
+            "workflow_steps": {"skipped": 0, "ids": [], "workflows": []},
         }
         status = await job.status()
         # Like Job.retry(): a fresh attempt budget, due now, with its key, meta

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._checkpoints import checkpoints_for
 from .jobs import LIVE_STATES
@@ -27,13 +27,29 @@ BATCH_SIZE = 1000
 #: States ``retry`` can take a job from.
 RETRYABLE_STATES = ("failed", "cancelled")
 
+#: States of the workflow steps that cancel moves to history itself (with
+#: cancel_steps(), their descendants with them); running ones are asked to stop.
+STEP_CANCEL_STATES = ("waiting", "queued")
+
+#: The error message of workflow steps cancelled by a bulk cancel.
+STEP_CANCEL_REASON = "cancelled by an operator (taskq cancel) before it ran"
+
 #: Called after each batch with (jobs done so far, jobs expected in all).
 Progress = Callable[[int, int], None]
 
 
-async def _locate(conn: Any, sql: AdminStatements, ids: list[int]) -> dict[int, tuple[str, bool]]:
-    """{id: (state, live)} of the jobs that exist among ``ids``."""
-    return {r["id"]: (r["state"], r["live"]) for r in await conn.fetch(sql.locate, ids)}
+class _Found(NamedTuple):
+    state: str
+    live: bool
+    workflow_id: int | None
+
+
+async def _locate(conn: Any, sql: AdminStatements, ids: list[int]) -> dict[int, _Found]:
+    """{id: (state, live, workflow_id)} of the jobs that exist among ``ids``."""
+    return {
+        r["id"]: _Found(r["state"], r["live"], r["workflow_id"])
+        for r in await conn.fetch(sql.locate, ids)
+    }
 
 
 def _chunks(ids: Sequence[int], size: int) -> list[list[int]]:
@@ -52,12 +68,19 @@ class RetryResult:
     left in history because a live job holds their unique key.
     ``skipped``: named jobs that are not in a state to retry (id -> state).
     ``not_found``: named ids that no job has.
+    ``steps_skipped``: failed or cancelled jobs left in history because they
+    are workflow steps: a step runs again with its workflow (``workflows retry
+    ID``, which also runs the steps that depend on it); ``step_ids`` names
+    them (named ids only), ``workflows`` lists their workflows (at most 100).
     """
 
     retried: list[int] = field(default_factory=list)
     key_held: list[int] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
     not_found: list[int] = field(default_factory=list)
+    steps_skipped: int = 0
+    step_ids: list[int] = field(default_factory=list)
+    workflows: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values."""
@@ -67,6 +90,11 @@ class RetryResult:
             "key_held": self.key_held,
             "skipped": [{"id": i, "state": s} for i, s in self.skipped.items()],
             "not_found": self.not_found,
+            "workflow_steps": {
+                "skipped": self.steps_skipped,
+                "ids": self.step_ids,
+                "workflows": self.workflows,
+            },
         }
 
 
@@ -77,11 +105,20 @@ class Matched:
     count: int
     #: Of those (retry): jobs whose unique key a live job holds now.
     key_held: int = 0
-    #: Of those (cancel): queued and running jobs.
+    #: Of those (cancel): jobs not started yet (workflow steps waiting for
+    #: their parents included) and running jobs.
     queued: int = 0
     running: int = 0
     #: The highest matching id now: the end of a bulk run.
     last_id: int = 0
+    #: Cancel: of ``queued``, workflow steps waiting for their parents.
+    waiting: int = 0
+    #: Cancel: of ``queued``, the workflow steps (cancelled with their
+    #: descendants). Retry: failed or cancelled workflow steps that match but
+    #: are not counted in ``count`` (a step is retried with its workflow),
+    #: and their workflows (at most 100).
+    steps: int = 0
+    workflows: tuple[int, ...] = ()
 
 
 async def count_retry(
@@ -97,14 +134,23 @@ async def count_retry(
     sql = statements(schema)
     async with database.acquire("counting jobs to retry") as conn:
         if ids is not None:
-            total = held = 0
+            total = held = steps = 0
+            workflows: set[int] = set()
             for chunk in _chunks(ids, BATCH_SIZE):
                 row = await conn.fetchrow(sql.count_retry_ids, chunk, list(states))
                 total += row["n"]
                 held += row["key_held"]
-            return Matched(total, key_held=held)
+                steps += row["steps"]
+                workflows.update(row["workflows"])
+            return Matched(total, key_held=held, steps=steps, workflows=tuple(sorted(workflows)))
         row = await conn.fetchrow(sql.count_retry, list(states), queue, task)
-    return Matched(row["n"], key_held=row["key_held"], last_id=row["last_id"])
+    return Matched(
+        row["n"],
+        key_held=row["key_held"],
+        last_id=row["last_id"],
+        steps=row["steps"],
+        workflows=tuple(sorted(row["workflows"])),
+    )
 
 
 async def retry_ids(
@@ -115,7 +161,10 @@ async def retry_ids(
     states: Sequence[str] = RETRYABLE_STATES,
     progress: Progress | None = None,
 ) -> RetryResult:
-    """Re-run the named jobs (those in ``states``) with a fresh attempt budget."""
+    """Re-run the named jobs (those in ``states``) with a fresh attempt budget.
+
+    Workflow steps are left alone and reported (``steps_skipped``).
+    """
     sql = statements(schema)
     result = RetryResult()
     chunks = _chunks(ids, BATCH_SIZE)
@@ -131,13 +180,20 @@ async def retry_ids(
         result.retried.extend(sorted(retried))
         result.key_held.extend(held)
         for i in rest:
-            if i in where:
-                result.skipped[i] = where[i][0]
-            else:
+            found = where.get(i)
+            if found is None:
                 result.not_found.append(i)
+            elif found.workflow_id is not None and not found.live and found.state in states:
+                result.step_ids.append(i)
+                if found.workflow_id not in result.workflows:
+                    result.workflows.append(found.workflow_id)
+            else:
+                result.skipped[i] = found.state
         done += len(chunk)
         if progress is not None:
             progress(done, total)
+    result.steps_skipped = len(result.step_ids)
+    result.workflows.sort()
     return result
 
 
@@ -157,6 +213,7 @@ async def retry_matching(
 
     ``last_id`` bounds the run (jobs that end up in history later are left
     alone); by default it is the highest matching id when the run starts.
+    Workflow steps are left alone and counted (``steps_skipped``).
     """
     sql = statements(schema)
     if last_id is None:
@@ -187,6 +244,10 @@ async def retry_matching(
         done += len(matched)
         if progress is not None:
             progress(done, max(total, done))
+    async with database.acquire("counting workflow steps") as conn:
+        row = await conn.fetchrow(sql.skipped_steps, list(states), queue, task)
+    result.steps_skipped = row["steps"]
+    result.workflows = sorted(row["workflows"])
     return result
 
 
@@ -197,24 +258,34 @@ async def retry_matching(
 class CancelResult:
     """What a cancel did.
 
-    ``cancelled``: queued jobs now cancelled in history. ``requested``: running
-    jobs whose worker was asked to stop them (they end as cancelled when the
-    coroutine is cancelled). ``finished``: named jobs that had already finished
-    (id -> state). ``not_found``: named ids that no job has.
+    ``cancelled``: queued jobs (and workflow steps waiting for their parents)
+    now cancelled in history. ``requested``: running jobs whose worker was
+    asked to stop them (they end as cancelled when the coroutine is
+    cancelled). ``finished``: named jobs that had already finished (id ->
+    state). ``not_found``: named ids that no job has. ``waiting``: of
+    ``cancelled``, the workflow steps that were waiting for their parents.
+    ``descendants``: workflow steps that ended because steps cancelled here
+    did: the steps waiting for them (cancelled), a map whose last item one
+    was (failed).
     """
 
     cancelled: list[int] = field(default_factory=list)
     requested: list[int] = field(default_factory=list)
     finished: dict[int, str] = field(default_factory=dict)
     not_found: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+    descendants: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values."""
         return {
             "cancelled": len(self.cancelled),
             "cancelled_ids": self.cancelled,
+            "cancelled_waiting": len(self.waiting),
             "cancel_requested": len(self.requested),
             "cancel_requested_ids": self.requested,
+            "descendants_ended": len(self.descendants),
+            "descendants_ended_ids": self.descendants,
             "finished": [{"id": i, "state": s} for i, s in self.finished.items()],
             "not_found": self.not_found,
         }
@@ -231,28 +302,69 @@ async def count_cancel(
 ) -> Matched:
     """How many live jobs a cancel with these arguments would take."""
     sql = statements(schema)
-    queued = running = last_id = 0
+    counts = dict.fromkeys(("waiting", "queued", "running", "waiting_steps", "queued_steps"), 0)
+    last_id = 0
     async with database.acquire("counting jobs to cancel") as conn:
         if ids is not None:
             for chunk in _chunks(ids, BATCH_SIZE):
                 row = await conn.fetchrow(sql.count_cancel_ids, chunk)
-                queued += row["queued"]
-                running += row["running"]
+                for key in counts:
+                    counts[key] += row[key]
         else:
             row = await conn.fetchrow(sql.count_cancel, queue, task)
-            queued, running, last_id = row["queued"], row["running"], row["last_id"]
-    queued = queued if "queued" in states else 0
-    running = running if "running" in states else 0
-    return Matched(queued + running, queued=queued, running=running, last_id=last_id)
+            counts = {key: row[key] for key in counts}
+            last_id = row["last_id"]
+    waiting = counts["waiting"] if "waiting" in states else 0
+    queued = counts["queued"] if "queued" in states else 0
+    running = counts["running"] if "running" in states else 0
+    steps = (counts["waiting_steps"] if "waiting" in states else 0) + (
+        counts["queued_steps"] if "queued" in states else 0
+    )
+    return Matched(
+        waiting + queued + running,
+        queued=waiting + queued,
+        running=running,
+        last_id=last_id,
+        waiting=waiting,
+        steps=steps,
+    )
+
+
+@dataclass
+class _StepsCancelled:
+    cancelled: list[int]
+    waiting: list[int]
+    flagged: list[int]
+    descendants: list[int]
+
+
+async def _cancel_steps(conn: Any, sql: AdminStatements, rows: list[Any]) -> _StepsCancelled:
+    """Cancel these workflow steps (rows: id, state, workflow_id) in the open transaction.
+
+    Through cancel_steps(), never by deleting their rows here: deleting a
+    step's job row would leave the steps that wait for it waiting for ever
+    and its workflow running with counts that never add up.
+    """
+    ids = [r["id"] for r in rows]
+    cancelled, flagged = await conn.fetchrow(sql.cancel_steps, ids, STEP_CANCEL_REASON)
+    done = set(cancelled)
+    waiting = [r["id"] for r in rows if r["state"] == "waiting" and r["id"] in done]
+    workflows = sorted({r["workflow_id"] for r in rows})
+    descendants = [r[0] for r in await conn.fetch(sql.cancelled_with, workflows, ids)]
+    return _StepsCancelled(sorted(done), waiting, sorted(flagged), descendants)
 
 
 async def cancel_ids(database: Database, schema: str, ids: Sequence[int]) -> CancelResult:
-    """Cancel the named jobs: queued ones at once, running ones by their worker."""
+    """Cancel the named jobs: queued ones at once, running ones by their worker.
+
+    Workflow steps that have not started are cancelled with their
+    descendants (``cancel_steps()``), so that their workflows end.
+    """
     sql = statements(schema)
     result = CancelResult()
     for chunk in _chunks(ids, BATCH_SIZE):
         rest = chunk
-        where: dict[int, tuple[str, bool]] = {}
+        where: dict[int, _Found] = {}
         async with database.acquire("cancelling jobs") as conn:
             # A job can move from queued to running between the two
             # statements (a claim); another round then finds it running.
@@ -260,23 +372,35 @@ async def cancel_ids(database: Database, schema: str, ids: Sequence[int]) -> Can
                 row = await conn.fetchrow(sql.cancel_queued_ids, rest, sql.finished_channel)
                 cancelled = set(row["cancelled"])
                 rest = [i for i in rest if i not in cancelled]
+                result.cancelled.extend(sorted(cancelled))
+                done = None
+                async with conn.transaction():
+                    steps = await conn.fetch(sql.live_steps_ids, rest, list(STEP_CANCEL_STATES))
+                    if steps:
+                        done = await _cancel_steps(conn, sql, steps)
+                if done is not None:
+                    result.cancelled.extend(done.cancelled)
+                    result.requested.extend(done.flagged)
+                    result.waiting.extend(done.waiting)
+                    result.descendants.extend(done.descendants)
+                    gone = {*done.cancelled, *done.flagged}
+                    rest = [i for i in rest if i not in gone]
                 requested = {
                     r["id"]
                     for r in await conn.fetch(sql.cancel_running_ids, rest, sql.cancel_channel)
                 }
                 rest = [i for i in rest if i not in requested]
-                result.cancelled.extend(sorted(cancelled))
                 result.requested.extend(sorted(requested))
                 if not rest:
                     break
                 where = await _locate(conn, sql, rest)
-                if not any(live for _, live in where.values()):
+                if not any(found.live for found in where.values()):
                     break
         for i in rest:
             if i not in where:
                 result.not_found.append(i)
-            elif not where[i][1]:
-                result.finished[i] = where[i][0]
+            elif not where[i].live:
+                result.finished[i] = where[i].state
             # else: still changing hands after three rounds; reported by neither list
     return result
 
@@ -293,8 +417,10 @@ async def cancel_matching(
 ) -> CancelResult:
     """Cancel the live jobs of the queue and task given (None: any).
 
-    Queued jobs first, in batches, up to the highest id live when it starts;
-    then running jobs, which includes those claimed meanwhile.
+    Queued plain jobs first, in batches, up to the highest id live when it
+    starts; then workflow steps that have not started (waiting or queued),
+    in batches, each with its descendants; then running jobs, which
+    includes those claimed meanwhile.
     """
     sql = statements(schema)
     matched = await count_cancel(database, schema, queue=queue, task=task, states=states)
@@ -318,6 +444,33 @@ async def cancel_matching(
             after = row["last_id"]
             result.cancelled.extend(row["cancelled"])
             done += len(row["cancelled"])
+            if progress is not None:
+                progress(done, max(matched.count, done))
+    step_states = [s for s in STEP_CANCEL_STATES if s in states]
+    if step_states:
+        after = 0
+        while True:
+            cancelled = None
+            async with database.acquire("cancelling workflow steps") as conn, conn.transaction():
+                steps = await conn.fetch(
+                    sql.live_steps_batch,
+                    step_states,
+                    queue,
+                    task,
+                    after,
+                    matched.last_id,
+                    batch_size,
+                )
+                if steps:
+                    cancelled = await _cancel_steps(conn, sql, steps)
+            if cancelled is None:
+                break
+            after = steps[-1]["id"]
+            result.cancelled.extend(cancelled.cancelled)
+            result.requested.extend(cancelled.flagged)
+            result.waiting.extend(cancelled.waiting)
+            result.descendants.extend(cancelled.descendants)
+            done += len(cancelled.cancelled)
             if progress is not None:
                 progress(done, max(matched.count, done))
     if "running" in states:

@@ -13,9 +13,10 @@ from .statements import statements
 if TYPE_CHECKING:
     from .._database import Database
 
-#: States a job can be in, in lifecycle order.
+#: States a job can be in, in lifecycle order (``waiting``: a workflow step
+#: whose parent steps have not all ended).
 ALL_STATES: tuple[str, ...] = tuple(str(s) for s in JobState)
-LIVE_STATES = ("queued", "running")
+LIVE_STATES = ("waiting", "queued", "running")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
@@ -28,18 +29,28 @@ class JobDetail:
     rescues: int
     #: A cancel was asked for while it was running and has not landed yet.
     cancel_requested: bool
+    #: For a workflow step waiting for its parents (``jobs show`` only): the
+    #: names of the parent steps that have not ended yet.
+    waiting_for: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """``JobStatus.to_dict()`` with ``rescues`` and ``cancel_requested``."""
+        """``JobStatus.to_dict()`` with ``rescues``, ``cancel_requested`` and ``waiting_for``."""
         return {
             **self.status.to_dict(),
             "rescues": self.rescues,
             "cancel_requested": self.cancel_requested,
+            "waiting_for": self.waiting_for,
         }
 
 
 def _detail(row: Any) -> JobDetail:
-    return JobDetail(status_from_row(row), int(row["rescues"]), bool(row["cancel_requested"]))
+    waiting_for = row.get("waiting_for")
+    return JobDetail(
+        status_from_row(row),
+        int(row["rescues"]),
+        bool(row["cancel_requested"]),
+        None if waiting_for is None else list(waiting_for),
+    )
 
 
 async def get_job(database: Database, schema: str, job_id: int) -> JobDetail:

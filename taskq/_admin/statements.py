@@ -17,16 +17,19 @@ _LIVE_ROW = (
     "enqueued_at, run_at, started_at, NULL::timestamptz AS finished_at, "
     "last_error::text AS error, NULL::text AS result, worker_id, unique_key, "
     "meta::text AS meta, errors::text AS errors, progress::text AS progress, rescues, "
-    "cancel_requested"
+    "cancel_requested, workflow_id, step"
 )
 _HISTORY_ROW = (
     "id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
     "enqueued_at, NULL::timestamptz AS run_at, started_at, finished_at, error::text AS error, "
     "result::text AS result, worker_id, unique_key, meta::text AS meta, "
-    "errors::text AS errors, progress::text AS progress, rescues, false AS cancel_requested"
+    "errors::text AS errors, progress::text AS progress, rescues, false AS cancel_requested, "
+    "workflow_id, step"
 )
 # Optional filters on queue and task: NULL matches every value.
 _FILTERS = "($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3)"
+#: Retry reports the workflows of the steps it left alone, up to this many.
+MAX_WORKFLOWS_LISTED = 100
 
 
 class AdminStatements:
@@ -46,7 +49,12 @@ class AdminStatements:
             "count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS scheduled, "
             "count(*) FILTER (WHERE state = 'running') AS running"
         )
-        self.live_counts = f"SELECT queue, {_live} FROM {s}.jobs GROUP BY queue"
+        # Workflow steps waiting for their parents are not runnable: counted
+        # apart (never in queued or scheduled).
+        self.live_counts = (
+            f"SELECT queue, {_live}, count(*) FILTER (WHERE state = 'waiting') AS waiting "
+            f"FROM {s}.jobs GROUP BY queue"
+        )
         # The same per queue, with the wait of the oldest due job and whether
         # the queue is paused; queues with settings but no job count zero
         # (for the Prometheus queue gauges).
@@ -86,9 +94,13 @@ class AdminStatements:
         )
 
         # -- jobs ------------------------------------------------------------
+        # waiting_for: the parent steps a waiting step still waits for.
         self.get_job = (
-            f"SELECT {_LIVE_ROW} FROM {s}.jobs WHERE id = $1 "
-            f"UNION ALL SELECT {_HISTORY_ROW} FROM {s}.history WHERE id = $1"
+            f"SELECT {_LIVE_ROW}, CASE WHEN state = 'waiting' THEN array(SELECT e.parent_step "
+            f"FROM {s}.workflow_edges AS e WHERE e.child_id = j.id AND e.outcome IS NULL "
+            "ORDER BY e.parent_id) END AS waiting_for "
+            f"FROM {s}.jobs AS j WHERE id = $1 "
+            f"UNION ALL SELECT {_HISTORY_ROW}, NULL FROM {s}.history WHERE id = $1"
         )
         # Newest first from each table, then merged. A listing that asks only
         # for live states never touches history (a backward walk of its
@@ -114,8 +126,10 @@ class AdminStatements:
         )
         self.task_in_history = f"SELECT EXISTS (SELECT FROM {s}.history WHERE task = $1)"
         self.locate = (
-            f"SELECT id, state, true AS live FROM {s}.jobs WHERE id = ANY($1::bigint[]) "
-            f"UNION ALL SELECT id, state, false FROM {s}.history WHERE id = ANY($1::bigint[])"
+            f"SELECT id, state, true AS live, workflow_id FROM {s}.jobs "
+            "WHERE id = ANY($1::bigint[]) "
+            f"UNION ALL SELECT id, state, false, workflow_id FROM {s}.history "
+            "WHERE id = ANY($1::bigint[])"
         )
 
         # -- retry -----------------------------------------------------------
@@ -127,35 +141,57 @@ class AdminStatements:
         # history (also when two retried jobs share a key; the newest wins),
         # and it also settles a race with a producer. The candidates are
         # locked, so two retries of the same job cannot both insert it.
+        # Workflow steps are never taken: a step put back alone would run
+        # without its workflow knowing (its counts, its children waiting on
+        # edges that already recorded its failure); it runs again with its
+        # workflow (workflow_retry(): `workflows retry ID`).
+        _retry_filter = (
+            "h.state = ANY($1::text[]) AND ($2::text IS NULL OR h.queue = $2) "
+            "AND ($3::text IS NULL OR h.task = $3)"
+        )
         self.retry_ids = self._retry(
-            s, "h.id = ANY($1::bigint[]) AND h.state = ANY($2::text[])", channel="$3"
+            s,
+            "h.id = ANY($1::bigint[]) AND h.state = ANY($2::text[]) AND h.workflow_id IS NULL",
+            channel="$3",
         )
         self.retry_batch = self._retry(
             s,
-            "h.state = ANY($1::text[]) AND ($2::text IS NULL OR h.queue = $2) "
-            "AND ($3::text IS NULL OR h.task = $3) AND h.id > $4 AND h.id <= $5 "
+            f"{_retry_filter} AND h.workflow_id IS NULL AND h.id > $4 AND h.id <= $5 "
             "ORDER BY h.id LIMIT $6",
             channel="$7",
         )
         # Jobs a retry would leave in history: their key is held by a live
-        # job, or by another of the retried jobs with the same key.
+        # job, or by another of the retried jobs with the same key; and the
+        # workflow steps it leaves alone (steps, in which workflows).
         _key_held = (
-            "SELECT count(*) AS n, count(*) FILTER (WHERE held) "
+            "SELECT count(*) FILTER (WHERE workflow_id IS NULL) AS n, "
+            "count(*) FILTER (WHERE held) "
             "+ count(*) FILTER (WHERE unique_key IS NOT NULL AND NOT held) "
             "- count(DISTINCT ARRAY[queue, unique_key]) "
-            "FILTER (WHERE unique_key IS NOT NULL AND NOT held) AS key_held{} "
-            "FROM (SELECT h.id, h.queue, h.unique_key, h.unique_key IS NOT NULL AND EXISTS "
+            "FILTER (WHERE unique_key IS NOT NULL AND NOT held) AS key_held, "
+            "count(*) FILTER (WHERE workflow_id IS NOT NULL) AS steps, "
+            "coalesce((array_agg(DISTINCT workflow_id) "
+            f"FILTER (WHERE workflow_id IS NOT NULL))[1:{MAX_WORKFLOWS_LISTED}], '{{{{}}}}') "
+            "AS workflows{} "
+            "FROM (SELECT h.id, h.queue, h.workflow_id, "
+            "CASE WHEN h.workflow_id IS NULL THEN h.unique_key END AS unique_key, "
+            "h.workflow_id IS NULL AND h.unique_key IS NOT NULL AND EXISTS "
             f"(SELECT 1 FROM {s}.jobs AS j WHERE j.queue = h.queue "
             "AND j.unique_key = h.unique_key) AS held "
             f"FROM {s}.history AS h WHERE {{}}) AS m"
         )
         self.count_retry = _key_held.format(
-            ", coalesce(max(id), 0) AS last_id",
-            "h.state = ANY($1::text[]) AND ($2::text IS NULL OR h.queue = $2) "
-            "AND ($3::text IS NULL OR h.task = $3)",
+            ", coalesce(max(id) FILTER (WHERE workflow_id IS NULL), 0) AS last_id", _retry_filter
         )
         self.count_retry_ids = _key_held.format(
             "", "h.id = ANY($1::bigint[]) AND h.state = ANY($2::text[])"
+        )
+        # The steps a bulk retry leaves alone, through the index on workflow_id
+        # (its rows are the steps only: cheap next to the scan of history).
+        self.skipped_steps = (
+            "SELECT count(*) AS steps, coalesce((array_agg(DISTINCT h.workflow_id))"
+            f"[1:{MAX_WORKFLOWS_LISTED}], '{{}}') AS workflows FROM {s}.history AS h "
+            f"WHERE h.workflow_id IS NOT NULL AND {_retry_filter}"
         )
 
         # -- cancel ----------------------------------------------------------
@@ -163,14 +199,39 @@ class AdminStatements:
         # on their result are told (ids in chunks: a NOTIFY payload is capped
         # at 8000 bytes). SKIP LOCKED passes over a job that a worker is
         # claiming at this moment; it is running by the time the running
-        # jobs are asked to stop.
+        # jobs are asked to stop. Plain jobs only: a workflow step deleted
+        # here would leave its children waiting for ever and its workflow
+        # running (see cancel_steps below).
         self.cancel_queued_ids = self._cancel_queued(
-            s, "id = ANY($1::bigint[]) AND state = 'queued'", channel="$2"
+            s, "id = ANY($1::bigint[]) AND state = 'queued' AND workflow_id IS NULL", channel="$2"
         )
         self.cancel_queued_batch = self._cancel_queued(
             s,
-            f"state = 'queued' AND {_FILTERS} AND id > $4 AND id <= $5 ORDER BY id LIMIT $1",
+            f"state = 'queued' AND workflow_id IS NULL AND {_FILTERS} AND id > $4 AND id <= $5 "
+            "ORDER BY id LIMIT $1",
             channel="$6",
+        )
+        # Workflow steps that have not started (waiting or queued) are
+        # cancelled by cancel_steps(), in the caller's transaction: their
+        # descendants are cancelled with them and their workflows' counts
+        # kept (a workflow whose steps have all ended ends).
+        self.live_steps_ids = (
+            f"SELECT id, state, workflow_id FROM {s}.jobs WHERE id = ANY($1::bigint[]) "
+            "AND workflow_id IS NOT NULL AND state = ANY($2::text[]) ORDER BY id"
+        )
+        self.live_steps_batch = (
+            f"SELECT id, state, workflow_id FROM {s}.jobs WHERE workflow_id IS NOT NULL "
+            f"AND state = ANY($1::text[]) AND {_FILTERS} AND id > $4 AND id <= $5 "
+            "ORDER BY id LIMIT $6"
+        )
+        self.cancel_steps = f"SELECT cancelled, flagged FROM {s}.cancel_steps($1::bigint[], $2)"
+        # The steps of those workflows that this transaction moved to history
+        # besides the ones named ($2): descendants cancelled with them. xmin
+        # is the transaction that wrote the row (its low 32 bits).
+        self.cancelled_with = (
+            f"SELECT h.id FROM {s}.history AS h WHERE h.workflow_id = ANY($1::bigint[]) "
+            "AND h.xmin::text::bigint = txid_current() % 4294967296 "
+            "AND NOT h.id = ANY($2::bigint[]) ORDER BY h.id"
         )
         # A running job is flagged and its worker told at once; a worker that
         # missed the NOTIFY sees the flag at its next lease renewal.
@@ -182,17 +243,20 @@ class AdminStatements:
         self.cancel_running = _request.format(
             "($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2)", "$3"
         )
-        self.count_cancel = (
-            "SELECT count(*) FILTER (WHERE state = 'queued') AS queued, "
+        _count_live = (
+            "count(*) FILTER (WHERE state = 'waiting') AS waiting, "
+            "count(*) FILTER (WHERE state = 'queued') AS queued, "
             "count(*) FILTER (WHERE state = 'running') AS running, "
-            f"coalesce(max(id), 0) AS last_id FROM {s}.jobs "
+            "count(*) FILTER (WHERE state = 'waiting' AND workflow_id IS NOT NULL) "
+            "AS waiting_steps, "
+            "count(*) FILTER (WHERE state = 'queued' AND workflow_id IS NOT NULL) "
+            "AS queued_steps"
+        )
+        self.count_cancel = (
+            f"SELECT {_count_live}, coalesce(max(id), 0) AS last_id FROM {s}.jobs "
             "WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2)"
         )
-        self.count_cancel_ids = (
-            "SELECT count(*) FILTER (WHERE state = 'queued') AS queued, "
-            "count(*) FILTER (WHERE state = 'running') AS running "
-            f"FROM {s}.jobs WHERE id = ANY($1::bigint[])"
-        )
+        self.count_cancel_ids = f"SELECT {_count_live} FROM {s}.jobs WHERE id = ANY($1::bigint[])"
 
         # -- purge -----------------------------------------------------------
         _purge_filter = "state = ANY($1::text[]) AND ($2::timestamptz IS NULL OR finished_at < $2)"
@@ -215,9 +279,10 @@ class AdminStatements:
         return (
             f"WITH cand AS (SELECT h.* FROM {s}.history AS h WHERE {where} FOR UPDATE OF h), "
             f"ins AS (INSERT INTO {s}.jobs (id, queue, task, args, priority, run_at, attempts, "
-            "max_attempts, enqueued_at, last_error, unique_key, meta, errors) "
+            "max_attempts, enqueued_at, last_error, unique_key, meta, errors, workflow_id, step, "
+            "inputs) "
             "SELECT id, queue, task, args, priority, now(), 0, max_attempts, enqueued_at, error, "
-            "unique_key, meta, errors FROM cand ORDER BY id DESC "
+            "unique_key, meta, errors, workflow_id, step, inputs FROM cand ORDER BY id DESC "
             "ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING "
             "RETURNING id, queue), "
             f"gone AS (DELETE FROM {s}.history AS h USING ins WHERE h.id = ins.id "
@@ -235,11 +300,11 @@ class AdminStatements:
             f"WHERE {where} FOR UPDATE SKIP LOCKED) AND j.state = 'queued' RETURNING j.*), "
             f"h AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
             "max_attempts, rescues, enqueued_at, started_at, error, unique_key, meta, progress, "
-            "errors, requeued_by) "
+            "errors, requeued_by, workflow_id, step, inputs) "
             "SELECT id, queue, task, args, 'cancelled', priority, attempts, max_attempts, "
             "rescues, enqueued_at, started_at, jsonb_build_object('type', 'taskq.JobCancelled', "
             "'message', 'cancelled while queued', 'traceback', ''), unique_key, meta, progress, "
-            "errors, requeued_by FROM c RETURNING id), "
+            "errors, requeued_by, workflow_id, step, inputs FROM c RETURNING id), "
             f"told AS (SELECT count(pg_notify({channel}, ids)) AS n "
             "FROM (SELECT string_agg(id::text, ',') AS ids "
             "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM c WHERE awaited) AS x "

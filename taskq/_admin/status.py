@@ -15,10 +15,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class QueueStatus:
     """Counts of one queue. ``succeeded``/``failed``/``cancelled`` cover the
-    window of the report (all of history when it has none)."""
+    window of the report (all of history when it has none). ``waiting``:
+    workflow steps waiting for their parents (not runnable yet; in neither
+    ``queued`` nor ``scheduled``)."""
 
     name: str
     paused: bool
+    waiting: int
     queued: int
     scheduled: int
     running: int
@@ -31,6 +34,7 @@ class QueueStatus:
         return {
             "name": self.name,
             "paused": self.paused,
+            "waiting": self.waiting,
             "queued": self.queued,
             "scheduled": self.scheduled,
             "running": self.running,
@@ -114,7 +118,10 @@ async def status(database: Database, schema: str, *, window: float | None = None
     counts: dict[str, dict[str, int]] = {name: {} for name in paused}
     for r in live:
         counts.setdefault(r["queue"], {}).update(
-            queued=r["queued"], scheduled=r["scheduled"], running=r["running"]
+            waiting=r["waiting"],
+            queued=r["queued"],
+            scheduled=r["scheduled"],
+            running=r["running"],
         )
     for r in done:
         counts.setdefault(r["queue"], {}).update(
@@ -124,6 +131,7 @@ async def status(database: Database, schema: str, *, window: float | None = None
         QueueStatus(
             name=name,
             paused=bool(paused.get(name, False)),
+            waiting=c.get("waiting", 0),
             queued=c.get("queued", 0),
             scheduled=c.get("scheduled", 0),
             running=c.get("running", 0),

@@ -22,7 +22,8 @@ def add_parser(commands: Commands) -> None:
         "--state",
         action="append",
         choices=ALL_STATES,
-        help="only jobs in this state (repeatable; default all)",
+        help="only jobs in this state (repeatable; default all; waiting: workflow steps "
+        "whose parent steps have not all ended)",
     )
     listing.add_argument("--queue", type=queue_name, help="only jobs of this queue")
     listing.add_argument(
@@ -58,27 +59,37 @@ async def cmd_jobs_list(args: argparse.Namespace) -> int:
     if not jobs:
         print("no jobs")
         return EXIT_OK
+    # The workflow column only when a listed job is a workflow step.
+    steps = any(j.status.workflow_id is not None for j in jobs)
     rows = []
     for j in jobs:
         s = j.status
-        rows.append(
-            [
-                str(s.id),
-                str(s.state),
-                s.queue,
-                s.task,
-                f"{s.attempts}/{s.max_attempts}",
-                when(s.enqueued_at),
-                when(s.finished_at) if s.state.finished else "-",
-                _short_error(s.error),
-            ]
-        )
-    print_table(
-        ["id", "state", "queue", "task", "attempts", "enqueued", "finished", "error"],
-        rows,
-        right=(0,),
-    )
+        row = [
+            str(s.id),
+            str(s.state),
+            s.queue,
+            s.task,
+            f"{s.attempts}/{s.max_attempts}",
+            when(s.enqueued_at),
+            when(s.finished_at) if s.state.finished else "-",
+        ]
+        if steps:
+            row.append(step_label(s.workflow_id, s.step))
+        rows.append([*row, _short_error(s.error)])
+    headers = ["id", "state", "queue", "task", "attempts", "enqueued", "finished"]
+    print_table([*headers, *(["workflow"] if steps else []), "error"], rows, right=(0,))
     return EXIT_OK
+
+
+def names_text(names: list[str], most: int = 5) -> str:
+    """``'a', 'b' and 3 more`` (step names), or ``-``."""
+    shown = ", ".join(map(repr, names[:most]))
+    return (shown + (f" and {len(names) - most} more" if len(names) > most else "")) or "-"
+
+
+def step_label(workflow_id: int | None, step: str | None) -> str:
+    """``7:merge`` (workflow id, step name) for a workflow step, else ``-``."""
+    return "-" if workflow_id is None else f"{workflow_id}:{step}"
 
 
 async def cmd_jobs_show(args: argparse.Namespace) -> int:
@@ -109,6 +120,11 @@ async def cmd_jobs_show(args: argparse.Namespace) -> int:
         ("worker", s.worker_id or "-"),
         ("progress", _progress_text(s.progress)),
     ]
+    if s.workflow_id is not None:
+        # After the state: what the job is part of, and what it waits for.
+        fields.insert(1, ("workflow", f"{s.workflow_id} (step {s.step!r})"))
+        if detail.waiting_for is not None:
+            fields.insert(2, ("waiting for", names_text(detail.waiting_for)))
     if s.state.finished:
         fields.append(("result", json_text(s.result) if s.state == "succeeded" else "-"))
     if s.error:

@@ -31,6 +31,9 @@ DEFAULT_WATCH_SECONDS = 2.0
 DEFAULT_WATCH_WINDOW = 60.0
 
 _COLUMNS = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled"]
+#: Shown first, and only when some queue has workflow steps waiting for
+#: their parents (most deployments never have any).
+_WAITING = "waiting"
 
 
 def add_parser(commands: Commands) -> None:
@@ -116,14 +119,15 @@ async def _watch(app: App, interval: float, window: float | None, *, as_json: bo
 def _lines(report: StatusReport) -> list[str]:
     lines: list[str] = []
     if report.queues:
+        columns = ([_WAITING] if any(q.waiting for q in report.queues) else []) + _COLUMNS
         lines += table(
-            ["queue", "state", *_COLUMNS],
+            ["queue", "state", *columns],
             [
                 [q.name, "paused" if q.paused else "active"]
-                + [f"{getattr(q, c):,}" for c in _COLUMNS]
+                + [f"{getattr(q, c):,}" for c in columns]
                 for q in report.queues
             ],
-            right=range(2, 2 + len(_COLUMNS)),
+            right=range(2, 2 + len(columns)),
         )
     else:
         lines.append("no jobs")
