@@ -256,6 +256,14 @@ class Statements:
         )
         self.prune = f"SELECT {s}.prune($1, $2)"
         self.steps_ended = f"SELECT {s}.steps_ended($1::bigint[])"
+        # Whose a workflow step's result is: the steps that take it, or the
+        # workflow's (a step without children); NULL when nothing takes it.
+        self.step_result_used = (
+            "SELECT CASE WHEN s.sink THEN 'it is a result of the workflow' WHEN EXISTS ("
+            f"SELECT FROM {s}.workflow_edges AS e WHERE e.parent_id = s.job_id AND e.data) "
+            "THEN 'later steps take it' END "
+            f"FROM {s}.workflow_steps AS s WHERE s.job_id = $1"
+        )
         self.cancel_steps = f"SELECT cancelled, flagged FROM {s}.cancel_steps($1::bigint[], $2)"
         self.register_worker = (
             f"INSERT INTO {s}.workers (id, hostname, pid, queues, tasks, concurrency) "

@@ -508,6 +508,11 @@ class Store:
         """Record a running job's progress, reported ``age`` seconds ago; False if not ours."""
         return bool(await conn.fetchval(self._sql.progress, job_id, token, fraction, message, age))
 
+    async def step_result_used(self, conn: Conn, job_id: int) -> str | None:
+        """Why a workflow step's result is needed (None: nothing takes it)."""
+        value = await conn.fetchval(self._sql.step_result_used, job_id)
+        return None if value is None else str(value)
+
     async def lock_for_commit(self, conn: Conn, job_id: int, token: uuid.UUID) -> bool | None:
         """In a task's transaction: lock the job if its lease is ours (None if not).
 

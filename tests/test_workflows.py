@@ -754,3 +754,39 @@ async def test_cancelling_a_running_step_cancels_its_descendants(app: taskq.App)
                 await run.result(timeout=30)
         states = {s.name: str(s.state) for s in (await run.status()).steps}
         assert states == {"forever": "cancelled", "use": "cancelled", "use-2": "cancelled"}
+
+
+async def test_ctx_transaction_in_a_step_whose_result_is_passed_on_is_refused(
+    app: taskq.App, conn: asyncpg.Connection, schema: str
+) -> None:
+    """It would end the step at the commit, before the task returns its value."""
+
+    @app.task(retry=NO_RETRY)
+    async def write(ctx: taskq.JobContext, tag: str) -> str:
+        async with ctx.transaction() as tx:
+            await tx.execute(f'INSERT INTO "{schema}".effects VALUES ($1)', tag)
+        return tag
+
+    @app.task
+    async def take(value: str) -> str:
+        return value
+
+    async with app:
+        await conn.execute(f'CREATE TABLE "{schema}".effects (tag text)')
+        wf = taskq.Workflow()
+        wf.add(take, value=wf.add(write, tag="passed-on"))
+        ordered = wf.add(write, tag="ordered-only")
+        wf.add(take, value="after", after=[ordered])
+        run = await wf.enqueue()
+        async with app.worker(concurrency=2):
+            with pytest.raises(taskq.WorkflowFailed):
+                await run.result(timeout=30)
+        status = await run.status()
+        error = status.step("write").error or {}
+        assert error["type"] == "RuntimeError"
+        assert "later steps take it" in error["message"]
+        # A step that later steps only wait for may use it: it ran, then its child.
+        assert str(status.step("write-2").state) == "succeeded"
+        assert str(status.step("take-2").state) == "succeeded"
+        tags = [r[0] for r in await conn.fetch(f'SELECT tag FROM "{schema}".effects')]
+        assert tags == ["ordered-only"]

@@ -230,6 +230,8 @@ class AttemptControl:
         with translate_errors("opening the job's transaction"):
             conn = await pool.acquire()
         try:
+            if job.workflow_id is not None:
+                await self._check_step_may_commit(conn)
             backend_pid = conn.get_server_pid()
             tx = conn.transaction()
             with translate_errors("opening the job's transaction"):
@@ -269,6 +271,25 @@ class AttemptControl:
                 raise
         finally:
             await _shielded(self._release(conn))
+
+    async def _check_step_may_commit(self, conn: Any) -> None:
+        """Refuse ctx.transaction() in a workflow step whose result is passed on.
+
+        The transaction ends the step when it commits, before the task returns
+        its value: the steps that take the result (and the workflow's result,
+        for a step without children) would get None.
+        """
+        job = self._running.job
+        with translate_errors("opening the job's transaction"):
+            used = await self._store.step_result_used(conn, job.id)
+        if used:
+            raise RuntimeError(
+                f"ctx.transaction() cannot be used in workflow step {job.step!r} (workflow "
+                f"{job.workflow_id}): the step's result is passed on ({used}) when the step "
+                "ends, and with ctx.transaction() it ends at the commit, before the task "
+                "returns. Do the database work in a step whose result nothing takes (later "
+                "steps can wait for it with after=[...])"
+            )
 
     async def _release(self, conn: Any) -> None:
         """Hand the transaction's connection back to the pool; one that broke is discarded.
@@ -428,10 +449,12 @@ class AttemptControl:
                 self._step_lease_lost(name)
             if not found.inserted:
                 # Another attempt of the job (one that lost its lease, still
-                # running) recorded it first: its result is the step's.
+                # running) recorded it first, or this record was tried again
+                # after its connection broke: the recorded result is the step's.
                 log.info(
-                    "job %s: step %r was recorded by another attempt meanwhile; its result is "
-                    "returned",
+                    "job %s: step %r was recorded meanwhile (by another attempt of the job, or "
+                    "by a first try of this record whose reply was lost); the recorded result "
+                    "is returned",
                     job.id,
                     name,
                     extra={"job_id": job.id, "task": job.task, "queue": job.queue},
