@@ -41,9 +41,9 @@ class Recorded:
     """What recording a step found.
 
     ``held``: the attempt still held the job's lease (else nothing was
-    written). ``inserted``: this call wrote the row. ``result``: the JSON text
-    of the result recorded by another attempt that got there first (when held
-    and not inserted).
+    written). ``inserted``: this call wrote the row. ``result``: when held and
+    not inserted, the JSON text of the result recorded before (by another
+    attempt that got there first, or by an earlier try of this same record).
     """
 
     held: bool
