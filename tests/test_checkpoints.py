@@ -252,6 +252,29 @@ async def test_bad_steps_are_refused_clearly_and_record_nothing(app: taskq.App) 
     assert "datetime" in str(errors["wrong type"])
 
 
+async def test_a_step_result_over_the_apps_payload_limit_is_refused(
+    pg_dsn: str, schema: str
+) -> None:
+    app = taskq.App(pg_dsn, schema=schema, max_payload_bytes=100)
+    refused: list[BaseException] = []
+
+    @app.task(retry=False)
+    async def big(ctx: taskq.JobContext) -> int:
+        try:
+            await ctx.step("big", lambda: "x" * 200)
+        except taskq.SerializationError as exc:
+            refused.append(exc)
+        return len(await ctx.step("small", lambda: "x" * 50))
+
+    async with app:
+        job = await big.enqueue()
+        await app.drain()
+        assert await job.result(timeout=5) == 50
+        assert set(await checkpoints(app, job.id)) == {"small"}
+    assert len(refused) == 1 and "over the 100-byte limit" in str(refused[0])
+    assert "result of step 'big'" in str(refused[0])
+
+
 async def test_a_sync_task_is_told_to_be_async(app: taskq.App) -> None:
     @app.task(retry=False)
     def sync_task(ctx: taskq.JobContext) -> None:

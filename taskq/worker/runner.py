@@ -110,7 +110,9 @@ class JobRunner:
             if hooks.around_jobs or task.context_parameter is not None:
                 # One context for hooks, middleware and the task itself.
                 stored = stored_arguments(job)
-                control = AttemptControl(self._database, self._store, running)
+                control = AttemptControl(
+                    self._database, self._store, running, self._max_payload_bytes
+                )
                 ctx = JobContext(
                     id=job.id,
                     task=job.task,
