@@ -32,12 +32,13 @@ class WorkflowStore:
         )
         # One row, and the live steps' states from the jobs_workflow index:
         # never a scan of history.
-        self._get = (
-            f"SELECT {_WORKFLOW_COLUMNS}, "
+        live = (
+            "CASE WHEN w.finished_at IS NULL THEN "
             "(SELECT coalesce(jsonb_object_agg(state, n), '{}')::text "
             f"FROM (SELECT j.state, count(*) AS n FROM {s}.jobs AS j WHERE j.workflow_id = w.id "
-            f"GROUP BY j.state) AS l) AS live FROM {s}.workflows AS w WHERE w.id = $1"
+            "GROUP BY j.state) AS l) ELSE '{}' END AS live"
         )
+        self._get = f"SELECT {_WORKFLOW_COLUMNS}, {live} FROM {s}.workflows AS w WHERE w.id = $1"
         # Each step with its job (live or in history) and its parents.
         self._steps = (
             "SELECT s.job_id, s.name, s.kind, s.map_of, s.position, s.expanded, s.pending, "
@@ -55,9 +56,10 @@ class WorkflowStore:
             f"LEFT JOIN {s}.history AS h ON h.id = s.job_id "
             "WHERE s.workflow_id = $1 ORDER BY s.job_id"
         )
-        # Newest first, by id (keyset: $2 is the last id seen), by state.
+        # Newest first, by id (keyset: $2 is the last id seen), by state; the
+        # live steps of running workflows counted like _get's.
         self._list = (
-            f"SELECT {_WORKFLOW_COLUMNS}, NULL::text AS live FROM {s}.workflows AS w "
+            f"SELECT {_WORKFLOW_COLUMNS}, {live} FROM {s}.workflows AS w "
             "WHERE ($1::text IS NULL OR w.state = $1) AND ($2::bigint IS NULL OR w.id < $2) "
             "AND ($4::text IS NULL OR w.name = $4) ORDER BY w.id DESC LIMIT $3"
         )

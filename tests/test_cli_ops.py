@@ -542,7 +542,13 @@ async def test_cancel_queued_jobs_and_a_running_job_in_a_worker_process(
                 await adds[0].result(timeout=5)
 
             dry = cli(pg_dsn, schema, "cancel", "--queue", "math", "--dry-run", "--json")
-            assert json.loads(dry.stdout) == {"dry_run": True, "queued": 2, "running": 0}
+            assert json.loads(dry.stdout) == {
+                "dry_run": True,
+                "queued": 2,
+                "running": 0,
+                "waiting": 0,
+                "workflow_steps": 0,
+            }
             bulk = cli(pg_dsn, schema, "cancel", "--queue", "math", "--state", "queued", "--json")
             assert bulk.returncode == 0, bulk.stderr
             result = json.loads(bulk.stdout)

@@ -510,7 +510,13 @@ async def test_cancel_of_a_queued_step_cancels_its_descendants(
     assert line.split()[:4] == ["wfq", "active", "2", "2"]
 
     dry = await cli(pg_dsn, schema, "cancel", str(ids["ok"]), "--dry-run", "--json")
-    assert json.loads(dry.stdout) == {"dry_run": True, "queued": 1, "running": 0}
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "queued": 1,
+        "running": 0,
+        "waiting": 0,
+        "workflow_steps": 1,
+    }
 
     done = await cli(pg_dsn, schema, "cancel", str(ids["ok"]), "--json")
     assert done.returncode == 0, done.stderr
@@ -564,7 +570,13 @@ async def test_cancel_by_filter_takes_waiting_steps_with_their_descendants(
         plain = await ok.enqueue(n=5)
 
     dry = await cli(pg_dsn, schema, "cancel", "--queue", "wfq", "--dry-run", "--json")
-    assert json.loads(dry.stdout) == {"dry_run": True, "queued": 2, "running": 0}
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "queued": 2,
+        "running": 0,
+        "waiting": 1,
+        "workflow_steps": 1,
+    }
     done = await cli(pg_dsn, schema, "cancel", "--queue", "wfq", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -606,7 +618,13 @@ async def test_bulk_retry_skips_workflow_steps_and_says_why(
     step_id = run.job_ids["bad"]
 
     dry = await cli(pg_dsn, schema, "retry", "--all", "--dry-run", "--json")
-    assert json.loads(dry.stdout)["matched"] == 1  # the plain job; the step is not counted
+    # The plain job; the step is not counted there but apart.
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "matched": 1,
+        "key_held": 0,
+        "workflow_steps": 1,
+    }
 
     named = await cli(pg_dsn, schema, "retry", str(step_id), "--json")
     assert named.returncode == 0, named.stderr
@@ -627,3 +645,58 @@ async def test_bulk_retry_skips_workflow_steps_and_says_why(
         assert status.state is taskq.WorkflowState.FAILED  # untouched
         assert (await app.get_job(step_id).status()).state is taskq.JobState.FAILED
         assert (await plain.status()).state is taskq.JobState.QUEUED
+
+
+async def test_retry_and_cancel_texts_name_the_workflow_steps(
+    app: taskq.App, pg_dsn: str, schema: str
+) -> None:
+    @app.task(name="wf.bad", retry=NO_RETRY)
+    async def bad(n: int) -> int:
+        raise RuntimeError(f"bad {n}")
+
+    @app.task(name="wf.ok")
+    async def ok(n: int) -> int:
+        return n
+
+    async with app:
+        wf = taskq.Workflow(name="broken")
+        wf.add(ok, n=wf.add(bad, n=1))
+        run = await wf.enqueue()
+        await app.drain()
+        wf = taskq.Workflow(name="idle")
+        first = wf.add(ok, n=1)
+        wf.add(ok, n=wf.add(ok, n=first))
+        idle = await wf.enqueue()
+
+    note = (
+        "(a step runs again with its workflow, which also runs the steps that depend on it: "
+        f"python -m taskq workflows retry ID; workflow {run.id})"
+    )
+    dry = await cli(pg_dsn, schema, "retry", "--all", "--dry-run")
+    assert dry.stdout.splitlines() == [
+        "would retry 0 jobs (failed jobs)",
+        f"would be skipped: 1 workflow step {note}",
+    ]
+    bulk = await cli(pg_dsn, schema, "retry", "--all")
+    assert bulk.stdout.splitlines() == [
+        "no failed jobs to retry",
+        f"skipped: 1 workflow step {note}",
+    ]
+    named = await cli(pg_dsn, schema, "retry", str(run.job_ids["bad"]), str(run.job_ids["ok"]))
+    assert named.stdout.splitlines() == [
+        "retried 0 jobs",
+        f"skipped: 2 workflow steps {note}",
+    ]
+
+    dry_cancel = await cli(pg_dsn, schema, "cancel", "--task", "wf.ok", "--dry-run")
+    assert dry_cancel.stdout.splitlines() == [
+        "would cancel 3 queued jobs and ask the workers of 0 running jobs to stop them",
+        "3 workflow steps of the queued ones (2 waiting for their parents) would be cancelled "
+        "with the steps that depend on them",
+    ]
+    cancel = await cli(pg_dsn, schema, "cancel", str(idle.job_ids["ok"]))
+    assert cancel.stdout.splitlines() == [
+        "cancelled 1 queued job; asked the workers of 0 running jobs to stop them",
+        "2 workflow steps that depended on them ended with them "
+        "(see python -m taskq workflows show ID)",
+    ]

@@ -20,6 +20,7 @@ import pytest
 
 import taskq
 
+from .conftest import until
 from .ctxapp import EFFECTS_SQL
 from .worker_process import WorkerProcess
 
@@ -100,6 +101,13 @@ async def test_a_worker_killed_inside_the_transaction_did_nothing_and_the_jobs_r
         workers(pg_dsn, schema)  # rescues them once their leases expire, and runs them
         await wait_for_all(app, jobs, timeout=60)
         assert await effects_per_order(app) == dict.fromkeys(range(ORDERS), 1)
+
+        async def results_written() -> bool:
+            # A job reads as succeeded from its commit on; its result is
+            # written a moment later, when the task returns (docs/guarantees.md).
+            return all([(await job.status()).result is not None for job in jobs])
+
+        await until(results_written, 30, "the results written after the commits")
         for job in jobs:
             status = await job.status()
             assert (status.state, status.attempts) == (taskq.JobState.SUCCEEDED, 2)

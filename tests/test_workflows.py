@@ -790,3 +790,46 @@ async def test_ctx_transaction_in_a_step_whose_result_is_passed_on_is_refused(
         assert str(status.step("take-2").state) == "succeeded"
         tags = [r[0] for r in await conn.fetch(f'SELECT tag FROM "{schema}".effects')]
         assert tags == ["ordered-only"]
+
+
+async def test_cancelling_a_map_that_made_its_items_cancels_the_items(
+    app: taskq.App, conn: asyncpg.Connection, schema: str
+) -> None:
+    ran: list[int] = []
+
+    @app.task
+    async def listing() -> list[int]:
+        return [1, 2, 3]
+
+    @app.task
+    async def item(x: int) -> int:
+        ran.append(x)
+        return x
+
+    @app.task
+    async def total(parts: list[int]) -> int:
+        return sum(parts)
+
+    async with app:
+        wf = taskq.Workflow()
+        items = wf.map(item.options(queue="items"), over=wf.add(listing), arg="x")
+        wf.add(total, parts=items)
+        run = await wf.enqueue()
+        await app.drain(queues=["default"])  # listing runs; the items wait in their queue
+        listed = await app.list_workflows()
+        assert listed[0].counts["queued"] == 3 and listed[0].counts["waiting"] == 2
+        assert await (await run.job("item")).cancel() is True
+        with pytest.raises(taskq.WorkflowFailed):
+            await run.result(timeout=10)
+        await app.drain()
+        assert ran == []
+        states = {s.name: str(s.state) for s in (await run.status()).steps}
+        assert states == {
+            "listing": "succeeded",
+            "item": "cancelled",
+            "total": "cancelled",
+            "item[0]": "cancelled",
+            "item[1]": "cancelled",
+            "item[2]": "cancelled",
+        }
+        assert await leftovers(conn, schema, run.id) == 0

@@ -62,7 +62,7 @@ def add_parsers(commands: Commands) -> None:
         "--state",
         action="append",
         choices=LIVE_STATES,
-        help="only queued or only running jobs (repeatable; default both)",
+        help="only waiting workflow steps, queued or running jobs (repeatable; default all)",
     )
     cancel.add_argument(
         "--dry-run", action="store_true", help="print how many jobs would be cancelled"
@@ -167,9 +167,11 @@ async def _retry_bulk(app: App, args: argparse.Namespace, states: list[str]) -> 
         return _dry_run_retry(args, matched, what)
     if not matched.count:
         if args.json:
-            print_json({"matched": 0, **RetryResult().to_dict()})
+            empty = RetryResult(steps_skipped=matched.steps, workflows=list(matched.workflows))
+            print_json({"matched": 0, **empty.to_dict()})
         else:
             print(f"no {what} to retry")
+            _steps_note(matched.steps, list(matched.workflows))
         return EXIT_OK
     progress = Progress("retrying")
     try:
@@ -194,7 +196,14 @@ async def _retry_bulk(app: App, args: argparse.Namespace, states: list[str]) -> 
 
 def _dry_run_retry(args: argparse.Namespace, matched: Matched, what: str) -> int:
     if args.json:
-        print_json({"dry_run": True, "matched": matched.count, "key_held": matched.key_held})
+        print_json(
+            {
+                "dry_run": True,
+                "matched": matched.count,
+                "key_held": matched.key_held,
+                "workflow_steps": matched.steps,
+            }
+        )
         return EXIT_OK
     print(f"would retry {plural(matched.count, 'job')} ({what})")
     if matched.key_held:
@@ -202,6 +211,7 @@ def _dry_run_retry(args: argparse.Namespace, matched: Matched, what: str) -> int
             f"{plural(matched.key_held, 'job')} of them would stay in history: their unique "
             "key is held by a live job (or by another of the jobs retried)"
         )
+    _steps_note(matched.steps, list(matched.workflows), would=True)
     return EXIT_OK
 
 
@@ -214,6 +224,20 @@ def _retry_summary(result: RetryResult) -> None:
             f"not retried: {plural(len(result.key_held), 'job')} whose unique key a live job "
             f"holds (they stay in history): {held}{more}"
         )
+    _steps_note(result.steps_skipped, result.workflows)
+
+
+def _steps_note(steps: int, workflows: list[int], *, would: bool = False) -> None:
+    """Why workflow steps were left alone, and the command that retries them."""
+    if not steps:
+        return
+    shown = ", ".join(map(str, workflows[:10])) + (" ..." if len(workflows) > 10 else "")
+    verb = "would be skipped" if would else "skipped"
+    print(
+        f"{verb}: {plural(steps, 'workflow step')} (a step runs again with its workflow, "
+        f"which also runs the steps that depend on it: python -m taskq workflows retry ID; "
+        f"{'workflow' if len(workflows) == 1 else 'workflows'} {shown})"
+    )
 
 
 # -- cancel ----------------------------------------------------------------------------
@@ -242,12 +266,26 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
                 states=states,
             )
             if args.json:
-                print_json({"dry_run": True, "queued": matched.queued, "running": matched.running})
+                print_json(
+                    {
+                        "dry_run": True,
+                        "queued": matched.queued,
+                        "running": matched.running,
+                        "waiting": matched.waiting,
+                        "workflow_steps": matched.steps,
+                    }
+                )
             else:
                 print(
                     f"would cancel {plural(matched.queued, 'queued job')} and ask the workers "
                     f"of {plural(matched.running, 'running job')} to stop them"
                 )
+                if matched.steps:
+                    print(
+                        f"{plural(matched.steps, 'workflow step')} of the queued ones "
+                        f"({matched.waiting:,} waiting for their parents) would be cancelled "
+                        "with the steps that depend on them"
+                    )
             return EXIT_OK
         if args.ids:
             result = await _admin.cancel_ids(app.database, app.schema, args.ids)
@@ -271,6 +309,13 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
             f"cancelled {plural(len(result.cancelled), 'queued job')}; asked the workers of "
             f"{plural(len(result.requested), 'running job')} to stop them"
         )
+        if result.waiting:
+            print(f"{plural(len(result.waiting), 'workflow step')} of them waited for parents")
+        if result.descendants:
+            print(
+                f"{plural(len(result.descendants), 'workflow step')} that depended on them "
+                "ended with them (see python -m taskq workflows show ID)"
+            )
         for job_id, state in result.finished.items():
             print(f"job {job_id}: not cancelled: it has already finished ({state})")
         _not_found(app, result.not_found)

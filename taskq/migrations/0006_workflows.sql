@@ -82,6 +82,8 @@ CREATE TABLE {schema}.workflow_steps (
     position          integer,
     UNIQUE (workflow_id, name)
 );
+-- The items of a map (cancelling a map cancels its items).
+CREATE INDEX workflow_steps_map ON {schema}.workflow_steps (map_of) WHERE map_of IS NOT NULL;
 
 -- Dependencies. data: the child receives the parent's result (a reference in
 -- its arguments); otherwise it only runs after it (after=[...]). outcome and

@@ -8,6 +8,7 @@
 -- order, as every path that changes a waiting step does. A queued or running
 -- row that another transaction holds at this instant (a claim, a lease
 -- renewal, a write-back) is passed over (SKIP LOCKED): the caller looks again.
+-- A map that has made its items is cancelled with its items.
 -- Returns the ids cancelled now and the ids flagged now.
 CREATE OR REPLACE FUNCTION {schema}.cancel_steps(
     p_ids bigint[], p_reason text, OUT cancelled bigint[], OUT flagged bigint[]
@@ -18,12 +19,17 @@ AS $$
 #variable_conflict use_column
 DECLARE
     v_told bigint;
+    v_ids bigint[];
 BEGIN
+    -- A map that has made its items: its items go with it.
+    v_ids := p_ids || array(
+        SELECT s.job_id FROM {schema}.workflow_steps AS s
+        WHERE s.map_of = ANY(p_ids) AND NOT s.job_id = ANY(p_ids));
     PERFORM 1 FROM {schema}.workflow_steps AS s
-    WHERE s.job_id = ANY(p_ids) ORDER BY s.job_id FOR UPDATE;
+    WHERE s.job_id = ANY(v_ids) ORDER BY s.job_id FOR UPDATE;
     WITH picked AS (
         SELECT j.id FROM {schema}.jobs AS j
-        WHERE j.id = ANY(p_ids) AND j.state IN ('waiting', 'queued')
+        WHERE j.id = ANY(v_ids) AND j.state IN ('waiting', 'queued')
         FOR UPDATE SKIP LOCKED
     ),
     gone AS (
@@ -50,7 +56,7 @@ BEGIN
     SELECT coalesce(array_agg(a.id), '{}') INTO cancelled FROM archived AS a, told;
     WITH picked AS (
         SELECT j.id FROM {schema}.jobs AS j
-        WHERE j.id = ANY(p_ids) AND j.state = 'running' AND NOT j.cancel_requested
+        WHERE j.id = ANY(v_ids) AND j.state = 'running' AND NOT j.cancel_requested
         FOR UPDATE SKIP LOCKED
     ),
     up AS (
