@@ -7,7 +7,7 @@
 - :mod:`.output`: tables, JSON, timestamps, progress, masked DSNs;
 - :mod:`.worker`, :mod:`.migrate`, :mod:`.status`, :mod:`.jobs`,
   :mod:`.ops` (retry, cancel, purge), :mod:`.queues`, :mod:`.cron`,
-  :mod:`.demo`, :mod:`.embedded`: the commands;
+  :mod:`.workflows`, :mod:`.demo`, :mod:`.embedded`: the commands;
 - :mod:`.demo_jobs`: the demo's own App and sample jobs.
 
 The SQL of the operator commands lives in ``taskq._admin``; these modules
