@@ -358,6 +358,10 @@ async def test_queue_depth_by_state_served_from_an_aiohttp_route(app: taskq.App)
         await work.options(queue="held").enqueue()
         await app.queue("held").pause()
         await app.queue("quiet").configure(concurrency_limit=5)  # settings, no jobs
+        # A workflow step waiting for its parent: counted as waiting, not queued.
+        wf = taskq.Workflow()
+        wf.add(work.options(queue="y"), after=[wf.add(work.options(queue="held"))])
+        await wf.enqueue()
         await metrics.refresh()
 
         web_app = web.Application()
@@ -373,13 +377,13 @@ async def test_queue_depth_by_state_served_from_an_aiohttp_route(app: taskq.App)
             def depth(queue: str) -> dict[str, float | None]:
                 return {
                     state: value(samples, "taskq_queue_jobs", queue=queue, state=state)
-                    for state in ("queued", "scheduled", "running")
+                    for state in ("queued", "scheduled", "running", "waiting")
                 }
 
-            assert depth("x") == {"queued": 3, "scheduled": 2, "running": 0}
-            assert depth("y") == {"queued": 1, "scheduled": 0, "running": 1}
-            assert depth("held") == {"queued": 1, "scheduled": 0, "running": 0}
-            assert depth("quiet") == {"queued": 0, "scheduled": 0, "running": 0}
+            assert depth("x") == {"queued": 3, "scheduled": 2, "running": 0, "waiting": 0}
+            assert depth("y") == {"queued": 1, "scheduled": 0, "running": 1, "waiting": 1}
+            assert depth("held") == {"queued": 2, "scheduled": 0, "running": 0, "waiting": 0}
+            assert depth("quiet") == {"queued": 0, "scheduled": 0, "running": 0, "waiting": 0}
             paused = {
                 q: value(samples, "taskq_queue_paused", queue=q)
                 for q in ("x", "y", "held", "quiet")
@@ -394,7 +398,7 @@ async def test_queue_depth_by_state_served_from_an_aiohttp_route(app: taskq.App)
             await app.drain(queues=["x"])
             await metrics.refresh()
             samples = await scrape(url)
-            assert depth("x") == {"queued": 0, "scheduled": 2, "running": 0}
+            assert depth("x") == {"queued": 0, "scheduled": 2, "running": 0, "waiting": 0}
             assert value(samples, "taskq_queue_lag_seconds", queue="x") == 0
         finally:
             await runner.cleanup()

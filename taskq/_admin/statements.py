@@ -61,11 +61,13 @@ class AdminStatements:
         self.queue_depth = (
             "SELECT n.queue, sum(n.queued)::bigint AS queued, "
             "sum(n.scheduled)::bigint AS scheduled, sum(n.running)::bigint AS running, "
+            "sum(n.waiting)::bigint AS waiting, "
             "max(n.lag) AS lag, coalesce(bool_or(q.paused), false) AS paused FROM ("
-            f"SELECT queue, {_live}, extract(epoch FROM now() - min(run_at) "
+            f"SELECT queue, {_live}, count(*) FILTER (WHERE state = 'waiting') AS waiting, "
+            "extract(epoch FROM now() - min(run_at) "
             "FILTER (WHERE state = 'queued' AND run_at <= now()))::float8 AS lag "
             f"FROM {s}.jobs GROUP BY queue "
-            f"UNION ALL SELECT name, 0, 0, 0, NULL FROM {s}.queues) AS n "
+            f"UNION ALL SELECT name, 0, 0, 0, 0, NULL FROM {s}.queues) AS n "
             f"LEFT JOIN {s}.queues AS q ON q.name = n.queue GROUP BY n.queue"
         )
         _finished = (

@@ -126,6 +126,7 @@ class _QueueRow:
     running: int
     paused: bool
     lag: float
+    waiting: int = 0
 
 
 class _QueueCollector:
@@ -150,7 +151,8 @@ class _QueueCollector:
             GaugeMetricFamily(
                 f"{p}queue_jobs",
                 "Live jobs per queue and state: queued (due now), scheduled (due later: "
-                "delayed jobs and retries waiting for their backoff), running (cluster-wide).",
+                "delayed jobs and retries waiting for their backoff), running, waiting "
+                "(workflow steps waiting for their parents) (cluster-wide).",
                 labels=["queue", "state"],
             ),
             GaugeMetricFamily(
@@ -179,6 +181,7 @@ class _QueueCollector:
             jobs.add_metric([queue, "queued"], row.queued)
             jobs.add_metric([queue, "scheduled"], row.scheduled)
             jobs.add_metric([queue, "running"], row.running)
+            jobs.add_metric([queue, "waiting"], row.waiting)
             lag.add_metric([queue], row.lag)
             paused.add_metric([queue], 1.0 if row.paused else 0.0)
         if self.updated is not None:
@@ -430,6 +433,7 @@ class TaskqMetrics:
                 running=int(r["running"]),
                 paused=bool(r["paused"]),
                 lag=max(0.0, float(r["lag"] or 0.0)),
+                waiting=int(r["waiting"]),
             )
             for r in records
         }
