@@ -135,62 +135,11 @@ class Statements:
             "FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token) "
             "WHERE j.id = u.id AND j.lease_token = u.token RETURNING j.id, j.cancel_requested"
         )
-        # Rescue: a running job whose lease ran out belongs to a dead or
-        # partitioned worker. The rows are locked and re-checked in the same
-        # statement (FOR UPDATE re-evaluates the condition on the newest row
-        # version, and SKIP LOCKED passes over a row that a completion is
-        # writing), so a completion or renewal that lands first wins and
-        # nothing is re-queued behind its back. A job is not queued again when
-        # its attempts are used up, when it was rescued too often (poison: it
-        # takes its worker down every time), or when it was being cancelled.
-        # The rescue's error is added to the job's errors (not a cancel's), and
-        # it never sets requeued_by or history.lease_token: those name an
-        # attempt whose own outcome was written, and a rescued attempt's
-        # worker must not take the rescue for its outcome (see finish()).
-        # Workflow steps it ended go to steps_ended() in the same transaction
-        # (Store.rescue_expired).
+        # Rescue: re-queue or end running jobs whose lease ran out (see
+        # rescue(): one statement, and the workflow steps it ends release or
+        # cancel their children in the same transaction).
         self.rescue = (
-            f"WITH expired AS (SELECT id FROM {s}.jobs WHERE state = 'running' "
-            "AND lease_expires_at < now() LIMIT 1000 FOR UPDATE SKIP LOCKED), "
-            f"requeued AS (UPDATE {s}.jobs AS j SET state = 'queued', run_at = now(), "
-            "worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, "
-            "rescues = j.rescues + 1, last_error = x.error, "
-            f"errors = {s}.append_error(j.errors, j.attempts, x.error) "
-            "FROM expired AS e, (SELECT jsonb_build_object('type', "
-            "'taskq.LeaseExpired', 'message', 'the worker running this job stopped renewing "
-            "its lease (it crashed, was killed or lost its database connection)', "
-            "'traceback', '') AS error) AS x "
-            "WHERE j.id = e.id AND NOT j.cancel_requested AND j.attempts < j.max_attempts "
-            "AND j.rescues + 1 < $3 RETURNING j.id, j.queue), "
-            f"ended AS (DELETE FROM {s}.jobs AS j USING expired AS e "
-            "WHERE j.id = e.id AND (j.cancel_requested OR j.attempts >= j.max_attempts "
-            "OR j.rescues + 1 >= $3) RETURNING j.*), "
-            f"archived AS (INSERT INTO {s}.history (id, queue, task, args, state, priority, "
-            "attempts, max_attempts, rescues, enqueued_at, started_at, worker_id, error, "
-            "unique_key, meta, progress, errors, requeued_by, workflow_id, step, inputs) "
-            "SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues + 1, "
-            "enqueued_at, started_at, worker_id, err, unique_key, meta, progress, "
-            f"CASE WHEN kind = 'failed' THEN {s}.append_error(errors, attempts, err) "
-            "ELSE errors END, requeued_by, workflow_id, step, inputs FROM (SELECT ended.*, "
-            "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END AS kind, CASE "
-            "WHEN cancel_requested THEN jsonb_build_object('type', 'taskq.JobCancelled', "
-            "'message', 'cancelled; its worker stopped renewing the lease', 'traceback', '') "
-            "WHEN rescues + 1 >= $3 THEN jsonb_build_object('type', 'taskq.PoisonJob', "
-            "'message', format('its worker stopped renewing the lease %s times in a row (it "
-            "crashed, was killed or was cut off each time it ran this job); not run again', "
-            "rescues + 1), 'traceback', '') "
-            "ELSE jsonb_build_object('type', 'taskq.LeaseExpired', 'message', 'the worker "
-            "running its last attempt stopped renewing the lease; no attempts left', "
-            "'traceback', '') END AS err FROM ended) AS x RETURNING id, state, workflow_id) "
-            "SELECT (SELECT coalesce(array_agg(id), '{}') FROM requeued) AS requeued, "
-            "(SELECT coalesce(array_agg(id), '{}') FROM archived) AS ended, "
-            "(SELECT coalesce(array_agg(id), '{}') FROM archived WHERE workflow_id IS NOT NULL) "
-            "AS ended_steps, "
-            "(SELECT count(pg_notify($1, ids)) FROM (SELECT string_agg(id::text, ',') AS ids "
-            "FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM archived) AS c "
-            "GROUP BY chunk) AS n) AS notified, "
-            "(SELECT count(pg_notify($2, queue)) FROM (SELECT DISTINCT queue FROM requeued) AS q) "
-            "AS woken"
+            f"SELECT requeued_ids AS requeued, ended_ids AS ended FROM {s}.rescue($1, $2, $3)"
         )
         self.get_job = (
             f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
@@ -255,7 +204,6 @@ class Statements:
             "ORDER BY queue, state"
         )
         self.prune = f"SELECT {s}.prune($1, $2)"
-        self.steps_ended = f"SELECT {s}.steps_ended($1::bigint[])"
         # Whose a workflow step's result is: the steps that take it, or the
         # workflow's (a step without children); NULL when nothing takes it.
         self.step_result_used = (

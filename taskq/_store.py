@@ -257,13 +257,9 @@ class Store:
         Ended jobs went to history as failed (no attempts left, or poison after
         ``max_rescues`` rescues) or cancelled (a cancel was pending).
         """
-        async with conn.transaction():
-            row = await conn.fetchrow(
-                self._sql.rescue, self.finished_channel, self.enqueued_channel, max_rescues
-            )
-            if row["ended_steps"]:
-                # Their children are released or cancelled with the rescue.
-                await conn.execute(self._sql.steps_ended, row["ended_steps"])
+        row = await conn.fetchrow(
+            self._sql.rescue, self.finished_channel, self.enqueued_channel, max_rescues
+        )
         return list(row["requeued"]), list(row["ended"])
 
     async def register_worker(

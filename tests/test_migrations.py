@@ -48,6 +48,7 @@ ADDED_SINCE_VERSION_3: set[str] = {
     "workflow_enqueue",
     "cancel_steps",
     "workflow_retry",
+    "rescue",  # the rescue statement, now a function that also calls steps_ended()
 }
 
 NewSchema = Callable[[], str]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+import time
+import uuid
 from typing import Any
 
 import anyio
@@ -16,6 +18,8 @@ import pytest
 
 import taskq
 from taskq import testing
+from taskq._store import ClaimedJob
+from taskq.worker.state import RunningJob
 
 from .conftest import PYTHON, ROOT, subprocess_env
 
@@ -256,3 +260,34 @@ def test_the_exactly_once_example_runs(pg_dsn: str, schema: str) -> None:
         "paid 49.90",
         "succeeded, 1 payment, progress: recording the payment",
     ]
+
+
+async def test_a_lease_renewal_during_the_commit_leaves_the_task_running(
+    app: taskq.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal that finds the job gone because its own commit ended it is no lost lease.
+
+    The renewal can land on the commit: it waits for the job's row, which the
+    commit deletes. If its answer is read before the commit's, the job looks
+    taken over; cancelling the task then would leave its result unwritten.
+    While the commit is under way (``committing``), the lease keeper and the
+    watchdog leave the job to it; any other job missing from the answer is lost.
+    """
+    async with app:
+        worker = taskq.Worker(app, taskq.WorkerConfig.make(lease_seconds=30))
+        state, keeper = worker._state, worker._leases  # the worker's own parts
+
+        def gone_job(job_id: int, committing: bool) -> RunningJob:
+            job = ClaimedJob(job_id, "t", "default", "{}", 1, 1, uuid.uuid4(), 0)
+            running = RunningJob(job, time.monotonic() + 30)
+            running.committing = committing
+            state.running[job_id] = running
+            return running
+
+        committing = gone_job(10**12, committing=True)
+        other = gone_job(10**12 + 1, committing=False)
+        with caplog.at_level(logging.WARNING, logger="taskq"):
+            await keeper.renew()
+        assert committing.stop_reason is None
+        assert other.stop_reason == "lost"
+        assert caplog.text.count("lost its lease") == 1

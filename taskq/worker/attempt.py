@@ -315,6 +315,15 @@ class AttemptControl:
             )
 
     async def _commit(self, conn: Any, tx: Any, backend_pid: int) -> None:
+        # While the commit is under way, a lease renewal that finds the job
+        # gone (it was this commit that ended it) must not cancel the task.
+        self._running.committing = True
+        try:
+            await self._commit_job(conn, tx, backend_pid)
+        finally:
+            self._running.committing = False
+
+    async def _commit_job(self, conn: Any, tx: Any, backend_pid: int) -> None:
         job = self._running.job
         pending = await self._close_progress()
         with translate_errors("committing the job's transaction", in_flight=True):

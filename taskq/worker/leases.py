@@ -83,6 +83,8 @@ class LeaseKeeper:
             if running is None or running.stop_reason is not None:
                 continue
             if job_id not in renewed:
+                if running.committing:
+                    continue  # ended by its own ctx.transaction() commit, which settles it
                 log.warning("job %s: this worker lost its lease; cancelling it here", job_id)
                 running.stop("lost")
                 continue
@@ -113,7 +115,9 @@ class LeaseWatchdog:
             doomed = [
                 r
                 for r in self._state.running.values()
-                if r.stop_reason is None and r.lease_deadline - now < margin
+                # A job committing its ctx.transaction() holds its row's lock:
+                # nobody can take it over meanwhile, and the commit settles it.
+                if r.stop_reason is None and not r.committing and r.lease_deadline - now < margin
             ]
             if doomed:
                 log.warning(

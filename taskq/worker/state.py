@@ -64,6 +64,10 @@ class RunningJob:
     # Why we cancelled it, if we did: "release" (shutdown), "cancel" (the user
     # asked), "lost" (our lease was taken over).
     stop_reason: str | None = None
+    # Its ctx.transaction() is committing: the job's row may be gone because
+    # this very commit ended it (the lease keeper must not take that for a
+    # lost lease).
+    committing: bool = False
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
