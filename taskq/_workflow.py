@@ -131,6 +131,7 @@ class Workflow:
         self.name = name
         self.meta = dict(meta) if meta else None
         self._steps: dict[str, _Step] = {}
+        self._numbers: dict[str, int] = {}
         self._owner: Any = None
 
     def __repr__(self) -> str:
@@ -292,10 +293,14 @@ class Workflow:
         base = (
             task.name.rsplit(".", 1)[-1][: MAX_NAME_LENGTH - 8].replace("[", "(").replace("]", ")")
         )
-        name, n = base, 1
+        # Numbered from the last number given to this base (a scan from 1
+        # would make adding n steps of one task quadratic).
+        n = self._numbers.get(base, 0)
+        name = base if n == 0 else f"{base}-{n + 1}"
         while name in self._steps:
             n += 1
-            name = f"{base}-{n}"
+            name = f"{base}-{n + 1}"
+        self._numbers[base] = n + 1
         return name
 
     def _refs(self, refs: Iterable[StepRef], what: str) -> list[StepRef]:

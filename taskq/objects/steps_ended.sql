@@ -25,6 +25,9 @@ CREATE OR REPLACE FUNCTION {schema}.steps_ended(p_ids bigint[])
 RETURNS void
 LANGUAGE plpgsql
 SET jit = off
+-- Its statements look rows up by primary key: planning them on every call
+-- (custom plans) cost more than running them.
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -41,6 +44,7 @@ DECLARE
     v_step record;
     v_done bigint[];
     v_told bigint;
+    v_workflows bigint[];
 BEGIN
     WHILE coalesce(cardinality(v_ids), 0) > 0 LOOP
         v_all := v_all || v_ids;
@@ -122,10 +126,13 @@ BEGIN
         v_ids := v_next;
     END LOOP;
 
-    -- 5. The workflows' counts, rows locked in id order.
+    -- 5. The workflows' counts, rows locked in id order. (Their ids are read
+    -- by the steps' primary key first: a subquery here got a generic plan
+    -- that read every step of the workflow on each call.)
+    SELECT array_agg(DISTINCT s.workflow_id) INTO v_workflows
+    FROM {schema}.workflow_steps AS s WHERE s.job_id = ANY(v_all);
     PERFORM 1 FROM {schema}.workflows AS w
-    WHERE w.id IN (SELECT h.workflow_id FROM {schema}.history AS h WHERE h.id = ANY(v_all))
-    ORDER BY w.id FOR UPDATE;
+    WHERE w.id = ANY(v_workflows) ORDER BY w.id FOR UPDATE;
     WITH ended AS (
         SELECT h.workflow_id AS wid, h.state, h.step, h.result, s.sink
         FROM {schema}.history AS h JOIN {schema}.workflow_steps AS s ON s.job_id = h.id
@@ -159,7 +166,7 @@ BEGIN
             WHEN (SELECT count(*) FROM jsonb_object_keys(coalesce(w.results, '{}'::jsonb)))
                 >= cardinality(w.sinks) THEN 'succeeded'
             ELSE 'failed' END
-        WHERE w.id IN (SELECT h.workflow_id FROM {schema}.history AS h WHERE h.id = ANY(v_all))
+        WHERE w.id = ANY(v_workflows)
             AND w.finished_at IS NULL AND w.succeeded + w.failed + w.cancelled >= w.steps
         RETURNING w.id
     )

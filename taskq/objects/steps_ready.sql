@@ -22,6 +22,9 @@ CREATE OR REPLACE FUNCTION {schema}.steps_ready(
 )
 LANGUAGE plpgsql
 SET jit = off
+-- Its statements look rows up by primary key: planning them on every call
+-- (custom plans) cost more than running them.
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
