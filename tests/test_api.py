@@ -10,6 +10,8 @@ import tenacity
 
 import taskq
 
+from .conftest import ROOT
+
 
 def test_public_names_are_exactly_all() -> None:
     # Subpackages (taskq.contrib) appear as attributes once imported; they are
@@ -24,6 +26,14 @@ def test_public_names_are_exactly_all() -> None:
         assert getattr(taskq, name) is not None
 
 
+def test_every_public_name_is_in_the_api_reference() -> None:
+    reference = (ROOT / "docs" / "reference" / "api.md").read_text()
+    missing = [
+        n for n in taskq.__all__ if n != "__version__" and f"::: taskq.{n}\n" not in reference
+    ]
+    assert missing == []
+
+
 def test_every_error_derives_from_taskq_error() -> None:
     errors = [
         taskq.ConfigurationError,
@@ -35,6 +45,10 @@ def test_every_error_derives_from_taskq_error() -> None:
         taskq.JobError,
         taskq.JobFailed,
         taskq.JobCancelled,
+        taskq.WorkflowNotFound,
+        taskq.WorkflowError,
+        taskq.WorkflowFailed,
+        taskq.WorkflowCancelled,
     ]
     for error in errors:
         assert issubclass(error, taskq.TaskqError)
