@@ -278,18 +278,14 @@ class Workflows:
         results = decode(row["results"]) or {}
         sinks = list(row["sinks"])
         async with self._db.acquire("reading a workflow") as conn:
-            tasks = {r["name"]: (r["task"], r["kind"]) for r in await self._sink_rows(conn, row)}
+            rows = await self._store.sinks(conn, workflow_id)
+        tasks = {r["name"]: (r["task"], r["kind"]) for r in rows}
         values = {
             name: self._decode(results.get(name), *tasks.get(name, ("", ""))) for name in sinks
         }
         if len(sinks) == 1:
             return values[sinks[0]]
         return values
-
-    async def _sink_rows(self, conn: Any, row: Any) -> list[Any]:
-        rows = await self._store.steps(conn, row["id"]) if row["sinks"] else []
-        wanted = set(row["sinks"])
-        return [r for r in rows if r["name"] in wanted]
 
     def _decode(self, value: Any, task_name: str, kind: str) -> Any:
         task = self._registry.tasks.get(task_name)

@@ -56,6 +56,13 @@ class WorkflowStore:
             f"LEFT JOIN {s}.history AS h ON h.id = s.job_id "
             "WHERE s.workflow_id = $1 ORDER BY s.job_id"
         )
+        # The steps without children, with their tasks (to decode the result).
+        self._sinks = (
+            "SELECT s.name, coalesce(j.task, h.task) AS task, s.kind "
+            f"FROM {s}.workflow_steps AS s LEFT JOIN {s}.jobs AS j ON j.id = s.job_id "
+            f"LEFT JOIN {s}.history AS h ON h.id = s.job_id "
+            "WHERE s.workflow_id = $1 AND s.sink"
+        )
         # Newest first, by id (keyset: $2 is the last id seen), by state; the
         # live steps of running workflows counted like _get's.
         self._list = (
@@ -97,6 +104,10 @@ class WorkflowStore:
 
     async def steps(self, conn: Conn, workflow_id: int) -> list[Any]:
         return list(await conn.fetch(self._steps, workflow_id))
+
+    async def sinks(self, conn: Conn, workflow_id: int) -> list[Any]:
+        """(name, task, kind) of the workflow's steps without children."""
+        return list(await conn.fetch(self._sinks, workflow_id))
 
     async def list_workflows(
         self,
