@@ -73,9 +73,12 @@ BEGIN
         v_cancel := NULL;
         v_ready := NULL;
         IF v_children IS NOT NULL THEN
-            -- 2. The children, locked in id order, then counted down.
-            PERFORM 1 FROM {schema}.workflow_steps AS s
-            WHERE s.job_id = ANY(v_children) ORDER BY s.job_id FOR UPDATE;
+            -- 2. The children, locked in id order, then counted down (one
+            --    child: the update locks it).
+            IF cardinality(v_children) > 1 THEN
+                PERFORM 1 FROM {schema}.workflow_steps AS s
+                WHERE s.job_id = ANY(v_children) ORDER BY s.job_id FOR UPDATE;
+            END IF;
             WITH u AS (
                 UPDATE {schema}.workflow_steps AS s SET pending = s.pending - g.n,
                     failed_parent = coalesce(s.failed_parent, g.failed)
@@ -136,8 +139,10 @@ BEGIN
     -- (No DISTINCT: its generic plan walked a whole index for the order.)
     v_workflows := array(
         SELECT s.workflow_id FROM {schema}.workflow_steps AS s WHERE s.job_id = ANY(v_all));
-    PERFORM 1 FROM {schema}.workflows AS w
-    WHERE w.id = ANY(v_workflows) ORDER BY w.id FOR UPDATE;
+    IF EXISTS (SELECT FROM unnest(v_workflows) AS x WHERE x <> v_workflows[1]) THEN
+        PERFORM 1 FROM {schema}.workflows AS w
+        WHERE w.id = ANY(v_workflows) ORDER BY w.id FOR UPDATE;
+    END IF;
     WITH ended AS (
         SELECT h.workflow_id AS wid, h.state, h.step, h.result, s.sink
         FROM {schema}.history AS h JOIN {schema}.workflow_steps AS s ON s.job_id = h.id
