@@ -188,6 +188,14 @@ class Workflows:
         """Workflows, newest first (``before_id``: the page after that id)."""
         if state is not None:
             WorkflowState(state)  # ValueError for an unknown state
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        if before_id is not None and (
+            not isinstance(before_id, int)
+            or isinstance(before_id, bool)
+            or not is_bigint(before_id)
+        ):
+            raise ValueError(f"before_id must be a workflow id (an int), got {before_id!r}")
         async with self._db.acquire("listing workflows") as conn:
             rows = await self._store.list_workflows(
                 conn, state=state, before_id=before_id, limit=limit, name=name

@@ -686,6 +686,10 @@ async def test_list_workflows_by_state_and_page(app: taskq.App) -> None:
         assert listed[0].counts["succeeded"] == 1 and listed[0].steps == []
         with pytest.raises(ValueError, match="bogus"):
             await app.list_workflows(state="bogus")
+        with pytest.raises(ValueError, match="limit must be a positive int"):
+            await app.list_workflows(limit=0)
+        with pytest.raises(ValueError, match="before_id must be a workflow id"):
+            await app.list_workflows(before_id="7")  # type: ignore[arg-type]
         with pytest.raises(taskq.WorkflowNotFound):
             await app.get_workflow(10**15).status()
 
