@@ -27,6 +27,12 @@ log = logging.getLogger("taskq")
 #: While waiting for a result, re-read the job this often in case a
 #: notification was lost (the wake-up itself comes from LISTEN).
 RESULT_RECHECK_SECONDS = 5.0
+#: A job a ctx.transaction() ended reads as succeeded, without its result,
+#: from its commit until its task returns and the result is written; that
+#: write announces the end. A waiter that finds a succeeded job with no result
+#: without having been told (a re-read after a reconnect, or on its timer)
+#: waits this long more for the announcement before taking None for the result.
+RESULT_WRITE_GRACE_SECONDS = 5.0
 #: A worker whose heartbeat is older than this counts as gone when a timed-out
 #: ``job.result()`` explains the wait (workers beat every lease/3, 10 s by default).
 LIVE_WORKER_SECONDS = 60.0
@@ -49,7 +55,9 @@ class Results:
         self._store = store
         self._registry = registry
         self._schema = schema
-        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        # A waiter's future is set True by the job's announcement, False by a
+        # reconnect of the listener (announcements may have been lost).
+        self._waiters: dict[int, list[asyncio.Future[bool]]] = {}
         self._notifier: Notifier | None = None
 
     async def _listen(self) -> Notifier:
@@ -79,13 +87,13 @@ class Results:
                 continue
             for fut in self._waiters.get(job_id, ()):
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(True)
 
     def _wake_all(self) -> None:
         for futures in self._waiters.values():
             for fut in futures:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(False)
 
     def job(self, job_id: int) -> Job:
         """A handle on an existing job, e.g. from an id sent in an earlier request."""
@@ -112,21 +120,38 @@ class Results:
         await self._listen()
         loop = asyncio.get_running_loop()
         futures = self._waiters.setdefault(job_id, [])
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[bool] = loop.create_future()
         futures.append(fut)
+        told = False  # the last read followed the job's announcement
+        grace_used = False
         try:
             with anyio.fail_after(timeout):
                 # Ask for the announcement, then read: a finish landing between
                 # the two is seen by the read, one landing after is announced.
                 async with self._db.acquire("waiting for a job") as conn:
-                    await self._store.mark_awaited(conn, job_id)
+                    announced = await self._store.mark_awaited(conn, job_id)
                 while True:
                     status = await self.status(job_id)
                     if status.state.finished:
-                        return status
-                    with anyio.move_on_after(RESULT_RECHECK_SECONDS):
+                        if (
+                            status.state is not JobState.SUCCEEDED
+                            or status.result is not None
+                            or told
+                            or grace_used
+                            or not announced
+                        ):
+                            return status
+                        # Maybe ended by a ctx.transaction() whose result is
+                        # not written yet: its write announces the end.
+                        grace_used = True
+                        wait = RESULT_WRITE_GRACE_SECONDS
+                    else:
+                        wait = RESULT_RECHECK_SECONDS
+                    told = False
+                    with anyio.move_on_after(wait):
                         await asyncio.shield(fut)
                     if fut.done():
+                        told = fut.result()
                         futures.remove(fut)
                         fut = loop.create_future()
                         futures.append(fut)

@@ -171,10 +171,14 @@ class Statements:
         # This UPDATE locks a queued job's row for a moment; a claim running
         # then passes over it (SKIP LOCKED) and its worker may go back to sleep
         # until the next poll. So a job that is due is announced again.
+        # Returns whether the job is live and awaited now: its end will be
+        # announced (by finish(), or by set_result() after a ctx.transaction()).
         self.await_job = (
             f"WITH a AS (UPDATE {s}.jobs SET awaited = true WHERE id = $1 AND NOT awaited "
-            "RETURNING queue, state, run_at) "
-            "SELECT pg_notify($2, queue) FROM a WHERE state = 'queued' AND run_at <= now()"
+            "RETURNING queue, state, run_at), "
+            "n AS (SELECT pg_notify($2, queue) FROM a WHERE state = 'queued' AND run_at <= now()) "
+            "SELECT (SELECT count(*) FROM n) >= 0 AND (EXISTS (SELECT FROM a) "
+            f"OR EXISTS (SELECT FROM {s}.jobs WHERE id = $1 AND awaited))"
         )
         self.request_cancel = (
             f"UPDATE {s}.jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' "

@@ -332,9 +332,9 @@ class Store:
         row = await conn.fetchrow(self._sql.cancel_steps, job_ids, reason)
         return list(row[0]), list(row[1])
 
-    async def mark_awaited(self, conn: Conn, job_id: int) -> None:
-        """Have the job's end announced on the finished channel."""
-        await conn.execute(self._sql.await_job, job_id, self.enqueued_channel)
+    async def mark_awaited(self, conn: Conn, job_id: int) -> bool:
+        """Have the job's end announced on the finished channel; False if it has ended."""
+        return bool(await conn.fetchval(self._sql.await_job, job_id, self.enqueued_channel))
 
     async def request_cancel(self, conn: Conn, job_id: int) -> bool:
         """Flag a running job for cancellation and tell its worker; False if not running."""

@@ -291,3 +291,33 @@ async def test_a_lease_renewal_during_the_commit_leaves_the_task_running(
         assert committing.stop_reason is None
         assert other.stop_reason == "lost"
         assert caplog.text.count("lost its lease") == 1
+
+
+async def test_a_waiter_woken_between_the_commit_and_the_result_gets_the_result(
+    app: taskq.App,
+) -> None:
+    """Between its commit and its return the job reads as succeeded with no result.
+
+    A waiter that re-reads it then (here: woken as after a reconnect of the
+    listener, when announcements may have been lost) waits for the result's
+    announcement instead of taking None.
+    """
+    committed = asyncio.Event()
+
+    @app.task
+    async def pay(ctx: taskq.JobContext) -> str:
+        async with ctx.transaction():
+            pass
+        committed.set()
+        await asyncio.sleep(1.0)  # the gap: succeeded, result not written yet
+        return "paid"
+
+    async with app:
+        job = await pay.enqueue()
+        waiter = asyncio.create_task(job.result(timeout=30))
+        await asyncio.sleep(0.3)  # the waiter asked for the announcement
+        async with app.worker(concurrency=1):
+            await asyncio.wait_for(committed.wait(), 30)
+            await asyncio.sleep(0.1)
+            app.results._wake_all()  # what a reconnect of the listener does
+            assert await waiter == "paid"
