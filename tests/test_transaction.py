@@ -143,8 +143,11 @@ async def test_a_waiter_gets_the_result_the_task_returns_after_the_commit(
     async with app:
         await make_effects(app)
         job = await slow_return.enqueue()
+        # Waiting since before the commit (the documented case: a waiter that
+        # starts between the commit and the return reads no result yet).
+        waiter = asyncio.ensure_future(job.result(timeout=20))
+        await asyncio.sleep(0.3)
         async with app.worker():
-            waiter = asyncio.ensure_future(job.result(timeout=20))
             await committed.wait()
             # Committed: succeeded already, but the waiter hears of it only
             # once the result is written.
