@@ -44,7 +44,6 @@ from ._serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from ._store import Store
 from ._task import Task, TaskSettings, make_task
 from ._workflow_run import WorkflowRun, Workflows, WorkflowStatus
-from ._workflow_store import WorkflowStore
 from .worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -144,7 +143,7 @@ class App:
             max_payload_bytes=self.max_payload_bytes,
         )
         #: Workflow handles: waiting, status, cancel and retry (``get_workflow()``).
-        self.workflows = Workflows(database, WorkflowStore(schema), self.results, self.registry)
+        self.workflows = Workflows(database, self.store, self.results, self.registry, schema)
 
     def use_database(self, dsn: str | None, *, schema: str, listen_dsn: str | None = None) -> None:
         """Point this (closed) App at another database and schema; the registry stays.

@@ -19,6 +19,7 @@ from ._job import Job, JobState
 from ._registry import Registry
 from ._results import Results, is_bigint
 from ._serialization import decode
+from ._store import Store
 from ._workflow_store import WorkflowStore
 
 log = logging.getLogger("taskq")
@@ -142,10 +143,11 @@ class Workflows:
     """Workflow handles and what they ask of the database."""
 
     def __init__(
-        self, database: Database, store: WorkflowStore, results: Results, registry: Registry
+        self, database: Database, jobs: Store, results: Results, registry: Registry, schema: str
     ) -> None:
         self._db = database
-        self._store = store
+        self._store = WorkflowStore(schema)
+        self._jobs = jobs  # the job path's statements: cancel_steps()
         self._results = results
         self._registry = registry
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
@@ -318,7 +320,7 @@ class Workflows:
                     ids = await self._store.lock_and_list_live(conn, workflow_id)
                     if not ids:
                         break
-                    cancelled, flagged = await self._store.cancel_steps(
+                    cancelled, flagged = await self._jobs.cancel_steps(
                         conn, ids, "cancelled with its workflow"
                     )
                 if len(cancelled) + len(flagged) == len(ids):

@@ -87,7 +87,6 @@ class WorkflowStore:
         self._live_steps = (
             f"SELECT id FROM {s}.jobs WHERE workflow_id = $1 AND NOT cancel_requested ORDER BY id"
         )
-        self._cancel_steps = f"SELECT cancelled, flagged FROM {s}.cancel_steps($1::bigint[], $2)"
         self._retry = f"SELECT {s}.workflow_retry($1)"
         self._exists = f"SELECT finished_at IS NULL FROM {s}.workflows WHERE id = $1"
 
@@ -136,12 +135,6 @@ class WorkflowStore:
         """In a transaction: lock the workflow's steps; the live ones not asked to cancel."""
         await conn.execute(self._lock_steps, workflow_id)
         return await self.live_steps(conn, workflow_id)
-
-    async def cancel_steps(
-        self, conn: Conn, job_ids: list[int], reason: str
-    ) -> tuple[list[int], list[int]]:
-        row = await conn.fetchrow(self._cancel_steps, job_ids, reason)
-        return list(row[0]), list(row[1])
 
     async def retry(self, conn: Conn, workflow_id: int) -> int:
         """Put a finished workflow's failed and cancelled steps back; how many."""
