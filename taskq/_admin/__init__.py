@@ -5,6 +5,7 @@ cancel and purge.
 - :mod:`.status`: the ``status`` report (counts per queue, live workers).
 - :mod:`.jobs`: one job in full, and listings by state, queue and task.
 - :mod:`.bulk`: retry, cancel and purge by id or by filter, in batches.
+- :mod:`.why`: why a job is not running, by the rules the claim applies.
 
 The async functions take the :class:`taskq._database.Database` they get their
 connections from and the schema they act on; they never see the App.
@@ -41,6 +42,7 @@ from .jobs import (
 )
 from .statements import AdminStatements, statements
 from .status import QueueStatus, StatusReport, WorkerStatus, status
+from .why import Explanation, Reason, why_not_running
 
 __all__ = [
     "ALL_STATES",
@@ -50,10 +52,12 @@ __all__ = [
     "RETRYABLE_STATES",
     "AdminStatements",
     "CancelResult",
+    "Explanation",
     "JobDetail",
     "Matched",
     "Progress",
     "QueueStatus",
+    "Reason",
     "RetryResult",
     "StatusReport",
     "WorkerStatus",
@@ -72,4 +76,5 @@ __all__ = [
     "statements",
     "status",
     "task_in_history",
+    "why_not_running",
 ]
