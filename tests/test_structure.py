@@ -7,7 +7,7 @@ checked the moment it exists:
   imports under ``if TYPE_CHECKING:`` count too: a cycle there is a tangle
   all the same);
 - only the public face imports ``taskq._app``: ``taskq/__init__.py``,
-  ``taskq/cli/`` and ``taskq/contrib/``;
+  ``taskq/cli/``, ``taskq/contrib/`` and ``taskq/dashboard/``;
 - no module uses another module's ``_private`` names: neither imports them,
   nor reads them off an imported module, nor calls a private method or
   attribute that only another module's classes define (``app._acquire``);
@@ -29,7 +29,7 @@ from .conftest import ROOT
 PACKAGE = ROOT / "taskq"
 MAX_LINES = 600
 # Where `taskq._app` may be imported: the public face and what builds on it.
-APP_IMPORTERS = ("taskq", "taskq.cli", "taskq.contrib")
+APP_IMPORTERS = ("taskq", "taskq.cli", "taskq.contrib", "taskq.dashboard")
 
 
 @dataclass
