@@ -1,4 +1,5 @@
-"""``jobs list`` and ``jobs show``: live and finished jobs, and one job in full."""
+"""``jobs list``, ``jobs show`` and ``jobs why``: live and finished jobs, one job in full,
+and why one is not running."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import argparse
 import difflib
 from typing import Any
 
-from .._admin import ALL_STATES, get_job, known_tasks, list_jobs, task_in_history
+from .._admin import (
+    ALL_STATES,
+    get_job,
+    known_tasks,
+    list_jobs,
+    task_in_history,
+    why_not_running,
+)
 from .._app import App
 from .connect import app_for, opened
 from .exits import EXIT_OK, UsageError
@@ -43,6 +51,13 @@ def add_parser(commands: Commands) -> None:
     json_option(show)
     db_options(show)
     show.set_defaults(handler=cmd_jobs_show)
+    why = actions.add_parser(
+        "why", help="why a job is not running: every reason that holds now, most important first"
+    )
+    why.add_argument("id", type=positive_int, help="the job id")
+    json_option(why)
+    db_options(why)
+    why.set_defaults(handler=cmd_jobs_why)
 
 
 async def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -143,6 +158,19 @@ async def cmd_jobs_show(args: argparse.Namespace) -> int:
         for e in s.errors:
             text = f"{e.get('type')}: {e.get('message')}".replace("\n", " ")
             print(f"    attempt {e.get('attempt')}  {e.get('at') or '-'}  {text}")
+    return EXIT_OK
+
+
+async def cmd_jobs_why(args: argparse.Namespace) -> int:
+    app = app_for(args)
+    async with opened(app, args):
+        explained = await why_not_running(app.database, app.schema, args.id)
+    if args.json:
+        print_json(explained.to_dict())
+        return EXIT_OK
+    print(f"job {explained.job_id} is {explained.state}:")
+    for reason in explained.reasons:
+        print(f"  {reason.code}: {reason.message}")
     return EXIT_OK
 
 
