@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 import taskq
+from taskq._admin.why import AHEAD_CAP, why_statements
 from taskq._statements import Statements
 from taskq._workflow_store import WorkflowStore
 
@@ -151,6 +152,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     assert "Seq Scan" not in plan, plan
 
     await check_workflow_plans(app, conn)
+    await check_why_plans(app, conn)
 
 
 async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
@@ -228,3 +230,30 @@ async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None
     assert "workflow_edges" in plans[0] and "workflow_steps" in plans[0], plans[0]
     assert "history_workflow" in plans[2] or "history_pkey" in plans[2], plans[2]
     assert "workflow_retry" in plans[5] or "history_workflow" in plans[5], plans[5]
+
+
+async def check_why_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """``why_not_running()`` reads a job, its queue, its workers and the jobs ahead by index."""
+    sql = why_statements(app.schema)
+    s = f'"{app.schema}"'
+    job = await conn.fetchrow(f"SELECT id, priority, run_at FROM {s}.jobs WHERE id = $1", ROWS // 2)
+    plans = {
+        "live_job": await explain(conn, sql.live_job, job["id"]),
+        "finished_job": await explain(conn, sql.finished_job, ROWS + 7),
+        "queue": await explain(conn, sql.queue, "q3"),
+        "task": await explain(conn, sql.task, "plan.task"),
+        "running_by_worker": await explain(conn, sql.running_by_worker, ["w1", "w2"]),
+        "ahead": await explain(
+            conn, sql.ahead, "q2", job["priority"], job["run_at"], job["id"], AHEAD_CAP
+        ),
+        "edge_counts": await explain(conn, sql.edge_counts, job["id"]),
+        "parents": await explain(conn, sql.parents, job["id"], 20),
+    }
+    for name, plan in plans.items():
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+    assert "jobs_pkey" in plans["live_job"] and "history_pkey" in plans["finished_job"]
+    assert "jobs_running" in plans["queue"] and "jobs_running" in plans["running_by_worker"]
+    assert "jobs_claim" in plans["ahead"], plans["ahead"]
+    assert "Sort" not in plans["ahead"].replace("Sort Key", ""), plans["ahead"]
+    assert "workflow_edges_child" in plans["edge_counts"], plans["edge_counts"]
