@@ -183,11 +183,14 @@ class Browser:
             self.driver.save_screenshot(str(path))
             self.driver.set_window_size(size["width"], size["height"])
 
+        def copy() -> None:
+            extra = os.environ.get(SCREENSHOTS_ENV)
+            if extra:
+                Path(extra).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, Path(extra) / path.name)
+
         await self.call(shoot)
-        extra = os.environ.get(SCREENSHOTS_ENV)
-        if extra:
-            Path(extra).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, Path(extra) / path.name)
+        await self.call(copy)
         return path
 
     async def console_errors(self) -> list[str]:

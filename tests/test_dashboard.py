@@ -37,7 +37,10 @@ def make_app(app: taskq.App) -> dict[str, taskq.Task]:
 
 
 def test_import_taskq_loads_no_web_dependency() -> None:
-    code = "import sys, taskq; print(any(m in sys.modules for m in ('starlette', 'jinja2', 'uvicorn')))"
+    code = (
+        "import sys, taskq; "
+        "print(any(m in sys.modules for m in ('starlette', 'jinja2', 'uvicorn')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
