@@ -172,7 +172,7 @@ async def test_queue_rate_limit_window(app: taskq.App) -> None:
     assert (
         abs((parse_iso(r.details["next_start_at"]) - first_started).total_seconds() - 3600) < 0.01
     )
-    assert "queue 'api' allows 1 starts per 1h00m and 1 were used" in r.message
+    assert "queue 'api' allows 1 start per 1h00m and 1 was used" in r.message
 
 
 async def test_task_rate_limit_window(app: taskq.App) -> None:
@@ -227,6 +227,27 @@ async def test_waiting_for_parents_names_them_with_their_states(app: taskq.App) 
     assert "waits for 1 of its 2 parent steps to end: 'slow' (queued)" in r.message
 
 
+async def test_expanded_map_waits_for_its_items(app: taskq.App) -> None:
+    @app.task(name="why.list", queue="fast")
+    async def listing() -> list[int]:
+        return [1, 2, 3]
+
+    @app.task(name="why.item", queue="slow")
+    async def item(n: int) -> int:
+        return n
+
+    async with app:
+        wf = taskq.Workflow(name="fan")
+        wf.map(item, over=wf.add(listing), arg="n", step_name="items")
+        run = await wf.enqueue()
+        await app.drain(queues=["fast"])  # the list is known: the map made its 3 items
+        explained = await why(app, (await run.status()).step("items").job_id)
+    assert codes(explained) == ["waiting_for_map_items", "no_workers"]
+    r = explained.reasons[0]
+    assert r.details == {"workflow_id": run.id, "step": "items", "items": 3, "pending": 3}
+    assert "waits for 3 of its 3 item steps to end" in r.message
+
+
 # -- workers -------------------------------------------------------------------------
 
 
@@ -249,7 +270,7 @@ async def test_no_live_worker_has_the_task(app: taskq.App, pg_dsn: str, schema: 
     assert codes(explained) == ["no_worker_for_task"]
     r = explained.reasons[0]
     assert r.details == {"task": "why.new", "live_workers": [worker.id]}
-    assert "none of the 1 live workers has task 'why.new'" in r.message
+    assert "no live worker has task 'why.new' (1 worker live)" in r.message
 
 
 async def test_no_live_worker_serves_the_queue(app: taskq.App) -> None:
@@ -268,7 +289,10 @@ async def test_no_live_worker_serves_the_queue(app: taskq.App) -> None:
         "live_workers": [worker.id],
         "served": ["api", "emails"],
     }
-    assert "serves queue 'reports'" in r.message and "'api', 'emails'" in r.message
+    assert (
+        "no live worker serves queue 'reports' (1 worker live, serving 'api', 'emails')"
+        in r.message
+    )
 
 
 async def test_task_and_queue_on_different_workers(
@@ -298,6 +322,10 @@ async def test_task_and_queue_on_different_workers(
         "with_task": [other.id],
         "serving_queue": [everything.id],
     }
+    assert explained.reasons[0].message == (
+        "1 live worker with task 'why.new' and 1 live worker serving queue 'default', "
+        "but no worker does both"
+    )
 
 
 async def test_stale_workers_count_as_none(app: taskq.App, conn: asyncpg.Connection) -> None:
@@ -340,7 +368,7 @@ async def test_all_able_workers_busy(app: taskq.App) -> None:
         "slots": 1,
         "running": 1,
     }
-    assert "all 1 live workers that can run it are full: 1 of 1 slots are taken" in r.message
+    assert "the 1 live worker that can run it is full: 1 of 1 slot taken" in r.message
 
 
 async def test_jobs_ahead_in_the_queue_counted_and_capped(app: taskq.App) -> None:
@@ -356,7 +384,7 @@ async def test_jobs_ahead_in_the_queue_counted_and_capped(app: taskq.App) -> Non
             explained = await why(app, mine.id)
             assert codes(explained) == ["workers_busy", "behind_other_jobs"]
             assert explained.reasons[1].details == {"queue": "default", "ahead": 1, "capped": False}
-            assert "1 due jobs are ahead of it in queue 'default'" in explained.reasons[1].message
+            assert "1 due job is ahead of it in queue 'default'" in explained.reasons[1].message
             # A deep backlog in front is counted up to the cap.
             await block.options(priority=9).enqueue_many([{}] * (AHEAD_CAP + 5))
             explained = await why(app, mine.id)

@@ -381,8 +381,8 @@ def _no_worker(
         reasons.append(
             Reason(
                 "no_worker_for_task",
-                f"none of the {len(live)} live workers has task {task!r}: deploy a worker "
-                "that registers it, or check the task name the job was enqueued under",
+                f"no live worker has task {task!r} ({_n(len(live), 'worker')} live): deploy "
+                "a worker that registers it, or check the task name the job was enqueued under",
                 {"task": task, "live_workers": [w["id"] for w in live]},
             )
         )
@@ -391,8 +391,8 @@ def _no_worker(
         reasons.append(
             Reason(
                 "no_worker_for_queue",
-                f"none of the {len(live)} live workers serves queue {queue!r} (they serve "
-                f"{', '.join(map(repr, served))}): start one with --queues {queue}",
+                f"no live worker serves queue {queue!r} ({_n(len(live), 'worker')} live, "
+                f"serving {', '.join(map(repr, served))}): start one with --queues {queue}",
                 {"queue": queue, "live_workers": [w["id"] for w in live], "served": served},
             )
         )
@@ -400,8 +400,9 @@ def _no_worker(
         reasons.append(
             Reason(
                 "no_worker_for_task_in_queue",
-                f"{len(with_task)} live workers have task {task!r} and {len(serving)} serve "
-                f"queue {queue!r}, but none does both",
+                f"{_n(len(with_task), 'live worker')} with task {task!r} and "
+                f"{_n(len(serving), 'live worker')} serving queue {queue!r}, but no worker "
+                "does both",
                 {"task": task, "queue": queue, "with_task": with_task, "serving_queue": serving},
             )
         )
@@ -416,8 +417,9 @@ def _limits(job: Any, q: Any, t: Any, now: datetime) -> list[Reason]:
             reasons.append(
                 Reason(
                     "queue_limit_full",
-                    f"queue {queue!r} has a concurrency limit of {limit} and {running} jobs "
-                    "of it are running: the next one starts when one of them ends",
+                    f"queue {queue!r} has a concurrency limit of {limit} and "
+                    f"{_n(running, 'job')} of it {_are(running)} running: the next one starts "
+                    "when one of them ends",
                     {"queue": queue, "limit": limit, "running": running},
                 )
             )
@@ -435,8 +437,9 @@ def _rated(code: str, what: str, names: dict[str, Any], row: Any, now: datetime)
     frees = now + timedelta(seconds=wait)
     return Reason(
         code,
-        f"{what} allows {limit} starts per {_span(period)} and {used} were used in the "
-        f"current window: the next start frees at {_when(frees)}, in {_span(wait)}",
+        f"{what} allows {_n(limit, 'start')} per {_span(period)} and {used} "
+        f"{'was' if used == 1 else 'were'} used in the current window: the next start frees "
+        f"at {_when(frees)}, in {_span(wait)}",
         {
             **names,
             "limit": limit,
@@ -457,8 +460,8 @@ def _busy(live: list[Any], running: dict[str, int]) -> list[Reason]:
     return [
         Reason(
             "workers_busy",
-            f"all {len(able)} live workers that can run it are full: {used} of {slots} "
-            "slots are taken",
+            f"{'the' if len(able) == 1 else 'all'} {_n(len(able), 'live worker')} that can "
+            f"run it {_are(len(able))} full: {used} of {_n(slots, 'slot')} taken",
             {
                 "workers": [
                     {
@@ -481,8 +484,9 @@ def _ahead(queue: str, ahead: int) -> Reason:
     count = f"more than {AHEAD_CAP:,}" if capped else f"{ahead:,}"
     return Reason(
         "behind_other_jobs",
-        f"{count} due jobs are ahead of it in queue {queue!r} (a higher priority, or the "
-        "same priority and due earlier): it starts when its turn comes",
+        f"{count} due {'job' if ahead == 1 else 'jobs'} {_are(ahead)} ahead of it in queue "
+        f"{queue!r} (a higher priority, or the same priority and due earlier): it starts when "
+        "its turn comes",
         {"queue": queue, "ahead": min(ahead, AHEAD_CAP), "capped": capped},
     )
 
@@ -491,7 +495,7 @@ def _ready(job_id: int, queue: str, free: int) -> Reason:
     return Reason(
         "ready",
         f"nothing holds job {job_id} back: the next free worker serving queue {queue!r} "
-        f"claims it ({free} free slots now)",
+        f"claims it ({_n(free, 'free slot')} now)",
         {"queue": queue, "free_slots": free},
     )
 
@@ -506,6 +510,15 @@ def _error(text: str | None) -> dict[str, Any] | None:
 
 def _attempts(n: int, of: int) -> str:
     return f"{n} attempt{'' if n == 1 else 's'} (of {of})"
+
+
+def _n(count: int, word: str) -> str:
+    """``1 job``, ``2 jobs``."""
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def _are(count: int) -> str:
+    return "is" if count == 1 else "are"
 
 
 def _iso(value: datetime | None) -> str | None:
