@@ -33,7 +33,14 @@ SCREENSHOTS_ENV = "TASKQ_SCREENSHOTS"
 async def serve(asgi: Any, *, root_path: str = "") -> AsyncIterator[str]:
     """Serve ``asgi`` over real HTTP on 127.0.0.1; yields the base URL."""
     config = uvicorn.Config(
-        asgi, host="127.0.0.1", port=0, log_level="warning", lifespan="on", root_path=root_path
+        asgi,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        root_path=root_path,
+        # Open event streams never end by themselves: cut them after this long.
+        timeout_graceful_shutdown=1,
     )
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve())
@@ -50,10 +57,7 @@ async def serve(asgi: Any, *, root_path: str = "") -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        # Open event streams never end by themselves: do not wait for them.
-        server.force_exit = True
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 20)
 
 
 def browser_available() -> str | None:

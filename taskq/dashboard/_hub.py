@@ -53,8 +53,10 @@ class Hub:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unlisten: Callable[[], None] | None = None
-        #: Refreshes done (every topic rendered once), for tests and the status line.
+        #: Refreshes done, and pages rendered by them (once per topic, however
+        #: many browsers show it).
         self.refreshes = 0
+        self.renders = 0
 
     @property
     def topics(self) -> int:
@@ -112,12 +114,13 @@ class Hub:
             # Let a burst of notifications settle into one refresh.
             await asyncio.sleep(max(0.0, DEBOUNCE_SECONDS - (time.monotonic() - started)))
             self._dirty.clear()
+            self.refreshes += 1
             for key, topic in list(self._topics.items()):
                 if topic.subscribers:
                     await self._refresh(key, topic)
-            self.refreshes += 1
 
     async def _refresh(self, key: str, topic: _Topic) -> None:
+        self.renders += 1
         try:
             regions = await topic.render()
         except Exception as exc:  # one page failing must not stop the others
