@@ -1,8 +1,415 @@
-"""The job page(s)."""
+"""One job's whole story: its arguments, result, meta, every attempt's error,
+its timings, the worker that ran it, its workflow; and, for a job that waits,
+why it is not running. Actions: retry, cancel, delete from history."""
 
 from __future__ import annotations
 
-from .._core import Action, Page
+import re
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
 
-PAGES: list[Page] = []
-ACTIONS: list[Action] = []
+from ..._admin import (
+    FINISHED_STATES,
+    RETRYABLE_STATES,
+    JobDetail,
+    Reason,
+    cancel_ids,
+    retry_ids,
+    statements,
+    why_not_running,
+)
+from ..._checkpoints import checkpoints_for
+from ..._errors import JobNotFound
+from ..._job import status_from_row
+from ..._names import quote_schema
+from .._core import Action, Done, Form, NotFound, Page, View
+from .._render import duration, when
+
+#: States whose job waits to start: the page says why it is not running.
+WAITING_STATES = ("queued", "waiting")
+#: States a cancel can take a job from (a waiting workflow step included).
+CANCELLABLE_STATES = ("waiting", "queued", "running")
+#: Reasons an operator has to act on (nothing will change by itself).
+PROBLEM_REASONS = frozenset(
+    {
+        "queue_paused",
+        "no_workers",
+        "no_worker_for_task",
+        "no_worker_for_queue",
+        "no_worker_for_task_in_queue",
+        "lease_expired",
+    }
+)
+#: Reasons that hold a job back for now and pass by themselves (limits, load).
+HELD_REASONS = frozenset(
+    {
+        "queue_limit_full",
+        "queue_rate_limited",
+        "task_rate_limited",
+        "workers_busy",
+        "retry_backoff",
+    }
+)
+#: Items of a list shown in a reason's numbers; the rest are counted.
+MAX_LISTED = 10
+# W3C trace context: version-traceid-parentid-flags.
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+@lru_cache(maxsize=16)
+def _sql(schema: str) -> dict[str, str]:
+    s = quote_schema(schema)
+    return {
+        "now": "SELECT now()",
+        # The workers table is tiny (one row per process).
+        "worker": (
+            "SELECT hostname, pid, heartbeat_at, concurrency, queues "
+            f"FROM {s}.workers WHERE id = $1"
+        ),
+        "workflow": f"SELECT name, state FROM {s}.workflows WHERE id = $1",
+        # Like prune(): a finished step of a workflow that has not finished
+        # stays (its workflow's status and retry read it), and the job's
+        # recorded steps go with it (else they stay behind for ever).
+        "delete": (
+            f"WITH gone AS (DELETE FROM {s}.history AS h WHERE h.id = $1 "
+            "AND (h.workflow_id IS NULL OR NOT EXISTS (SELECT FROM "
+            f"{s}.workflows AS w WHERE w.id = h.workflow_id AND w.finished_at IS NULL)) "
+            "RETURNING h.id), "
+            f"c AS (DELETE FROM {s}.job_checkpoints WHERE job_id IN (SELECT id FROM gone)) "
+            "SELECT count(*) FROM gone"
+        ),
+    }
+
+
+def _detail(row: Any) -> JobDetail:
+    waiting_for = row["waiting_for"]
+    return JobDetail(
+        status_from_row(row),
+        int(row["rescues"]),
+        bool(row["cancel_requested"]),
+        None if waiting_for is None else list(waiting_for),
+    )
+
+
+async def load(view: View) -> dict[str, Any]:
+    job_id: int = view.params["id"]
+    core = view.core
+    sql = _sql(core.schema)
+    # One snapshot: the job, its worker and its workflow agree.
+    async with (
+        core.database.acquire("reading a job for the dashboard") as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        now: datetime = await conn.fetchval(sql["now"])
+        row = await conn.fetchrow(statements(core.schema).get_job, job_id)
+        if row is None:
+            retention = core.app.history_retention
+            raise NotFound(
+                f"There is no job {job_id} in schema {core.schema!r}. It never existed, or "
+                f"it finished more than {retention} ago (the history retention) and was "
+                "pruned, or someone deleted it."
+            )
+        detail = _detail(row)
+        job = detail.status
+        worker = await conn.fetchrow(sql["worker"], job.worker_id) if job.worker_id else None
+        workflow = (
+            await conn.fetchrow(sql["workflow"], job.workflow_id) if job.workflow_id else None
+        )
+    state = str(job.state)
+    why = await _why(view, state) if state in (*WAITING_STATES, "running") else None
+    return {
+        "title": f"Job {job.id} · {job.task}",
+        "now": now,
+        "job": job,
+        "detail": detail,
+        "state": state,
+        "finished": state in FINISHED_STATES,
+        "scheduled": state == "queued" and job.run_at is not None and job.run_at > now,
+        "timings": _timings(job, now),
+        "attempts": _attempts(job),
+        "worker": worker,
+        "workflow": workflow,
+        "trace": _trace(job.meta),
+        "progress": _progress(job.progress),
+        "why": why,
+        "actions": _actions(state, job.workflow_id, workflow),
+    }
+
+
+def _actions(state: str, workflow_id: int | None, workflow: Any) -> list[str]:
+    """The actions that apply now. A workflow step is retried with its workflow,
+    and stays in history while its workflow runs (like the pruning keeps it)."""
+    out = []
+    if state in RETRYABLE_STATES and workflow_id is None:
+        out.append("retry")
+    if state in CANCELLABLE_STATES:
+        out.append("cancel")
+    if state in FINISHED_STATES and (workflow is None or workflow["state"] != "running"):
+        out.append("delete")
+    return out
+
+
+async def _why(view: View, state: str) -> list[dict[str, Any]] | None:
+    """The reasons from why_not_running(), ready to show; None when they describe
+    another instant than the job read above (it started or ended in between:
+    the next refresh agrees)."""
+    try:
+        explanation = await why_not_running(view.core.database, view.core.schema, view.params["id"])
+    except JobNotFound:
+        return None
+    if explanation.state != state:
+        return None
+    return [_reason(r) for r in explanation.reasons]
+
+
+def _reason(reason: Reason) -> dict[str, Any]:
+    kind = (
+        "problem"
+        if reason.code in PROBLEM_REASONS
+        else "held"
+        if reason.code in HELD_REASONS
+        else "info"
+    )
+    return {
+        "code": reason.code,
+        "message": reason.message,
+        "kind": kind,
+        "facts": _facts(reason.details),
+    }
+
+
+def _facts(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """A reason's numbers as (label, text): durations and times made readable."""
+    facts = []
+    for key, value in details.items():
+        if value is None or key == "now":
+            continue
+        label = key.replace("_", " ")
+        if isinstance(value, bool):
+            text = "yes" if value else "no"
+        elif isinstance(value, int | float) and "second" in key:
+            label = label.replace(" seconds", "").replace("seconds ", "")
+            text = duration(value)
+        elif isinstance(value, str) and key.endswith("_at"):
+            try:
+                text = when(datetime.fromisoformat(value))
+            except ValueError:
+                text = value
+        elif isinstance(value, list):
+            items = [_item(v) for v in value[:MAX_LISTED]]
+            more = len(value) - MAX_LISTED
+            text = ", ".join(items) + (f" and {more} more" if more > 0 else "")
+            if not value:
+                text = "none"
+        elif isinstance(value, dict):
+            text = ", ".join(f"{k}: {v}" for k, v in value.items())
+        else:
+            text = f"{value:,}" if isinstance(value, int) else str(value)
+        facts.append((label, text))
+    return facts
+
+
+def _item(value: Any) -> str:
+    if not isinstance(value, dict):
+        return str(value)
+    if "name" in value and "state" in value:  # a workflow parent
+        return f"{value['name']} ({value['state']})"
+    if "concurrency" in value:  # a busy worker
+        running, slots = value.get("running"), value["concurrency"]
+        return f"{value.get('hostname')} {value.get('id')}: {running}/{slots}"
+    return ", ".join(f"{k}: {v}" for k, v in value.items())
+
+
+def _timings(job: Any, now: datetime) -> dict[str, Any]:
+    """Waited: from enqueue (or the due time, if later) to the last attempt's
+    start. Ran for: the last attempt, to its end or to now while running."""
+    due = max(job.enqueued_at, job.run_at) if job.run_at else job.enqueued_at
+    started, finished = job.started_at, job.finished_at
+    if started is not None and started >= due:
+        waited = started - due
+    elif started is None and job.state in ("queued", "waiting") and now > due:
+        waited = now - due  # still waiting
+    else:
+        waited = None
+    if started is not None and finished is not None:
+        ran = finished - started
+    elif started is not None and str(job.state) == "running":
+        ran = now - started
+    else:
+        ran = None
+    return {"waited": waited, "ran": ran, "waiting_now": started is None}
+
+
+def _attempts(job: Any) -> list[dict[str, Any]]:
+    """Every kept attempt's error, newest first. ``errors`` keeps the last 10
+    (taskq.LeaseExpired and taskq.PoisonJob for rescues); a job that ended
+    without any in it (cancelled while queued, or older than schema 5) has
+    its last error only."""
+    errors = [e for e in job.errors if isinstance(e, dict)]
+    last = job.error if isinstance(job.error, dict) else None
+    if last is not None and not any(
+        e.get("type") == last.get("type") and e.get("message") == last.get("message")
+        for e in errors[-1:]
+    ):
+        errors.append({**last, "attempt": last.get("attempt", job.attempts)})
+    return [
+        {
+            "attempt": e.get("attempt"),
+            "type": str(e.get("type") or "error"),
+            "message": str(e.get("message") or ""),
+            "traceback": str(e.get("traceback") or ""),
+            "at": _parse_time(e.get("at")),
+        }
+        for e in reversed(errors)
+    ]
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _trace(meta: dict[str, Any]) -> dict[str, str] | None:
+    """The trace context the OpenTelemetry integration wrote into meta."""
+    parent = meta.get("traceparent")
+    if not isinstance(parent, str):
+        return None
+    found = _TRACEPARENT.match(parent.strip().lower())
+    if found is None:
+        return {"traceparent": parent}
+    return {"trace_id": found.group(1), "span_id": found.group(2), "traceparent": parent}
+
+
+def _progress(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict):
+        return None
+    fraction = value.get("fraction")
+    if isinstance(fraction, int | float) and not isinstance(fraction, bool):
+        fraction = min(1.0, max(0.0, float(fraction)))
+    else:
+        fraction = None
+    return {
+        "fraction": fraction,
+        "percent": None if fraction is None else round(fraction * 100),
+        "message": value.get("message"),
+        "at": _parse_time(value.get("at")),
+    }
+
+
+# -- actions -------------------------------------------------------------------------
+
+
+def _here(form: Form) -> str:
+    return f"/jobs/{form.params['id']}"
+
+
+async def retry(form: Form) -> Done:
+    job_id: int = form.params["id"]
+    result = await retry_ids(form.core.database, form.core.schema, [job_id])
+    if job_id in result.retried:
+        return Done(_here(form), f"Job {job_id} is queued again with a fresh attempt budget.")
+    if job_id in result.key_held:
+        return Done(
+            _here(form),
+            f"Job {job_id} was not retried: a live job holds its unique key.",
+            ok=False,
+        )
+    if job_id in result.step_ids:
+        workflow = result.workflows[0] if result.workflows else "?"
+        return Done(
+            f"/workflows/{workflow}",
+            f"Job {job_id} is a step of workflow {workflow}: a step runs again with its "
+            "workflow (retry the workflow here).",
+            ok=False,
+        )
+    if job_id in result.skipped:
+        return Done(
+            _here(form),
+            f"Job {job_id} is {result.skipped[job_id]}: only failed or cancelled jobs "
+            "can be retried.",
+            ok=False,
+        )
+    return Done("/jobs", f"There is no job {job_id}.", ok=False)
+
+
+async def cancel(form: Form) -> Done:
+    job_id: int = form.params["id"]
+    result = await cancel_ids(form.core.database, form.core.schema, [job_id])
+    if job_id in result.cancelled:
+        also = len(result.descendants)
+        tail = f" ({also} workflow steps that depended on it ended with it)" if also else ""
+        return Done(_here(form), f"Job {job_id} is cancelled{tail}.")
+    if job_id in result.requested:
+        return Done(
+            _here(form),
+            f"Job {job_id} is running: its worker was asked to stop it; it ends as "
+            "cancelled when its code is interrupted.",
+        )
+    if job_id in result.finished:
+        return Done(
+            _here(form),
+            f"Job {job_id} had already finished ({result.finished[job_id]}).",
+            ok=False,
+        )
+    if job_id in result.not_found:
+        return Done("/jobs", f"There is no job {job_id}.", ok=False)
+    return Done(_here(form), f"Job {job_id} was changing hands; try again.", ok=False)
+
+
+async def delete(form: Form) -> Done:
+    job_id: int = form.params["id"]
+    sql = _sql(form.core.schema)
+    async with (
+        form.core.database.acquire("deleting a job from history") as conn,
+        conn.transaction(),
+    ):
+        deleted = await conn.fetchval(sql["delete"], job_id)
+        # Belt and braces for a checkpoint written by a racing attempt.
+        if deleted:
+            await checkpoints_for(form.core.schema).delete_orphans(conn, job_id - 1, job_id)
+        found = (
+            None if deleted else await conn.fetchrow(statements(form.core.schema).locate, [job_id])
+        )
+    if deleted:
+        return Done("/jobs", f"Job {job_id} is deleted from history.")
+    if found is None:
+        return Done("/jobs", f"There is no job {job_id}.", ok=False)
+    if found["live"]:
+        return Done(
+            _here(form),
+            f"Job {job_id} is {found['state']}: only finished jobs can be deleted "
+            "(cancel it first).",
+            ok=False,
+        )
+    return Done(
+        _here(form),
+        f"Job {job_id} is a step of workflow {found['workflow_id']}, which is still "
+        "running: its steps stay until it ends.",
+        ok=False,
+    )
+
+
+PAGES = [
+    Page(
+        "/jobs/{id:int}",
+        "job.html",
+        load,
+        nav="jobs",
+        regions={
+            "head": "job_head.html",
+            "state": "job_state.html",
+            "attempts": "job_attempts.html",
+            "result": "job_result.html",
+        },
+    )
+]
+ACTIONS = [
+    Action("/jobs/{id:int}/retry", retry),
+    Action("/jobs/{id:int}/cancel", cancel),
+    Action("/jobs/{id:int}/delete", delete),
+]
