@@ -57,6 +57,7 @@ async def test_retry_a_failed_job_and_see_it_succeed_live(app: taskq.App, tmp_pa
             await b.get(f"/jobs/{job.id}")
             head = await b.text("[data-region=head]")
             assert f"Job {job.id}" in head and "failed" in head
+            assert "Failed for good" in head and "after 1 attempt: ConnectionRefusedError" in head
             attempts = await b.text("[data-region=attempts]")
             assert "ConnectionRefusedError" in attempts
             assert "SMTP server refused mail for ops@example.com" in attempts
@@ -188,6 +189,7 @@ async def test_why_a_scheduled_job_and_a_paused_queue_wait(app: taskq.App, tmp_p
             await b.get(f"/jobs/{held.id}")
             problem = await live_text(b, "[data-reason=queue_paused].reason-problem")
             assert "queue 'mail' is paused" in problem and "queues resume mail" in problem
+            assert await b.count("[data-reason=queue_paused] a[href='/queues']") == 1
             await b.screenshot("job-why-paused")
             # Resumed, it runs: the page follows without a reload.
             marker = await b.script("window.marker = 1; return window.marker")
@@ -220,6 +222,8 @@ async def test_a_workflow_step_links_to_its_workflow(app: taskq.App) -> None:
         assert f'href="/workflows/{run.id}"' in r.text
         assert "nightly-etl" in r.text and "<strong>load</strong>" in r.text
         assert 'data-reason="waiting_for_parents"' in r.text
+        # No worker runs at all: a problem, shown as one.
+        assert 'class="reason reason-problem" data-reason="no_workers"' in r.text
         assert "waits for 1 of its 1 parent steps to end: &#39;extract&#39;" in r.text
         await dashboard.aclose()
 

@@ -51,6 +51,17 @@ HELD_REASONS = frozenset(
         "retry_backoff",
     }
 )
+#: Labels of a reason's numbers whose key does not read well as it is.
+FACT_LABELS = {
+    "seconds_left": "time left",
+    "seconds_ago": "how long ago",
+    "lease_seconds_left": "lease left",
+    "period_seconds": "window",
+    "live_after_seconds": "live if a heartbeat within",
+    "free_slots": "free slots",
+    "ahead": "jobs ahead",
+    "capped": "count capped",
+}
 #: Items of a list shown in a reason's numbers; the rest are counted.
 MAX_LISTED = 10
 # W3C trace context: version-traceid-parentid-flags.
@@ -176,7 +187,20 @@ def _reason(reason: Reason) -> dict[str, Any]:
         "message": reason.message,
         "kind": kind,
         "facts": _facts(reason.details),
+        "link": _link(reason),
     }
+
+
+def _link(reason: Reason) -> tuple[str, str] | None:
+    """Where an operator goes next about this reason: (label, dashboard path)."""
+    code, details = reason.code, reason.details
+    if code.startswith("queue_"):
+        return ("Open the queues page", "/queues")
+    if code.startswith("no_worker") or code in ("workers_busy", "lease_expired"):
+        return ("Open the workers page", "/workers")
+    if code.startswith("waiting_for") and details.get("workflow_id") is not None:
+        return ("Open its workflow", f"/workflows/{int(details['workflow_id'])}")
+    return None
 
 
 def _facts(details: dict[str, Any]) -> list[tuple[str, str]]:
@@ -185,11 +209,10 @@ def _facts(details: dict[str, Any]) -> list[tuple[str, str]]:
     for key, value in details.items():
         if value is None or key == "now":
             continue
-        label = key.replace("_", " ")
+        label = FACT_LABELS.get(key, key.replace("_", " "))
         if isinstance(value, bool):
             text = "yes" if value else "no"
         elif isinstance(value, int | float) and "second" in key:
-            label = label.replace(" seconds", "").replace("seconds ", "")
             text = duration(value)
         elif isinstance(value, str) and key.endswith("_at"):
             try:
