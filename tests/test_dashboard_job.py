@@ -106,6 +106,54 @@ async def displayed(b: Any, css: str) -> bool:
     )
 
 
+async def test_a_running_job_shows_progress_worker_and_trace(
+    app: taskq.App, tmp_path: Path
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from taskq.contrib.opentelemetry import instrument
+
+    provider = TracerProvider()
+    instrument(app, tracer_provider=provider)
+    started = asyncio.Event()
+    gate = asyncio.Event()
+
+    @app.task(queue="files")
+    async def copy(files: int, ctx: taskq.JobContext) -> int:
+        await ctx.progress(0.4, f"copied 40 of {files} files")
+        started.set()
+        await gate.wait()
+        return files
+
+    async with app:
+        with provider.get_tracer("test").start_as_current_span("POST /backup") as span:
+            job = await copy.enqueue(files=100)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        dashboard = Dashboard(app, auth=no_auth, live_interval=0.3)
+        async with (
+            app.worker(),
+            serve(dashboard) as url,
+            browser(url, tmp_path / "shots") as b,
+        ):
+            await asyncio.wait_for(started.wait(), 20)
+            await b.get(f"/jobs/{job.id}")
+            await b.wait_text(".job-progress", "copied 40 of 100 files")  # written within 1 s
+            assert "40%" in await live_text(b, ".job-progress")
+            assert trace_id in await live_text(b, ".trace-id")
+            running = await live_text(b, "[data-reason=running]")
+            assert "is running: attempt 1 of" in running and "lease runs until" in running
+            details = await live_text(b, "table[aria-label=details]")
+            assert "Running on" in details and "pid" in details
+            assert await displayed(b, ".act-cancel") and not await displayed(b, ".act-delete")
+            await b.screenshot("job-running")
+            gate.set()
+            await b.wait_text("[data-region=head]", "succeeded", timeout=15)
+            assert "100" in await b.text("[data-region=result]")
+            assert await b.count("[data-reason]") == 0
+            assert await b.console_errors() == []
+        await dashboard.aclose()
+
+
 async def test_every_attempt_error_is_shown(app: taskq.App) -> None:
     runs = {"n": 0}
 

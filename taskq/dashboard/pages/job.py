@@ -62,6 +62,11 @@ FACT_LABELS = {
     "ahead": "jobs ahead",
     "capped": "count capped",
 }
+#: Numbers of a reason the page shows anyway (in the head and the details
+#: table): repeated under the reason they would bury the ones that matter.
+SHOWN_ELSEWHERE = frozenset(
+    {"now", "attempts", "max_attempts", "worker_id", "hostname", "pid", "started_at"}
+)
 #: Items of a list shown in a reason's numbers; the rest are counted.
 MAX_LISTED = 10
 # W3C trace context: version-traceid-parentid-flags.
@@ -207,7 +212,7 @@ def _facts(details: dict[str, Any]) -> list[tuple[str, str]]:
     """A reason's numbers as (label, text): durations and times made readable."""
     facts = []
     for key, value in details.items():
-        if value is None or key == "now":
+        if value is None or value is False or key in SHOWN_ELSEWHERE:
             continue
         label = FACT_LABELS.get(key, key.replace("_", " "))
         if isinstance(value, bool):
@@ -228,7 +233,7 @@ def _facts(details: dict[str, Any]) -> list[tuple[str, str]]:
         elif isinstance(value, dict):
             text = ", ".join(f"{k}: {v}" for k, v in value.items())
         else:
-            text = f"{value:,}" if isinstance(value, int) else str(value)
+            text = f"{value:,}" if isinstance(value, int) and key not in ("pid",) else str(value)
         facts.append((label, text))
     return facts
 
