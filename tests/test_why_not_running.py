@@ -491,6 +491,8 @@ async def test_unknown_job(app: taskq.App) -> None:
     async with app:
         with pytest.raises(taskq.JobNotFound):
             await why(app, 987654321)
+        with pytest.raises(taskq.JobNotFound):
+            await why(app, 2**63)  # past a bigint: no such job either
 
 
 # -- the command ---------------------------------------------------------------------

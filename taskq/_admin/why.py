@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import JobNotFound
 from .._names import quote_schema
-from .._results import LIVE_WORKER_SECONDS
+from .._results import LIVE_WORKER_SECONDS, is_bigint
 from .._serialization import decode
 
 if TYPE_CHECKING:
@@ -168,6 +168,8 @@ async def why_not_running(database: Database, schema: str, job_id: int) -> Expla
     Raises:
         JobNotFound: no job with that id (or it was pruned from history).
     """
+    if not is_bigint(job_id):
+        raise JobNotFound(f"no job with id {job_id} in schema {schema!r}")
     sql = why_statements(schema)
     # One snapshot: the job, its queue, the workers and the counts agree.
     async with (
@@ -201,8 +203,7 @@ async def why_not_running(database: Database, schema: str, job_id: int) -> Expla
             able = [w["id"] for w in live if w["has_task"] and w["serves"]]
             rows = await conn.fetch(sql.running_by_worker, able)
             running = {r["worker_id"]: int(r["n"]) for r in rows}
-            busy = _busy(live, running)
-            reasons += busy
+            reasons += _busy(live, running)
             ahead = await conn.fetchval(
                 sql.ahead, queue, job["priority"], job["run_at"], job_id, AHEAD_CAP
             )
