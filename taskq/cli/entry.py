@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from .._errors import JobNotFound, TaskqError
 from .._logging import JsonFormatter
 from .._version import DISTRIBUTION, __version__
-from . import cron, demo, embedded, jobs, migrate, ops, queues, status, worker, workflows
+from . import cron, dashboard, demo, embedded, jobs, migrate, ops, queues, status, worker, workflows
 from .exits import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, UsageError
 from .output import error
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflows.add_parser(commands)
     queues.add_parser(commands)
     cron.add_parser(commands)
+    dashboard.add_parser(commands)
     demo.add_parser(commands)
     embedded.add_parser(commands)
     return parser

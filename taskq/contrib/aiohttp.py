@@ -11,21 +11,43 @@ async def handler(request: web.Request) -> web.Response:
     jobs = request.config_dict[APP_KEY]  # typed: taskq.App
 ```
 
+The dashboard, which is an ASGI application, is served by aiohttp through
+:func:`mount_dashboard` (a small bridge: aiohttp cannot host ASGI itself):
+
+```python
+import taskq.dashboard
+from taskq.contrib.aiohttp import mount_dashboard
+
+mount_dashboard(web_app, "/taskq", taskq.dashboard.Dashboard(jobs, auth=staff_only))
+```
+
 Importing this module imports aiohttp; ``import taskq`` never does.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .._app import App
 from .._errors import ConfigurationError
 from ._serving import check_settings, serving
 
-__all__ = ["APP_KEY", "setup"]
+if TYPE_CHECKING:
+    from ..dashboard import Dashboard
+
+__all__ = ["APP_KEY", "mount_dashboard", "setup"]
+
+#: How often a bridged streaming response checks that its client is still
+#: there (aiohttp does not cancel a handler whose client left, by default).
+DISCONNECT_CHECK_SECONDS = 0.5
+#: Request body chunks handed to the ASGI application at most this large.
+BODY_CHUNK_BYTES = 64 * 1024
 
 #: Where :func:`setup` stores the taskq App on the web app. Read it with
 #: ``request.config_dict[APP_KEY]``, which sub-applications see too.
@@ -68,3 +90,109 @@ def setup(
 
     web_app[APP_KEY] = jobs_app
     web_app.cleanup_ctx.append(run_taskq)
+
+
+def mount_dashboard(web_app: web.Application, prefix: str, dashboard: Dashboard) -> None:
+    """Serve the taskq ``dashboard`` under ``prefix`` (``/taskq``) in ``web_app``.
+
+    Requests under the prefix are handed to the dashboard (an ASGI
+    application) with the prefix as ``root_path``, their bodies streamed to it
+    and its responses streamed back, so the live pages' event streams work; a
+    client that goes away is told to the dashboard as ``http.disconnect``.
+    When ``web_app`` cleans up, the dashboard's live updates stop (and it
+    closes the App if it opened it). It works in a sub-application too.
+
+    Raises:
+        ConfigurationError: ``prefix`` is not a path like ``/taskq``.
+    """
+    clean = prefix.rstrip("/")
+    if not clean.startswith("/") or "//" in clean or "{" in clean or "?" in clean:
+        raise ConfigurationError(
+            f"mount_dashboard() needs a path prefix like /taskq, got {prefix!r}"
+        )
+    if not callable(dashboard):
+        raise ConfigurationError("mount_dashboard() needs a taskq.dashboard.Dashboard")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        tail = request.match_info.get("tail", "")
+        return await _bridge(request, dashboard, request.path[: len(request.path) - len(tail)])
+
+    # {tail} is "" or starts with "/": /taskq and /taskq/... but not /taskqx.
+    web_app.router.add_route("*", clean + "{tail:(/.*)?}", handle)
+
+    async def close_dashboard(_: web.Application) -> None:
+        await dashboard.aclose()
+
+    web_app.on_cleanup.append(close_dashboard)
+
+
+async def _bridge(request: web.Request, asgi: Any, root_path: str) -> web.StreamResponse:
+    """One aiohttp request through an ASGI application."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    scope: dict[str, Any] = {
+        "type": "http",
+        # 2.3: the application learns of a client that left from receive(),
+        # which this bridge can tell; it has no send() error to raise for it.
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": f"{request.version.major}.{request.version.minor}",
+        "method": request.method,
+        "scheme": request.scheme,
+        "path": request.path,
+        "raw_path": request.raw_path.split("?", 1)[0].encode("latin-1"),
+        "query_string": request.query_string.encode("latin-1"),
+        "root_path": root_path,
+        "headers": [(k.lower(), v) for k, v in request.raw_headers],
+        "client": tuple(peer[:2]) if isinstance(peer, tuple) else None,
+        "server": tuple(local[:2]) if isinstance(local, tuple) else None,
+    }
+    response: web.StreamResponse | None = None
+    finished = asyncio.Event()
+    body_done = False
+
+    def gone() -> bool:
+        return request.transport is None or request.transport.is_closing()
+
+    async def receive() -> MutableMapping[str, Any]:
+        nonlocal body_done
+        if not body_done:
+            chunk = await request.content.read(BODY_CHUNK_BYTES)
+            body_done = request.content.at_eof()
+            return {"type": "http.request", "body": chunk, "more_body": not body_done}
+        # Nothing more to read: wait for the response to end or the client to leave.
+        while not finished.is_set() and not gone():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), DISCONNECT_CHECK_SECONDS)
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal response
+        if finished.is_set():
+            return
+        if message["type"] == "http.response.start":
+            headers: CIMultiDict[str] = CIMultiDict()
+            for key, value in message.get("headers", []):
+                headers.add(key.decode("latin-1"), value.decode("latin-1"))
+            response = web.StreamResponse(status=message["status"], headers=headers)
+            return
+        if message["type"] != "http.response.body" or response is None:
+            return
+        try:
+            if not response.prepared:
+                await response.prepare(request)
+            body = message.get("body", b"")
+            if body and request.method != "HEAD":
+                await response.write(body)
+            if not message.get("more_body", False):
+                await response.write_eof()
+                finished.set()
+        except ConnectionError:
+            # The client left mid-response: the application hears it from receive().
+            finished.set()
+
+    await asgi(scope, receive, send)
+    finished.set()
+    if response is None:
+        return web.Response(status=500, text="the dashboard sent no response")
+    return response

@@ -22,19 +22,36 @@ and serve ``project.asgi:application`` with an ASGI server that runs the
 lifespan protocol (uvicorn, Hypercorn). Every other scope (HTTP, WebSocket)
 goes to Django untouched.
 
-Nothing here imports Django: the wrapper speaks plain ASGI.
+The dashboard: Django's ASGI application has no way to mount another ASGI
+application, so :func:`mount_dashboard` puts one in front of it:
+
+```python
+import taskq.dashboard
+from taskq.contrib.django import mount_dashboard, with_lifespan
+
+dashboard = taskq.dashboard.Dashboard(jobs, auth=staff_only)
+application = mount_dashboard(with_lifespan(django_application, jobs), "/taskq", dashboard)
+```
+
+Nothing here imports Django: the wrappers speak plain ASGI.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._app import App
 from .._errors import ConfigurationError
 from ._serving import check_settings, serving
 
-__all__ = ["TaskqLifespan", "with_lifespan"]
+if TYPE_CHECKING:
+    from ..dashboard import Dashboard
+
+__all__ = ["DashboardMount", "TaskqLifespan", "mount_dashboard", "with_lifespan"]
+
+log = logging.getLogger("taskq.contrib.django")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -142,3 +159,110 @@ def with_lifespan(
             f"with_lifespan() needs an ASGI application, got {type(application).__name__}"
         )
     return TaskqLifespan(application, jobs_app, worker=worker, worker_options=dict(worker_options))
+
+
+class DashboardMount:
+    """An ASGI application: the dashboard under a path prefix, everything else
+    to the wrapped application (Django's). Made by :func:`mount_dashboard`.
+
+    Requests under the prefix go to the dashboard with the prefix added to
+    ``root_path`` (its links, redirects and cookies then stay under it). The
+    ``lifespan`` scope goes to the wrapped application when it takes part in
+    the protocol (a :class:`TaskqLifespan` does; Django's own handler does
+    not, and then this answers it alone); at shutdown the dashboard's live
+    updates stop first.
+    """
+
+    def __init__(self, application: ASGIApp, prefix: str, dashboard: Dashboard) -> None:
+        #: The wrapped ASGI application.
+        self.application = application
+        #: Where the dashboard is, e.g. ``/taskq`` (no trailing slash).
+        self.prefix = prefix
+        self.dashboard = dashboard
+
+    def __repr__(self) -> str:
+        return f"<taskq.contrib.django.DashboardMount {self.prefix!r} {self.application!r}>"
+
+    def _mine(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.prefix + "/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch by path; run the lifespan of both applications."""
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        root = scope.get("root_path", "")
+        path = scope.get("path", "")
+        # ASGI servers put root_path in front of path (uvicorn --root-path):
+        # the prefix is matched after it.
+        inner = path[len(root) :] if root and path.startswith(root) else path
+        if scope["type"] == "http" and self._mine(inner):
+            await self.dashboard({**scope, "root_path": root + self.prefix}, receive, send)
+            return
+        await self.application(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        seen: set[str] = set()
+        answered = False
+
+        async def receive_for_inner() -> Message:
+            message = await receive()
+            seen.add(message["type"])
+            if message["type"] == "lifespan.shutdown":
+                # Live updates stop before the wrapped application closes the App.
+                await self.dashboard.aclose()
+            return message
+
+        async def send_for_inner(message: Message) -> None:
+            nonlocal answered
+            answered = True
+            await send(message)
+
+        try:
+            await self.application(scope, receive_for_inner, send_for_inner)
+        except Exception as exc:
+            if answered:
+                raise
+            # Django's handler refuses the lifespan scope (ValueError): answer it here.
+            log.debug("the wrapped application does not run the lifespan protocol: %r", exc)
+        if answered:
+            return
+        if "lifespan.startup" not in seen:
+            await receive()
+        await send({"type": "lifespan.startup.complete"})
+        if "lifespan.shutdown" not in seen:
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            await self.dashboard.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def mount_dashboard(application: ASGIApp, prefix: str, dashboard: Dashboard) -> DashboardMount:
+    """Serve ``dashboard`` under ``prefix`` in front of Django's ASGI application.
+
+    Serve the result (``application = mount_dashboard(...)`` in ``asgi.py``);
+    wrap Django in :func:`with_lifespan` first if the process should also open
+    the taskq App (and run a worker). The dashboard opens the App on its
+    first request otherwise.
+
+    Args:
+        application: Django's ASGI application, or :func:`with_lifespan`'s.
+        prefix: the path the dashboard answers under, such as ``/taskq``.
+        dashboard: a :class:`taskq.dashboard.Dashboard` (its ``auth`` decides
+            who may use it: Django's session is not consulted unless your
+            ``auth`` callable does).
+
+    Raises:
+        ConfigurationError: ``prefix`` is not a path like ``/taskq``, or an
+            argument is not an ASGI application.
+    """
+    clean = prefix.rstrip("/")
+    if not clean.startswith("/") or "//" in clean or "?" in clean or "#" in clean:
+        raise ConfigurationError(
+            f"mount_dashboard() needs a path prefix like /taskq, got {prefix!r}"
+        )
+    if not callable(application) or not callable(dashboard):
+        raise ConfigurationError(
+            "mount_dashboard() needs Django's ASGI application and a Dashboard"
+        )
+    return DashboardMount(application, clean, dashboard)
