@@ -18,6 +18,7 @@ import taskq
 from taskq._admin.why import AHEAD_CAP, why_statements
 from taskq._statements import Statements
 from taskq._workflow_store import WorkflowStore
+from taskq.dashboard.pages.jobs_query import SCAN_ROWS, TABS, TOP_ID, tab_sql
 
 pytestmark = pytest.mark.anyio
 
@@ -153,6 +154,8 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
 
     await check_workflow_plans(app, conn)
     await check_why_plans(app, conn)
+    await check_job_page_plans(app, conn)
+    await check_dashboard_jobs_plans(app, conn)
 
 
 async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
@@ -257,3 +260,60 @@ async def check_why_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     assert "jobs_claim" in plans["ahead"], plans["ahead"]
     assert "Sort" not in plans["ahead"].replace("Sort Key", ""), plans["ahead"]
     assert "workflow_edges_child" in plans["edge_counts"], plans["edge_counts"]
+
+
+async def check_dashboard_jobs_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The jobs page's tabs read a bounded window of an index in id order, whatever the
+    filter, with the values given (custom plans) and without them (generic plans)."""
+    s = f'"{app.schema}"'
+    # Which index each tab walks: the running tab must not walk the primary key past
+    # a million queued jobs to find the few running ones.
+    walks = {
+        "running": "jobs_running",
+        "waiting": "jobs_waiting",
+        "failed": "history_unsucceeded",
+        "cancelled": "history_unsucceeded",
+    }
+    filters = [None] * 7, ["q1", "plan.task", "needle", None, None, None, None]
+    try:
+        for mode in ("auto", "force_generic_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            for state, _label, table in TABS:
+                sql = tab_sql(app.schema, state)
+                for params in filters:
+                    plans = [
+                        await explain(conn, sql.older, TOP_ID, SCAN_ROWS, *params, 51),
+                        await explain(conn, sql.newer, 0, SCAN_ROWS, *params, 51),
+                        await explain(conn, sql.collect, TOP_ID, SCAN_ROWS, *params),
+                    ]
+                    plans.append(await explain(conn, sql.window_older, TOP_ID, SCAN_ROWS))
+                    plans.append(await explain(conn, sql.window_newer, 0, SCAN_ROWS))
+                    for plan in plans:
+                        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+                        assert_no_scan_of_the_whole(plan, f"{s}.history")
+                        assert f"{table}_pkey" in plan or walks.get(state, "?") in plan, plan
+                        if state in walks:
+                            assert walks[state] in plan, (state, mode, plan)
+    finally:
+        await conn.execute("RESET plan_cache_mode")
+
+
+async def check_job_page_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The job page reads one job by primary key (live or finished) and deletes a
+    finished one by primary key, with its recorded steps."""
+    from taskq._admin import statements
+    from taskq.dashboard.pages.job import _sql
+
+    s = f'"{app.schema}"'
+    admin, page = statements(app.schema), _sql(app.schema)
+    plans = {
+        "get_job live": await explain(conn, admin.get_job, ROWS // 2),
+        "get_job finished": await explain(conn, admin.get_job, ROWS + 7),
+        "locate": await explain(conn, admin.locate, [ROWS // 2, ROWS + 7]),
+        "delete": await explain(conn, page["delete"], ROWS + 7),
+    }
+    for name, plan in plans.items():
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+        assert "history_pkey" in plan, (name, plan)
+    assert "job_checkpoints_pkey" in plans["delete"], plans["delete"]

@@ -212,6 +212,15 @@ async def _act_on_ids(core: Core, op: str, f: Filter, ids: list[int]) -> tuple[s
     return _deleted(await delete_ids(core, ids))
 
 
+_WHAT_HAPPENS = {
+    "retry": "They go back to their queues with a fresh attempt budget and run as soon as "
+    "a worker is free; their last error is kept.",
+    "cancel": "Jobs that have not started end as cancelled at once; running ones are asked "
+    "to stop and end as cancelled when they do.",
+    "delete": "They are removed from history with their recorded steps.",
+}
+
+
 def _confirmation(
     op: str,
     f: Filter,
@@ -221,6 +230,7 @@ def _confirmation(
     upto: int = 0,
     ids: Sequence[int] = (),
 ) -> Rendered:
+    notes = [_WHAT_HAPPENS[op], *notes]
     described = f" {f.describe()}" if f.describe() and not ids else ""
     where = " from history" if op == "delete" else ""
     question = f"{VERBS[op]} {_plural(count, STATE_WORDS[f.state] + ' job')}{where}{described}?"

@@ -46,19 +46,22 @@ COLLECT_ROWS = 10_000
 TOP_ID = 2**63 - 1
 
 # Conditions an index serves, read in id order: these choose the rows of the
-# window. The running tab reads the jobs_running partial index (running jobs
-# are few, and the primary key would walk past every queued job to reach
-# them), the waiting tab the jobs_workflow one (waiting jobs are steps), the
-# failed and cancelled tabs history_unsucceeded; the others the primary key.
+# window. The waiting tab reads jobs_waiting, the failed and cancelled tabs
+# history_unsucceeded, the others the primary key, except the running tab:
+# running jobs are few (no more than the workers' slots) and the primary key
+# would walk past every queued job to reach them, so it reads them all from
+# the jobs_running partial index and sorts them ("id + 0" keeps the planner
+# from choosing the primary key for its order).
 _WINDOW = {
     "queued": "true",
     "scheduled": "true",
     "running": "state = 'running'",
-    "waiting": "state = 'waiting' AND workflow_id IS NOT NULL",
+    "waiting": "state = 'waiting'",
     "succeeded": "true",
     "failed": "state = 'failed'",
     "cancelled": "state = 'cancelled'",
 }
+_ORDER = {"running": "id + 0"}
 # The tab's own condition on the window's rows.
 _STATE = {
     "queued": "state = 'queued' AND run_at <= now()",
@@ -212,7 +215,7 @@ def tab_sql(schema: str, state: str) -> TabSql:
         # it, so a filter that matches nothing still reads at most $2 rows.
         return (
             f"SELECT {cols} FROM {s}.{table} WHERE {_WINDOW[state]} AND id {op} $1 "
-            f"ORDER BY id {order} LIMIT $2"
+            f"ORDER BY {_ORDER.get(state, 'id')} {order} LIMIT $2"
         )
 
     return TabSql(
