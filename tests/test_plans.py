@@ -1,0 +1,319 @@
+"""The hot queries keep their plans on a big table: index scans, no sequential scan, no sort.
+
+A guard on plan shapes, not on timings: the claim, the rescue, job lookups and
+history pruning must not degrade into scans of a million-row table. The claim
+runs inside a plpgsql function, so its inner plan is read with auto_explain.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+import taskq
+from taskq._admin.why import AHEAD_CAP, why_statements
+from taskq._statements import Statements
+from taskq._workflow_store import WorkflowStore
+from taskq.dashboard.pages.jobs_query import SCAN_ROWS, TABS, TOP_ID, tab_sql
+
+pytestmark = pytest.mark.anyio
+
+ROWS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def explain(conn: asyncpg.Connection, sql: str, *args: Any) -> str:
+    rows = await conn.fetch("EXPLAIN " + sql, *args)
+    return "\n".join(r[0] for r in rows)
+
+
+async def inner_plans(conn: asyncpg.Connection, sql: str, *args: Any) -> str:
+    """Plans of the statements run inside functions, via auto_explain notices."""
+    notices: list[str] = []
+    conn.add_log_listener(lambda _c, msg: notices.append(str(msg.message)))
+    await conn.execute("LOAD 'auto_explain'")
+    await conn.execute("SET auto_explain.log_min_duration = 0")
+    await conn.execute("SET auto_explain.log_nested_statements = on")
+    await conn.execute("SET auto_explain.log_level = 'notice'")
+    await conn.execute("SET client_min_messages = 'notice'")
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.fetch(sql, *args)
+    finally:
+        await tx.rollback()  # the claim and the prune change nothing for good
+    await conn.execute("SET auto_explain.log_min_duration = -1")
+    return "\n".join(notices)
+
+
+def assert_no_scan_of_the_whole(plan: str, table: str) -> None:
+    for line in plan.splitlines():
+        assert not (
+            "Seq Scan on " + table in line or f"Seq Scan on {table.split('.')[-1]}" in line
+        ), plan
+
+
+async def fill(app: taskq.App, conn: asyncpg.Connection) -> None:
+    s = f'"{app.schema}"'
+    # A million queued jobs over 4 queues, a million finished ones in history.
+    await conn.execute(
+        f"INSERT INTO {s}.jobs (queue, task, args, run_at) "
+        f"SELECT 'q' || (g % 4), 'plan.task', '{{}}', now() - interval '1 hour' "
+        f"FROM generate_series(1, {ROWS}) AS g"
+    )
+    await conn.execute(
+        f"INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
+        "max_attempts, enqueued_at, finished_at) "
+        f"SELECT {ROWS} + g, 'q' || (g % 4), 'plan.task', '{{}}', "
+        "CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'succeeded' END, 0, 1, 1, "
+        f"now() - interval '30 days', now() - make_interval(secs => {ROWS} - g) "
+        f"FROM generate_series(1, {ROWS}) AS g"
+    )
+
+
+async def test_hot_queries_use_indexes_on_a_million_rows(pg_dsn: str, schema: str) -> None:
+    app = taskq.App(pg_dsn, schema=schema)
+
+    @app.task(name="plan.task")
+    async def task() -> None:
+        return None
+
+    async with app:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await fill(app, conn)
+            for analyzed in (False, True):
+                if analyzed:  # the same checks with fresh statistics
+                    await conn.execute(f'ANALYZE "{schema}".jobs, "{schema}".history')
+                await check_plans(app, conn)
+        finally:
+            await conn.close()
+
+
+async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    sql = Statements(app.schema)
+    s = f'"{app.schema}"'
+
+    for queues in (["q1"], ["q1", "q2"], None):
+        plan = await inner_plans(
+            conn, f"SELECT * FROM {s}.claim($1, $2, 10, 'w', 30)", queues, ["plan.task"]
+        )
+        assert "Index Scan using jobs_claim" in plan, plan
+        assert "Seq Scan" not in plan, plan
+        assert "JIT" not in plan, plan
+        assert "Sort" not in plan.replace("Sort Key", ""), plan
+        assert "history" not in plan, plan
+
+    # A queue with a concurrency limit and a rate limit: the claim also counts
+    # its running jobs (by index) and takes the settings row's lock.
+    await conn.execute(
+        f"INSERT INTO {s}.queues (name, concurrency_limit, rate_limit, rate_period) "
+        "VALUES ('q3', 100, 1000, 60) ON CONFLICT DO NOTHING"
+    )
+    plan = await inner_plans(
+        conn, f"SELECT * FROM {s}.claim($1, $2, 10, 'w', 30)", ["q3"], ["plan.task"]
+    )
+    assert "Index Scan using jobs_claim" in plan, plan
+    assert "jobs_running" in plan, plan
+    assert "Seq Scan" not in plan and "JIT" not in plan, plan
+
+    # A unique enqueue finds a live holder, and one in the window, by index.
+    plan = await inner_plans(
+        conn,
+        f"SELECT * FROM {s}.enqueue_unique('q1', 'plan.task', '{{}}', 0::smallint, now(), 1, "
+        "'k', 3600, NULL)",
+    )
+    assert "jobs_unique" in plan and "history_unique" in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+    await conn.fetch(sql.rescue, "c1", "c2", 3)  # asyncpg reads the result's types first
+    plan = await inner_plans(conn, sql.rescue, "c1", "c2", 3)
+    assert "Seq Scan" not in plan, plan
+    assert "jobs_running" in plan, plan
+    assert "Scan using history" not in plan, plan  # it only inserts into history
+
+    plan = await explain(conn, sql.get_job, 123)
+    assert "Seq Scan" not in plan, plan
+    assert "jobs_pkey" in plan, plan
+    assert "history_pkey" in plan, plan
+
+    plan = await inner_plans(conn, sql.prune, 7 * 86400.0, 5000)
+    assert "Seq Scan" not in plan, plan
+    assert "history_finished_at" in plan, plan
+
+    plan = await explain(conn, sql.renew, [1, 2], [None, None], 30.0)
+    assert "Seq Scan" not in plan, plan
+
+    await check_workflow_plans(app, conn)
+    await check_why_plans(app, conn)
+    await check_job_page_plans(app, conn)
+    await check_dashboard_jobs_plans(app, conn)
+
+
+async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The statements that drive workflows read jobs and history by index only."""
+    s = f'"{app.schema}"'
+    steps = [
+        {
+            "name": f"p{i}",
+            "task": "plan.task",
+            "queue": "q1",
+            "priority": 0,
+            "args": {},
+            "max_attempts": 1,
+            "delay": 0,
+            "run_at": None,
+            "unique_key": None,
+            "meta": None,
+            "kind": "task",
+            "on_parent_failure": "cancel",
+            "sink": False,
+            "map_over": None,
+            "map_arg": None,
+            "parents": [],
+        }
+        for i in range(50)
+    ]
+    steps.append(
+        {
+            **steps[0],
+            "name": "join",
+            "sink": True,
+            "parents": [{"step": f"p{i}", "data": True} for i in range(50)],
+        }
+    )
+    # Past the ids fill() gave to history rows.
+    await conn.execute(f"SELECT setval(pg_get_serial_sequence('{s}.jobs', 'id'), {3 * ROWS})")
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        row = await conn.fetchrow(
+            f"SELECT * FROM {s}.workflow_enqueue('plan', $1::jsonb, NULL)", json.dumps(steps)
+        )
+        workflow_id, ids = row["workflow_id"], row["job_ids"]
+        token = uuid.uuid4()
+        await conn.execute(
+            f"UPDATE {s}.jobs SET state = 'running', lease_token = $2 WHERE id = ANY($1)",
+            ids[:50],
+            token,
+        )
+        finishing = (
+            f"SELECT {s}.finish($1, $2, $3, $4, $5, $6)",
+            ids[:50],
+            [token] * 50,
+            ["succeeded"] * 50,
+            ["1"] * 50,
+            [None] * 50,
+            [0.0] * 50,
+        )
+        plans = [await inner_plans(conn, *finishing)]
+        await conn.fetch(*finishing)  # for real (rolled back below): the join is released
+        assert await conn.fetchval(f"SELECT state FROM {s}.jobs WHERE id = $1", ids[50]) == (
+            "queued"
+        )
+        store = WorkflowStore(app.schema)
+        plans.append(await explain(conn, store._get, workflow_id))
+        plans.append(await explain(conn, store._steps, workflow_id))
+        plans.append(await explain(conn, store._list, None, None, 50, None))
+        plans.append(await inner_plans(conn, f"SELECT * FROM {s}.cancel_steps($1, 'x')", ids[50:]))
+        plans.append(await inner_plans(conn, f"SELECT {s}.workflow_retry($1)", workflow_id))
+    finally:
+        await tx.rollback()
+    for plan in plans:
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+    assert "workflow_edges" in plans[0] and "workflow_steps" in plans[0], plans[0]
+    assert "history_workflow" in plans[2] or "history_pkey" in plans[2], plans[2]
+    assert "workflow_retry" in plans[5] or "history_workflow" in plans[5], plans[5]
+
+
+async def check_why_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """``why_not_running()`` reads a job, its queue, its workers and the jobs ahead by index."""
+    sql = why_statements(app.schema)
+    s = f'"{app.schema}"'
+    job = await conn.fetchrow(f"SELECT id, priority, run_at FROM {s}.jobs WHERE id = $1", ROWS // 2)
+    plans = {
+        "live_job": await explain(conn, sql.live_job, job["id"]),
+        "finished_job": await explain(conn, sql.finished_job, ROWS + 7),
+        "queue": await explain(conn, sql.queue, "q3"),
+        "task": await explain(conn, sql.task, "plan.task"),
+        "running_by_worker": await explain(conn, sql.running_by_worker, ["w1", "w2"]),
+        "ahead": await explain(
+            conn, sql.ahead, "q2", job["priority"], job["run_at"], job["id"], AHEAD_CAP
+        ),
+        "edge_counts": await explain(conn, sql.edge_counts, job["id"]),
+        "parents": await explain(conn, sql.parents, job["id"], 20),
+    }
+    for plan in plans.values():
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+    assert "jobs_pkey" in plans["live_job"] and "history_pkey" in plans["finished_job"]
+    assert "jobs_running" in plans["queue"] and "jobs_running" in plans["running_by_worker"]
+    assert "jobs_claim" in plans["ahead"], plans["ahead"]
+    assert "Sort" not in plans["ahead"].replace("Sort Key", ""), plans["ahead"]
+    assert "workflow_edges_child" in plans["edge_counts"], plans["edge_counts"]
+
+
+async def check_dashboard_jobs_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The jobs page's tabs read a bounded window of an index in id order, whatever the
+    filter, with the values given (custom plans) and without them (generic plans)."""
+    s = f'"{app.schema}"'
+    # Which index each tab walks: the running tab must not walk the primary key past
+    # a million queued jobs to find the few running ones.
+    walks = {
+        "running": "jobs_running",
+        "waiting": "jobs_waiting",
+        "failed": "history_unsucceeded",
+        "cancelled": "history_unsucceeded",
+    }
+    filters = [None] * 7, ["q1", "plan.task", "needle", None, None, None, None]
+    try:
+        for mode in ("auto", "force_generic_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            for state, _label, table in TABS:
+                sql = tab_sql(app.schema, state)
+                for params in filters:
+                    plans = [
+                        await explain(conn, sql.older, TOP_ID, SCAN_ROWS, *params, 51),
+                        await explain(conn, sql.newer, 0, SCAN_ROWS, *params, 51),
+                        await explain(conn, sql.collect, TOP_ID, SCAN_ROWS, *params),
+                    ]
+                    plans.append(await explain(conn, sql.window_older, TOP_ID, SCAN_ROWS))
+                    plans.append(await explain(conn, sql.window_newer, 0, SCAN_ROWS))
+                    for plan in plans:
+                        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+                        assert_no_scan_of_the_whole(plan, f"{s}.history")
+                        assert f"{table}_pkey" in plan or walks.get(state, "?") in plan, plan
+                        if state in walks:
+                            assert walks[state] in plan, (state, mode, plan)
+    finally:
+        await conn.execute("RESET plan_cache_mode")
+
+
+async def check_job_page_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The job page reads one job by primary key (live or finished) and deletes a
+    finished one by primary key, with its recorded steps."""
+    from taskq._admin import statements
+    from taskq.dashboard.pages.job import _sql
+
+    s = f'"{app.schema}"'
+    admin, page = statements(app.schema), _sql(app.schema)
+    plans = {
+        "get_job live": await explain(conn, admin.get_job, ROWS // 2),
+        "get_job finished": await explain(conn, admin.get_job, ROWS + 7),
+        "locate": await explain(conn, admin.locate, [ROWS // 2, ROWS + 7]),
+        "delete": await explain(conn, page["delete"], ROWS + 7),
+    }
+    for name, plan in plans.items():
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+        assert "history_pkey" in plan, (name, plan)
+    assert "job_checkpoints_pkey" in plans["delete"], plans["delete"]
