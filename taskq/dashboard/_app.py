@@ -314,8 +314,11 @@ class Dashboard:
     ) -> Response:
         if self.read_only:
             return self._error(request, 403, "This dashboard is read-only.", user)
-        if request.headers.get("content-type", "").split(";")[0].strip() != (
-            "application/x-www-form-urlencoded"
+        # No content type at all is an empty form (a client posting no fields):
+        # the token check below refuses it like any form without a token.
+        if request.headers.get("content-type", "").split(";")[0].strip() not in (
+            "application/x-www-form-urlencoded",
+            "",
         ):
             return self._error(request, 415, "Actions are sent as HTML forms.", user)
         body = b""
