@@ -15,11 +15,25 @@ import taskq
 from taskq.dashboard import Dashboard, no_auth
 
 from .conftest import until
-from .dashboard_support import browser, csrf_form, serve
+from .dashboard_support import Browser, browser, csrf_form, serve
 
 pytestmark = pytest.mark.anyio
 
 SCRIPT = "<script>document.title='pwned'</script>"
+
+
+async def click_live(b: Browser, css: str) -> None:
+    """Click a button inside a live region: a refresh may replace it between
+    finding and clicking, so find it again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        try:
+            await b.click(css)
+            return
+        except StaleElementReferenceException:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{css} kept being replaced")
 
 
 async def queue_row(pg_dsn: str, schema: str, name: str) -> dict[str, object] | None:
@@ -53,13 +67,13 @@ async def test_pausing_a_queue_from_the_page_keeps_new_jobs_queued(
         async with serve(dashboard) as url, browser(url, tmp_path / "shots") as b:
             await b.get("/queues")
             row = "[data-region=queues] tr[data-queue=mail]"
-            assert "active" in await b.text(row)
-            await b.click("button[form='pause-mail']")
+            await b.wait_text(row, "active")
+            await click_live(b, f"{row} button[form=queue-pause]")
             await b.accept_alert()
             await b.wait_text(".flash.ok", "Queue mail paused")
             assert (await app.queue("mail").info()).paused is True
             await b.wait_text("#live-state", "live")
-            assert "paused" in await b.text(row)
+            await b.wait_text(row, "paused")
 
             async with app.worker(concurrency=4):
                 held = await send.enqueue(to="held@example.com")
@@ -72,10 +86,17 @@ async def test_pausing_a_queue_from_the_page_keeps_new_jobs_queued(
                 await b.wait_text(row, lambda t: "paused" in t and " 1 " in f" {t} ")
                 await b.screenshot("queues-paused")
 
-                await b.click("button[form='resume-mail']")
+                await click_live(b, f"{row} button[form=queue-resume]")
                 await b.wait_text(".flash.ok", "Queue mail resumed")
                 assert await held.result(timeout=15) == "sent to held@example.com"
                 await b.wait_text(row, "active")
+            # A queue that shows up after the page loaded is paused from it too.
+            await send.options(queue="late", delay=3600).enqueue(to="late@example.com")
+            await b.wait_text("[data-region=queues]", "late")
+            await click_live(b, "tr[data-queue=late] button[form=queue-pause]")
+            await b.accept_alert()
+            await b.wait_text(".flash.ok", "Queue late paused")
+            assert (await app.queue("late").info()).paused is True
             assert await b.console_errors() == []
         await dashboard.aclose()
 
@@ -109,7 +130,7 @@ async def test_queue_limits_are_edited_with_validation(
                 "rate_period": 1.0,
             }
             # The page shows what was saved, in the table and in the form.
-            assert "5 per 1 s" in await b.text("[data-region=queues] tr[data-queue=mail]")
+            await b.wait_text("[data-region=queues] tr[data-queue=mail]", "5 per 1 s")
             assert await b.script(f'return document.querySelector("{rate}").value') == "5/1s"
             await b.screenshot("queues-limits")
 
@@ -179,17 +200,17 @@ async def test_cron_entries_with_next_runs_and_trigger_now(
         async with serve(dashboard) as url, browser(url, tmp_path / "shots") as b:
             await b.get("/cron")
             row = f"[data-region=entries] tr[data-cron='{name}']"
-            text = await b.text(row)
+            text = await b.wait_text(row, "none yet")
             assert "0 3 * * *" in text and "nightly" in text and "none yet" in text
             first = next_daily(3, datetime.now(UTC))
-            runs = await b.text(f"{row} .next-runs")
+            runs = await b.wait_text(f"{row} .next-runs", "UTC")
             for day in range(3):
                 assert (first + timedelta(days=day)).strftime("%Y-%m-%d 03:00:00 UTC") in runs
             # The arguments are data: shown as text, never run.
             assert SCRIPT not in await b.source()
             assert await b.script("return document.title") != "pwned"
 
-            await b.click(f"button[form='trigger-{name}']")
+            await click_live(b, f"{row} button[form=cron-trigger]")
             await b.accept_alert()
             flash = await b.wait_text(".flash.ok", "triggered: job")
             job_id = int(flash.split("job ")[1].split(" ")[0])
@@ -252,7 +273,7 @@ async def test_workers_page_shows_live_and_stale_workers(
             await b.get("/workers")
             live = "[data-region=workers] tbody tr:not(.stale-row)"
             await b.wait_text(live, "1 / 3")
-            text = await b.text(live)
+            text = await b.wait_text(live, "live")
             assert "live" in text and f"#{job.id}" in text and "all" in text
             # Stale, and sorted after the live one although its host sorts first.
             rows = await b.script(
@@ -260,7 +281,7 @@ async def test_workers_page_shows_live_and_stale_workers(
                 ".map(r => r.dataset.worker)"
             )
             assert rows == [worker.id, "gone-1"], rows
-            stale = await b.text("tr[data-worker='gone-1']")
+            stale = await b.wait_text("tr[data-worker='gone-1']", "stale")
             assert "stale" in stale and "0 / 7" in stale and "mail" in stale
             assert "1 min" in stale  # its heartbeat's age
             await b.screenshot("workers")
