@@ -372,13 +372,55 @@ async def test_a_map_of_500_items_is_one_box_with_counts(app: taskq.App, tmp_pat
             assert await b.count("[data-region=graph] g.node") == 3
             assert await b.count("[data-region=graph] path.edge") == 2
             table = await b.text("[data-region=steps]")
-            assert "more items of resize" in table and "resize[495]" in table
+            assert "more of resize: 490 succeeded" in table and "resize[495]" in table
             await b.screenshot("workflow-map-reduce-running")
             gate.set()
             await wait_state(b, "reduce", "succeeded", timeout=30)
             await wait_state(b, "resize", "succeeded")
             await b.wait_text("[data-region=graph] g[data-step=resize]", "500 succeeded")
         assert await run.result(timeout=5) == sum(range(500))
+        await dashboard.aclose()
+
+
+async def test_many_alike_steps_are_one_box(app: taskq.App, tmp_path: Path) -> None:
+    @app.task
+    async def split() -> int:
+        return 1
+
+    @app.task
+    async def fetch(url: str, n: int) -> int:
+        return n
+
+    @app.task
+    async def probe(url: str, n: int) -> int:
+        return n
+
+    @app.task
+    async def join(parts: list[int]) -> int:
+        return sum(parts)
+
+    async with app:
+        wf = taskq.Workflow(name="crawl")
+        root = wf.add(split)
+        few = [wf.add(probe, url=f"few{i}", n=root) for i in range(12)]
+        many = [wf.add(fetch, url=f"u{i}", n=root) for i in range(60)]
+        wf.add(join, parts=many + few)
+        run = await wf.enqueue()  # no worker: split queued, the rest waiting
+        dashboard = Dashboard(app, auth=no_auth)
+        async with serve(dashboard) as url, httpx.AsyncClient(base_url=url) as client:
+            r = await client.get(f"/workflows/{run.id}")
+            assert r.status_code == 200
+            # split, the 12 probes one by one (too few to fold), the 60 fetches in
+            # one box, join.
+            assert r.text.count('<g class="node') == 15
+            assert r.text.count('<path class="edge') == 12 + 12 + 1 + 1
+            assert 'data-step="fetch … fetch-60"' in r.text
+            assert "60 waiting" in r.text and "60 alike steps" in r.text
+            assert "… and 30 more of fetch … fetch-60: 30 waiting" in r.text
+            async with browser(url, tmp_path / "shots") as b:
+                await b.get(f"/workflows/{run.id}")
+                await b.screenshot("workflow-fan-out-folded")
+                assert await b.console_errors() == []
         await dashboard.aclose()
 
 

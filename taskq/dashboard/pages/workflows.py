@@ -31,8 +31,12 @@ PAGE_SIZE = 50
 #: Items of one map listed in the steps table (the unusual ones first: failed,
 #: running...); the rest are summed up on one line.
 ITEM_ROWS = 30
+#: More alike steps than this (same task, parents and children) are drawn as one box.
+FOLD_ALIKE = 20
 #: A map with at most this many items lists them all in the steps table.
 SMALL_MAP = 10
+#: Longest task name shown whole in the steps table (the full name is its tooltip).
+TASK_CHARS = 48
 #: Characters that fit on a box's lines (11-12 px text in NODE_WIDTH).
 NAME_CHARS = 28
 DETAIL_CHARS = 33
@@ -166,27 +170,63 @@ async def load_one(view: View) -> dict[str, Any]:
 def _graph_parts(
     steps: list[StepStatus], edge_rows: list[Any]
 ) -> tuple[list[_Node], list[tuple[str, str, bool]], list[dict[str, Any]]]:
-    """The boxes, the edges between them (a map's items folded into the map's
-    box) and the rows of the steps table."""
-    maps = {s.job_id: s for s in steps if s.kind == "map"}
-    items: dict[int, list[StepStatus]] = defaultdict(list)
+    """The boxes, the edges between them and the rows of the steps table.
+
+    A map's items are folded into the map's box; so are alike steps (the
+    same task, the same parents and children: ``[wf.add(fetch, url=u) for u
+    in urls]``) when there are more than ``FOLD_ALIKE`` of them.
+    """
+    maps = {s.job_id for s in steps if s.kind == "map"}
+    members: dict[str, list[StepStatus]] = defaultdict(list)
+    base: dict[int, str] = {}
     for s in steps:
-        if s.map_of is not None and s.map_of in maps:
-            items[s.map_of].append(s)
-    box_of: dict[int, str] = {}
+        item = s.map_of is not None and s.map_of in maps
+        base[s.job_id] = str(s.map_of) if item else str(s.job_id)
+        if item:
+            members[str(s.map_of)].append(s)
+    parents: dict[str, set[str]] = defaultdict(set)
+    children: dict[str, set[str]] = defaultdict(set)
+    for r in edge_rows:
+        source, target = base.get(r["parent_id"]), base.get(r["child_id"])
+        if source is not None and target is not None and source != target:
+            parents[target].add(source)
+            children[source].add(target)
+    alike: dict[tuple[str, frozenset[str], frozenset[str]], list[StepStatus]] = defaultdict(list)
+    for s in steps:
+        key = str(s.job_id)
+        if s.kind == "task" and base[s.job_id] == key:
+            alike[(s.task, frozenset(parents[key]), frozenset(children[key]))].append(s)
+    box_of = dict(base)
+    for group in alike.values():
+        if len(group) > FOLD_ALIKE:
+            key = f"g{group[0].job_id}"
+            members[key] = group
+            for s in group:
+                box_of[s.job_id] = key
+
     nodes: list[_Node] = []
     table: list[dict[str, Any]] = []
+    drawn: set[str] = set()
     for s in steps:
-        if s.map_of is not None and s.map_of in maps:
-            box_of[s.job_id] = str(s.map_of)
+        key = box_of[s.job_id]
+        if key in drawn:
             continue
-        box_of[s.job_id] = str(s.job_id)
-        if s.kind == "map":
-            mine = sorted(items.get(s.job_id, []), key=lambda i: i.position or 0)
+        drawn.add(key)
+        if key.startswith("g"):
+            group = members[key]
+            node = _group_node(key, group)
+            nodes.append(node)
+            row = _table_row(group[0], count=len(group))
+            table.append({**row, "kind": "group", "name": node.label, "state": node.state})
+            table.extend(_member_rows(node.label, group[0].job_id, group))
+        elif key != str(s.job_id):
+            continue  # an item whose map is drawn (maps come before their items)
+        elif s.kind == "map":
+            mine = sorted(members.get(key, []), key=lambda i: i.position or 0)
             node = _map_node(s, mine)
             nodes.append(node)
-            table.append({**_table_row(s, map_items=len(mine)), "state": node.state})
-            table.extend(_item_rows(s, mine))
+            table.append({**_table_row(s, count=len(mine)), "state": node.state})
+            table.extend(_member_rows(s.name, s.job_id, mine))
         else:
             nodes.append(_step_node(s))
             table.append(_table_row(s))
@@ -197,6 +237,29 @@ def _graph_parts(
             continue  # a purged step, or an item and its own map
         edges[(source, target)] = edges.get((source, target), False) or bool(r["data"])
     return nodes, [(s, t, data) for (s, t), data in edges.items()], table
+
+
+def _group_node(key: str, group: list[StepStatus]) -> _Node:
+    counts = Counter(str(s.state) for s in group)
+    ordered = {k: counts[k] for k in STATES if counts[k]}
+    # Colour: what is still moving first, then the worst outcome.
+    state = next(
+        k for k in ("running", "queued", "waiting", "failed", "cancelled", "succeeded") if counts[k]
+    )
+    first, last = group[0], group[-1]
+    label = f"{first.name} … {last.name}"
+    title = f"{label}: {len(group)} steps of task {first.task} with the same parents and children"
+    title += " (" + ", ".join(f"{n} {k}" for k, n in ordered.items()) + ")"
+    return _Node(
+        key=key,
+        name=label,
+        job_id=first.job_id,
+        state=state,
+        label=_cut(label, NAME_CHARS),
+        detail=_cut(", ".join(f"{n} {k}" for k, n in ordered.items()), DETAIL_CHARS),
+        title=title,
+        counts=ordered,
+    )
 
 
 def _step_node(s: StepStatus) -> _Node:
@@ -254,30 +317,31 @@ def _map_node(s: StepStatus, mine: list[StepStatus]) -> _Node:
     )
 
 
-def _table_row(
-    s: StepStatus, *, map_items: int | None = None, item: bool = False
-) -> dict[str, Any]:
+def _table_row(s: StepStatus, *, count: int | None = None, item: bool = False) -> dict[str, Any]:
     return {
         "kind": "item" if item else s.kind,
         "name": s.name,
         "job_id": s.job_id,
         "task": s.task,
+        # The end of a long task name tells it apart (the module path is shared).
+        "task_tail": s.task if len(s.task) <= TASK_CHARS else "…" + s.task[-(TASK_CHARS - 1) :],
         "queue": s.queue,
         "state": str(s.state),
         "attempts": s.attempts,
         "max_attempts": s.max_attempts,
-        "parents": s.parents,
+        "parents": () if item else s.parents,  # a member has its box's parents
         "started_at": s.started_at,
         "finished_at": s.finished_at,
         "took": (s.finished_at - s.started_at) if s.finished_at and s.started_at else None,
         "error": _error_text(s.error),
-        "item_count": map_items,
+        "item_count": count,
         "more": None,
     }
 
 
-def _item_rows(s: StepStatus, mine: list[StepStatus]) -> list[dict[str, Any]]:
-    """A map's items worth a line, and one line summing up the rest.
+def _member_rows(name: str, job_id: int, mine: list[StepStatus]) -> list[dict[str, Any]]:
+    """A box's members (a map's items, a group's steps) worth a line, and one
+    line summing up the rest.
 
     A small map lists every item; a big one only those that did not succeed
     (failed first), at most ``ITEM_ROWS``: 500 green lines tell nothing.
@@ -295,8 +359,8 @@ def _item_rows(s: StepStatus, mine: list[StepStatus]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "kind": "more",
-                "name": s.name,
-                "job_id": s.job_id,
+                "name": name,
+                "job_id": job_id,
                 "more": ", ".join(f"{left[k]} {k}" for k in STATES if left[k]),
                 "count": sum(left.values()),
             }
