@@ -15,9 +15,11 @@ import asyncpg
 import pytest
 
 import taskq
+from taskq._admin import statements
 from taskq._admin.why import AHEAD_CAP, why_statements
 from taskq._statements import Statements
 from taskq._workflow_store import WorkflowStore
+from taskq.dashboard.pages import workers as workers_page
 from taskq.dashboard.pages.jobs_query import SCAN_ROWS, TABS, TOP_ID, tab_sql
 
 pytestmark = pytest.mark.anyio
@@ -156,6 +158,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     await check_why_plans(app, conn)
     await check_job_page_plans(app, conn)
     await check_dashboard_jobs_plans(app, conn)
+    await check_dashboard_admin_plans(app, conn)
 
 
 async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
@@ -317,3 +320,22 @@ async def check_job_page_plans(app: taskq.App, conn: asyncpg.Connection) -> None
         assert_no_scan_of_the_whole(plan, f"{s}.history")
         assert "history_pkey" in plan, (name, plan)
     assert "job_checkpoints_pkey" in plans["delete"], plans["delete"]
+
+
+async def check_dashboard_admin_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The workers page reads running jobs through a partial index of running rows, and
+    the cron page finds its entries' last jobs by primary key."""
+    s = f'"{app.schema}"'
+    admin = statements(app.schema)
+    running = workers_page._sql(app.schema)["running_ids"]
+    plans = {
+        "running_ids": await explain(conn, running, workers_page.RUNNING_IDS_SHOWN),
+        "workers": await explain(conn, admin.workers),
+        "locate": await explain(conn, admin.locate, [ROWS // 2, ROWS + 7]),
+    }
+    for plan in plans.values():
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+    for name in ("running_ids", "workers"):
+        assert "jobs_running" in plans[name] or "jobs_lease" in plans[name], plans[name]
+    assert "jobs_pkey" in plans["locate"] and "history_pkey" in plans["locate"], plans["locate"]

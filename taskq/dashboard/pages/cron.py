@@ -114,8 +114,8 @@ async def trigger(form: Form) -> Done:
         await conn.execute(sql["record"], name, job.id)
     return Done(
         "/cron",
-        f"Cron entry {name} triggered: job {job.id} ({row['task']}) is queued in "
-        f"{row['queue']}; it is the entry's last job below.",
+        f"Cron entry {name} triggered: job {job.id} is queued in {row['queue']}; "
+        "it is the entry's last job below.",
     )
 
 
