@@ -83,6 +83,9 @@ async def test_retry_a_failed_job_and_see_it_succeed_live(app: taskq.App, tmp_pa
             await b.wait_text("[data-region=head]", "succeeded", timeout=15)
             await b.wait_text("[data-region=result]", "sent to ops@example.com")
             assert await b.script("return window.marker") == marker  # no reload
+            # It waited since its failure (not since its first enqueue).
+            timings = await live_text(b, "table[aria-label=timings]")
+            assert "since the previous attempt failed" in timings
             # The earlier failure stays in the job's story.
             assert "ConnectionRefusedError" in await b.text("[data-region=attempts]")
             assert await displayed(b, ".act-delete") and not await displayed(b, ".act-cancel")

@@ -250,23 +250,38 @@ def _item(value: Any) -> str:
 
 
 def _timings(job: Any, now: datetime) -> dict[str, Any]:
-    """Waited: from enqueue (or the due time, if later) to the last attempt's
-    start. Ran for: the last attempt, to its end or to now while running."""
-    due = max(job.enqueued_at, job.run_at) if job.run_at else job.enqueued_at
+    """Waited: to the last attempt's start (or to now, while it waits) from the
+    latest of its enqueue, its due time and its previous attempt's failure.
+    Ran for: the last attempt, to its end or to now while running."""
     started, finished = job.started_at, job.finished_at
-    if started is not None and started >= due:
-        waited = started - due
-    elif started is None and job.state in ("queued", "waiting") and now > due:
-        waited = now - due  # still waiting
+    since, what = job.enqueued_at, "enqueued"
+    if job.run_at is not None:
+        if job.run_at > since:
+            since, what = job.run_at, "due"
+    else:
+        # History keeps no due time: a job that ran again after a failure
+        # waited since that failure at the earliest, not since its enqueue.
+        failed = [
+            at
+            for at in (_parse_time(e.get("at")) for e in job.errors if isinstance(e, dict))
+            if at is not None and (started is None or at <= started)
+        ]
+        if failed and max(failed) > since:
+            since, what = max(failed), "the previous attempt failed"
+    state = str(job.state)
+    if started is not None and started >= since:
+        waited = started - since
+    elif started is None and state in WAITING_STATES and now > since:
+        waited = now - since
     else:
         waited = None
     if started is not None and finished is not None:
         ran = finished - started
-    elif started is not None and str(job.state) == "running":
+    elif started is not None and state == "running":
         ran = now - started
     else:
         ran = None
-    return {"waited": waited, "ran": ran, "waiting_now": started is None}
+    return {"waited": waited, "since": what, "ran": ran, "waiting_now": started is None}
 
 
 def _attempts(job: Any) -> list[dict[str, Any]]:
