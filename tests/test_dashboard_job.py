@@ -168,9 +168,14 @@ async def test_every_attempt_error_is_shown(app: taskq.App) -> None:
     async with app:
         job = await flaky.enqueue()
         dashboard = Dashboard(app, auth=no_auth)
-        async with app.worker(), serve(dashboard) as url, httpx.AsyncClient(base_url=url) as c:
-            await until_state(job, "failed")
-            r = await c.get(f"/jobs/{job.id}")
+        async with serve(dashboard) as url, httpx.AsyncClient(base_url=url) as c:
+            async with app.worker():
+                await until_state(job, "failed")
+                r = await c.get(f"/jobs/{job.id}")
+            # The worker that ran it has stopped: its id is all that is left.
+            gone = await c.get(f"/jobs/{job.id}")
+        assert "heartbeat" in r.text and "no longer registered" not in r.text
+        assert "no longer registered" in gone.text and "heartbeat" not in gone.text
         assert r.status_code == 200
         found = re.findall(r'data-attempt="(\d+)"', r.text)
         assert found == ["3", "2", "1"]  # newest first
