@@ -374,10 +374,12 @@ async def test_mounted_in_aiohttp(app: taskq.App) -> None:
 
         web_app.router.add_get("/hello", hello)
         aiohttp_mount(web_app, "/taskq", dashboard)
-        runner = web.AppRunner(web_app)
+        # Longer than the test waits: a stream that held up the shutdown would fail it.
+        runner = web.AppRunner(web_app, shutdown_timeout=TIMEOUT * 2)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
+        cleaned = False
         try:
             port = runner.addresses[0][1]
             async with httpx.AsyncClient(
@@ -400,8 +402,25 @@ async def test_mounted_in_aiohttp(app: taskq.App) -> None:
                 await live_counts(client, "/taskq", enqueue_one, want=1)
             # The client went away: the bridge told the dashboard, whose stream ended.
             await until(lambda: _true(dashboard.hub.topics == 0), TIMEOUT, "the stream to end")
+
+            # The server shuts down while a live page is open: its stream ends
+            # (aiohttp's on_shutdown), the shutdown does not wait for it, and
+            # the dashboard closes (on_cleanup).
+            async with (
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as client,
+                client.stream("GET", "/taskq/events?page=/", timeout=TIMEOUT) as stream,
+            ):
+                chunks = stream.aiter_text()
+                assert "connected" in await anext(chunks)
+                with anyio.fail_after(TIMEOUT):
+                    cleaned = True
+                    await runner.cleanup()
+                    # The stream ends: the server closed it properly.
+                    async for _chunk in chunks:
+                        pass
         finally:
-            await runner.cleanup()  # closes the dashboard too (on_cleanup)
+            if not cleaned:
+                await runner.cleanup()
         assert dashboard.hub._task is None
 
 

@@ -113,20 +113,43 @@ def mount_dashboard(web_app: web.Application, prefix: str, dashboard: Dashboard)
     if not callable(dashboard):
         raise ConfigurationError("mount_dashboard() needs a taskq.dashboard.Dashboard")
 
+    stopping = _Stopping()
+
     async def handle(request: web.Request) -> web.StreamResponse:
         tail = request.match_info.get("tail", "")
-        return await _bridge(request, dashboard, request.path[: len(request.path) - len(tail)])
+        root_path = request.path[: len(request.path) - len(tail)]
+        return await _bridge(request, dashboard, root_path, stopping.event())
 
     # {tail} is "" or starts with "/": /taskq and /taskq/... but not /taskqx.
     web_app.router.add_route("*", clean + "{tail:(/.*)?}", handle)
 
+    async def end_streams(_: web.Application) -> None:
+        # aiohttp waits for the handlers in flight after on_shutdown: a live
+        # page's stream never ends by itself, so it is ended here.
+        stopping.event().set()
+
     async def close_dashboard(_: web.Application) -> None:
         await dashboard.aclose()
 
+    web_app.on_shutdown.append(end_streams)
     web_app.on_cleanup.append(close_dashboard)
 
 
-async def _bridge(request: web.Request, asgi: Any, root_path: str) -> web.StreamResponse:
+class _Stopping:
+    """The web app is shutting down (an event made in the server's loop)."""
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    def event(self) -> asyncio.Event:
+        if self._event is None:
+            self._event = asyncio.Event()
+        return self._event
+
+
+async def _bridge(
+    request: web.Request, asgi: Any, root_path: str, stopping: asyncio.Event
+) -> web.StreamResponse:
     """One aiohttp request through an ASGI application."""
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -152,7 +175,8 @@ async def _bridge(request: web.Request, asgi: Any, root_path: str) -> web.Stream
     body_done = False
 
     def gone() -> bool:
-        return request.transport is None or request.transport.is_closing()
+        transport = request.transport
+        return transport is None or transport.is_closing() or stopping.is_set()
 
     async def receive() -> MutableMapping[str, Any]:
         nonlocal body_done
@@ -192,7 +216,14 @@ async def _bridge(request: web.Request, asgi: Any, root_path: str) -> web.Stream
             finished.set()
 
     await asgi(scope, receive, send)
-    finished.set()
     if response is None:
+        finished.set()
         return web.Response(status=500, text="the dashboard sent no response")
+    if not finished.is_set():
+        # A stream ended by the shutdown (or a client that left): close it properly.
+        finished.set()
+        with contextlib.suppress(ConnectionError):
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write_eof()
     return response
