@@ -239,6 +239,18 @@ def test_the_command_refuses_to_start_without_a_password(pg_dsn: str, schema: st
     assert done.returncode == 2 and "is empty" in done.stderr
 
 
+def test_the_command_names_the_extra_when_uvicorn_is_missing(pg_dsn: str) -> None:
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; from taskq.cli import main; "
+        "sys.exit(main(['dashboard', '--insecure-no-auth']))"
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", code], env=subprocess_env(pg_dsn), capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stderr
+    assert "needs uvicorn: pip install 'taskq-pg[dashboard]'" in done.stderr
+
+
 async def test_the_command_serves_with_a_password_and_stops_on_sigterm(
     app: taskq.App, pg_dsn: str, schema: str, command: Callable[..., Command]
 ) -> None:
