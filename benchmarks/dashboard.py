@@ -140,7 +140,7 @@ def pages(ids: dict[str, int]) -> list[tuple[str, str]]:
         ("jobs: succeeded, deep page", f"/jobs?state=succeeded&before={ids['old']}"),
         ("jobs: failed, one queue", "/jobs?state=failed&queue=mail"),
         ("jobs: succeeded, one task", f"/jobs?state=succeeded&task={TASKS[5]}"),
-        ("jobs: succeeded, text search", "/jobs?state=succeeded&q=user12345%40"),
+        ("jobs: succeeded, text search", "/jobs?state=succeeded&text=user12345%40"),
         ("jobs: queued, one queue", "/jobs?state=queued&queue=billing"),
         ("job: failed (history)", f"/jobs/{ids['failed']}"),
         ("job: queued, why not running", f"/jobs/{ids['queued']}"),

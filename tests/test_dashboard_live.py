@@ -108,3 +108,38 @@ async def test_events_for_an_unknown_page_are_refused(app: taskq.App) -> None:
             r = await client.get("/events", params={"page": "/no/such/page"})
             assert r.status_code == 404
         await dashboard.aclose()
+
+
+async def test_a_stream_ends_by_itself_and_a_new_one_gets_every_region() -> None:
+    """A server shutting down cannot end a stream, so none outlives its
+    lifetime; the browser reconnects and, having maybe missed changes, gets
+    every region once, changed or not."""
+    from taskq.dashboard._hub import Hub
+
+    renders = 0
+
+    async def render() -> dict[str, str]:
+        nonlocal renders
+        renders += 1
+        return {"a": "same", "b": "same too"}
+
+    async def listen(_callback: object) -> object:
+        return lambda: None
+
+    hub = Hub(listen, interval=0.05)  # type: ignore[arg-type]
+    try:
+        got: list[bytes] = []
+        with anyio.fail_after(5):
+            async for chunk in hub.stream("/", render, lifetime=0.5):
+                got.append(chunk)
+        assert b'"a":"same"' in b"".join(got)
+        # A second browser on the same page, nothing changed: it still gets both regions.
+        again: list[bytes] = []
+        with anyio.fail_after(5):
+            async for chunk in hub.stream("/", render, lifetime=0.5):
+                again.append(chunk)
+        events = [c for c in again if c.startswith(b"event: regions")]
+        assert len(events) == 1 and b'"b":"same too"' in events[0]
+        assert hub.topics == 0
+    finally:
+        await hub.stop()

@@ -84,7 +84,7 @@ def stacked_bars(
                     title=f"{at:%H:%M} UTC: {num(value)} {name}",
                 )
             )
-    grid = [Mark(0, round(height - bottom - plot_h * f, 2), num(int(top * f))) for f in (0, 0.5, 1)]
+    grid = [Mark(0, round(height - bottom - plot_h * f, 2), num(top * f)) for f in (0, 0.5, 1)]
     ticks = [
         Mark(round(left + (i + 0.5) * slot_w, 2), 0, f"{times[i]:%H:%M}")
         for i in range(0, slots, tick_every)

@@ -34,6 +34,10 @@ Listen = Callable[[Callable[[str], None]], Awaitable[Callable[[], None]]]
 DEBOUNCE_SECONDS = 0.2
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
+#: A stream ends after this long and the browser opens a new one by itself
+#: (``retry:``). A server that is shutting down waits for open responses and
+#: cannot tell a stream to end, so no stream may outlive this.
+STREAM_SECONDS = 20.0
 
 
 @dataclass
@@ -41,6 +45,9 @@ class _Topic:
     render: Render
     subscribers: set[asyncio.Queue[bytes]] = field(default_factory=set)
     last: dict[str, str] = field(default_factory=dict)
+    #: Subscribers that have had no refresh yet: they get every region once,
+    #: since what changed while they were away (reconnecting) is unknown.
+    fresh: set[asyncio.Queue[bytes]] = field(default_factory=set)
 
 
 class Hub:
@@ -62,7 +69,9 @@ class Hub:
     def topics(self) -> int:
         return len(self._topics)
 
-    async def stream(self, key: str, render: Render) -> AsyncIterator[bytes]:
+    async def stream(
+        self, key: str, render: Render, *, lifetime: float = STREAM_SECONDS
+    ) -> AsyncIterator[bytes]:
         """The event stream of one browser showing the page ``key``."""
         await self._start()
         topic = self._topics.get(key)
@@ -70,15 +79,19 @@ class Hub:
             topic = self._topics[key] = _Topic(render)
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
         topic.subscribers.add(queue)
+        topic.fresh.add(queue)
+        self.poke()
+        ends = time.monotonic() + lifetime
         try:
-            yield b"retry: 2000\n: connected\n\n"
-            while True:
+            yield b"retry: 1000\n: connected\n\n"
+            while (left := ends - time.monotonic()) > 0:
                 try:
-                    yield await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                    yield await asyncio.wait_for(queue.get(), min(KEEPALIVE_SECONDS, left))
                 except TimeoutError:
                     yield b": keepalive\n\n"
         finally:
             topic.subscribers.discard(queue)
+            topic.fresh.discard(queue)
             if not topic.subscribers and self._topics.get(key) is topic:
                 del self._topics[key]
 
@@ -129,14 +142,17 @@ class Hub:
             self._send(topic, b"event: problem\ndata: " + message + b"\n\n")
             return
         changed = {k: v for k, v in regions.items() if topic.last.get(k) != v}
-        if not changed:
-            return
         topic.last.update(changed)
-        self._send(topic, b"event: regions\ndata: " + orjson.dumps(changed) + b"\n\n")
+        fresh, topic.fresh = topic.fresh, set()
+        if fresh:
+            self._send(topic, b"event: regions\ndata: " + orjson.dumps(regions) + b"\n\n", fresh)
+        if changed:
+            event = b"event: regions\ndata: " + orjson.dumps(changed) + b"\n\n"
+            self._send(topic, event, topic.subscribers - fresh)
 
     @staticmethod
-    def _send(topic: _Topic, event: bytes) -> None:
-        for queue in list(topic.subscribers):
+    def _send(topic: _Topic, event: bytes, to: set[asyncio.Queue[bytes]] | None = None) -> None:
+        for queue in list(topic.subscribers if to is None else to):
             if queue.full():
                 # A browser that stopped reading gets the newest state only.
                 with contextlib.suppress(asyncio.QueueEmpty):
