@@ -305,7 +305,6 @@ async def check_job_page_plans(app: taskq.App, conn: asyncpg.Connection) -> None
     """The job page reads one job by primary key (live or finished); a delete from
     history (the job page's and the jobs page's) goes by primary key, with the
     job's recorded steps."""
-    from taskq._admin import statements
     from taskq.dashboard.pages.jobs import _delete_sql
 
     s = f'"{app.schema}"'
@@ -321,3 +320,22 @@ async def check_job_page_plans(app: taskq.App, conn: asyncpg.Connection) -> None
         assert_no_scan_of_the_whole(plan, f"{s}.history")
         assert "history_pkey" in plan, (name, plan)
     assert "job_checkpoints_pkey" in plans["delete"], plans["delete"]
+
+
+async def check_dashboard_admin_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The workers page reads running jobs through a partial index of running rows, and
+    the cron page finds its entries' last jobs by primary key."""
+    s = f'"{app.schema}"'
+    admin = statements(app.schema)
+    running = workers_page._sql(app.schema)["running_ids"]
+    plans = {
+        "running_ids": await explain(conn, running, workers_page.RUNNING_IDS_SHOWN),
+        "workers": await explain(conn, admin.workers),
+        "locate": await explain(conn, admin.locate, [ROWS // 2, ROWS + 7]),
+    }
+    for plan in plans.values():
+        assert_no_scan_of_the_whole(plan, f"{s}.jobs")
+        assert_no_scan_of_the_whole(plan, f"{s}.history")
+    for name in ("running_ids", "workers"):
+        assert "jobs_running" in plans[name] or "jobs_lease" in plans[name], plans[name]
+    assert "jobs_pkey" in plans["locate"] and "history_pkey" in plans["locate"], plans["locate"]
