@@ -62,8 +62,8 @@ async def test_retry_a_failed_job_and_see_it_succeed_live(app: taskq.App, tmp_pa
             assert "ConnectionRefusedError" in attempts
             assert "SMTP server refused mail for ops@example.com" in attempts
             # The traceback of the newest error is open, with the failing line.
-            assert 'raise ConnectionRefusedError(f"SMTP server' in await b.text(
-                "[data-region=attempts] details[open] pre"
+            assert 'raise ConnectionRefusedError(f"SMTP server' in await live_text(
+                b, "[data-region=attempts] details[open] pre"
             )
             # Only the actions that apply to a failed job are shown.
             assert await displayed(b, ".act-retry") and await displayed(b, ".act-delete")
@@ -207,8 +207,8 @@ async def test_hostile_arguments_and_errors_are_shown_as_text(
             as_json = HOSTILE.replace('"', '\\"')
             assert as_json in await b.text("pre[aria-label=arguments]")
             assert as_json in await b.text("pre[aria-label=meta]")
-            assert HOSTILE in await b.text(".error-message-text")
-            assert HOSTILE in await b.text("[data-region=attempts] pre")
+            assert HOSTILE in await live_text(b, ".error-message-text")
+            assert HOSTILE in await live_text(b, "[data-region=attempts] pre")
             assert await b.count("main img") == 0
             assert await b.count("main script") == 0
             await asyncio.sleep(0.5)  # an onerror handler would have run by now

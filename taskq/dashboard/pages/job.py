@@ -19,12 +19,12 @@ from ..._admin import (
     statements,
     why_not_running,
 )
-from ..._checkpoints import checkpoints_for
 from ..._errors import JobNotFound
 from ..._job import status_from_row
 from ..._names import quote_schema
 from .._core import Action, Done, Form, NotFound, Page, View
 from .._render import duration, when
+from .jobs import delete_ids
 
 #: States whose job waits to start: the page says why it is not running.
 WAITING_STATES = ("queued", "waiting")
@@ -84,17 +84,6 @@ def _sql(schema: str) -> dict[str, str]:
             f"FROM {s}.workers WHERE id = $1"
         ),
         "workflow": f"SELECT name, state FROM {s}.workflows WHERE id = $1",
-        # Like prune(): a finished step of a workflow that has not finished
-        # stays (its workflow's status and retry read it), and the job's
-        # recorded steps go with it (else they stay behind for ever).
-        "delete": (
-            f"WITH gone AS (DELETE FROM {s}.history AS h WHERE h.id = $1 "
-            "AND (h.workflow_id IS NULL OR NOT EXISTS (SELECT FROM "
-            f"{s}.workflows AS w WHERE w.id = h.workflow_id AND w.finished_at IS NULL)) "
-            "RETURNING h.id), "
-            f"c AS (DELETE FROM {s}.job_checkpoints WHERE job_id IN (SELECT id FROM gone)) "
-            "SELECT count(*) FROM gone"
-        ),
     }
 
 
@@ -406,33 +395,21 @@ async def cancel(form: Form) -> Done:
 
 async def delete(form: Form) -> Done:
     job_id: int = form.params["id"]
-    sql = _sql(form.core.schema)
-    async with (
-        form.core.database.acquire("deleting a job from history") as conn,
-        conn.transaction(),
-    ):
-        deleted = await conn.fetchval(sql["delete"], job_id)
-        # Belt and braces for a checkpoint written by a racing attempt.
-        if deleted:
-            await checkpoints_for(form.core.schema).delete_orphans(conn, job_id - 1, job_id)
-        found = (
-            None if deleted else await conn.fetchrow(statements(form.core.schema).locate, [job_id])
-        )
-    if deleted:
+    # The jobs page's delete: the same rules for one job as for many.
+    result = await delete_ids(form.core, [job_id])
+    if result.deleted:
         return Done("/jobs", f"Job {job_id} is deleted from history.")
-    if found is None:
-        return Done("/jobs", f"There is no job {job_id}.", ok=False)
-    if found["live"]:
+    if result.kept:
         return Done(
             _here(form),
-            f"Job {job_id} is {found['state']}: only finished jobs can be deleted "
-            "(cancel it first).",
+            f"Job {job_id} is a step of a workflow that is still running: its steps stay "
+            "in history until it ends.",
             ok=False,
         )
     return Done(
         _here(form),
-        f"Job {job_id} is a step of workflow {found['workflow_id']}, which is still "
-        "running: its steps stay until it ends.",
+        f"Job {job_id} is not in history: only finished jobs can be deleted (cancel a "
+        "live one first).",
         ok=False,
     )
 
