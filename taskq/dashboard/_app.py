@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+import asyncpg
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -211,9 +212,17 @@ class Dashboard:
             return self._error(request, 404, str(exc), user)
         except BadRequest as exc:
             return self._error(request, 400, str(exc), user)
-        except DatabaseError as exc:
+        except (DatabaseError, asyncpg.PostgresError) as exc:
+            if _privilege_refused(exc):
+                message = (
+                    f"The database refused: {exc}. A dashboard whose database role can only "
+                    "read must be read-only (read_only=True, or --read-only)."
+                )
+                return self._error(request, 403, message, user)
+            if isinstance(exc, asyncpg.PostgresError):
+                raise
             log.warning("taskq dashboard: %s", exc)
-            return self._error(request, 503, f"The database cannot be reached: {exc}", user)
+            return self._error(request, 503, f"The database could not answer: {exc}", user)
         except TaskqError as exc:
             return self._error(request, 400, str(exc), user)
 
@@ -378,6 +387,15 @@ class PlainText(Response):
 
     def __init__(self, text: str, status: int, headers: dict[str, str] | None = None) -> None:
         super().__init__(text, status, headers)
+
+
+def _privilege_refused(exc: BaseException | None) -> bool:
+    """Whether the database role lacked a privilege (the cause of a taskq error too)."""
+    while exc is not None:
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _cookie_path(request: Request) -> str:
