@@ -57,6 +57,11 @@ def test_auth_is_required_and_checked() -> None:
 
 async def test_overview_updates_live_in_a_browser(app: taskq.App, tmp_path: Path) -> None:
     tasks = make_app(app)
+
+    @app.task(queue="billing", retry=1)
+    async def charge(card: str) -> None:
+        raise ValueError(f"card {card} declined")
+
     async with app:
         for i in range(3):
             await tasks["send"].enqueue(to=f"user{i}@example.com")
@@ -69,8 +74,18 @@ async def test_overview_updates_live_in_a_browser(app: taskq.App, tmp_path: Path
             # Counters change without a reload: the worker drains the queue.
             marker = await b.script("window.marker = Math.random(); return window.marker")
             async with app.worker(concurrency=4):
+                failed = [await charge.enqueue(card=f"4242-{i}") for i in range(2)]
                 await b.wait_text("[data-count=queued]", "0", timeout=15)
                 await b.wait_text("[data-region=charts]", "3 succeeded", timeout=15)
+                await b.wait_text("[data-region=charts]", "2 failed", timeout=15)
+            for job in failed:
+                assert (await job.status()).state is taskq.JobState.FAILED
+            # New work shows up too: a backlog, and a job due later.
+            for i in range(4):
+                await tasks["send"].enqueue(to=f"later{i}@example.com")
+            await tasks["send"].options(delay=3600).enqueue(to="tomorrow@example.com")
+            await b.wait_text("[data-count=queued]", "4", timeout=15)
+            await b.wait_text("[data-count=scheduled]", "1", timeout=15)
             assert await b.script("return window.marker") == marker  # same page, no reload
             await b.screenshot("overview")
             assert await b.console_errors() == []

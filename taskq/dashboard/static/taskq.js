@@ -29,6 +29,12 @@
         for (const el of document.querySelectorAll("[data-region='" + CSS.escape(name) + "']")) {
           // Never wipe out what the operator is selecting.
           if (hasSelection(el)) continue;
+          // A new stream gets every region once: skip the ones that did not
+          // change (compared as the browser serializes both), so an element
+          // the operator is about to click is not replaced for nothing.
+          const probe = document.createElement(el.tagName);
+          probe.innerHTML = regions[name];
+          if (probe.innerHTML.trim() === el.innerHTML.trim()) continue;
           el.innerHTML = regions[name];
         }
       }
