@@ -1,7 +1,7 @@
 """``python -m benchmarks.dashboard``: how fast each dashboard page answers on big tables.
 
 Fills a fresh schema with ``--history-rows`` finished jobs (default 1,000,000:
-one every 0.5 s back from now, so the last hour holds 7,200; 94% succeeded,
+one every 0.5 s back from now, ids rising with time, so the last hour holds 7,200; 94% succeeded,
 5% failed with an error, 1% cancelled, over 4 queues and 12 tasks) and
 ``--queued`` live jobs (default 100,000: 90% due, 10% scheduled, plus 40
 running on 4 registered workers), and a few workflows. Then it serves the
@@ -33,6 +33,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 QUEUES = ["default", "mail", "reports", "billing"]
+#: History ids start above the workflows' jobs made through the API first.
+BASE_ID = 10_000
 TASKS = [f"bench.task_{i}" for i in range(12)]
 
 
@@ -64,7 +66,7 @@ async def fill(dsn: str, schema: str, history_rows: int, queued: int) -> dict[st
             f"""
             INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts,
                 max_attempts, enqueued_at, started_at, finished_at, worker_id, result, error)
-            SELECT -g, ({queues})[1 + g % 4], ({tasks})[1 + g % 12],
+            SELECT $2::bigint + $1 - g, ({queues})[1 + g % 4], ({tasks})[1 + g % 12],
                 jsonb_build_object('user_id', g, 'email', 'user' || g || '@example.com'),
                 CASE WHEN g % 100 < 94 THEN 'succeeded' WHEN g % 100 < 99 THEN 'failed'
                      ELSE 'cancelled' END,
@@ -79,6 +81,12 @@ async def fill(dsn: str, schema: str, history_rows: int, queued: int) -> dict[st
             FROM generate_series(1, $1::int) AS g
             """,
             history_rows,
+            BASE_ID,
+        )
+        # Live jobs come after history in id order, as on a running install.
+        await conn.execute(
+            f"SELECT setval(pg_get_serial_sequence('{s}.jobs', 'id'), $1)",
+            BASE_ID + history_rows + 1,
         )
         await conn.execute(
             f"""
@@ -116,7 +124,7 @@ async def fill(dsn: str, schema: str, history_rows: int, queued: int) -> dict[st
             "failed": await conn.fetchval(
                 f"SELECT id FROM {s}.history WHERE state = 'failed' ORDER BY id DESC LIMIT 1"
             ),
-            "old": -(history_rows // 2),
+            "old": BASE_ID + history_rows // 2,
             "queued": await conn.fetchval(
                 f"SELECT id FROM {s}.jobs WHERE state = 'queued' AND run_at <= now() "
                 "ORDER BY id DESC LIMIT 1"
