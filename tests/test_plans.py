@@ -19,7 +19,9 @@ from taskq._admin import statements
 from taskq._admin.why import AHEAD_CAP, why_statements
 from taskq._statements import Statements
 from taskq._workflow_store import WorkflowStore
+from taskq.dashboard.pages import overview as overview_page
 from taskq.dashboard.pages import workers as workers_page
+from taskq.dashboard.pages import workflows as workflows_page
 from taskq.dashboard.pages.jobs_query import SCAN_ROWS, TABS, TOP_ID, tab_sql
 
 pytestmark = pytest.mark.anyio
@@ -159,6 +161,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     await check_job_page_plans(app, conn)
     await check_dashboard_jobs_plans(app, conn)
     await check_dashboard_admin_plans(app, conn)
+    await check_dashboard_overview_plans(app, conn)
 
 
 async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
@@ -339,3 +342,22 @@ async def check_dashboard_admin_plans(app: taskq.App, conn: asyncpg.Connection) 
     for name in ("running_ids", "workers"):
         assert "jobs_running" in plans[name] or "jobs_lease" in plans[name], plans[name]
     assert "jobs_pkey" in plans["locate"] and "history_pkey" in plans["locate"], plans["locate"]
+
+
+async def check_dashboard_overview_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """The overview counts the last hour of history through the BRIN index on
+    finished_at (a million older rows cost nothing), its depth counts never
+    touch history, and a workflow's graph reads its edges by workflow id."""
+    s = f'"{app.schema}"'
+    sql = overview_page._sql(app.schema)
+    start = (await conn.fetchrow(sql["hour_start"]))[0]
+    async with conn.transaction():
+        for setting in overview_page.HOUR_SETTINGS:
+            await conn.execute(setting)
+        per_minute = await explain(conn, sql["per_minute"], start)
+    assert_no_scan_of_the_whole(per_minute, f"{s}.history")
+    assert "history_finished_at" in per_minute, per_minute
+    depth = await explain(conn, statements(app.schema).queue_depth)
+    assert "history" not in depth, depth
+    edges = await explain(conn, workflows_page._edges_sql(app.schema), 1)
+    assert "workflow_edges_workflow" in edges, edges
