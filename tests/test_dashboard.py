@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,4 +198,54 @@ async def test_read_only_shows_no_action_and_refuses_a_forged_post(app: taskq.Ap
             r = await client.post("/queues/mail/pause", data={"csrf_token": "x"})
             assert r.status_code == 403 and "read-only" in r.text
         assert (await app.queue("mail").info()).paused is False
+        await dashboard.aclose()
+
+
+async def test_a_form_posted_from_another_site_is_refused_in_a_browser(
+    app: taskq.App, tmp_path: Path
+) -> None:
+    """A real cross-site forgery: a page on another origin whose form posts to
+    the dashboard. The browser sends the dashboard's cookie along (same host,
+    other port: the same site), but the form has no valid token and its
+    Origin is foreign: refused, nothing changes."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    make_app(app)
+    async with app:
+        await app.queue("mail").resume()
+        dashboard = Dashboard(app, auth=no_auth)
+        async with serve(dashboard) as url, browser(url, tmp_path / "shots") as b:
+
+            async def evil_page(_request: object) -> HTMLResponse:
+                return HTMLResponse(
+                    f'<form id="f" method="post" action="{url}/queues/mail/pause">'
+                    '<input type="hidden" name="csrf_token" value="guess">'
+                    '<button id="go">win a prize</button></form>'
+                )
+
+            evil = Starlette(routes=[Route("/", evil_page)])
+            async with serve(evil) as evil_url:
+                await b.get("/queues")  # the dashboard's cookie is set in this browser
+                await b.call(b.driver.get, evil_url + "/")
+                await b.click("#go")
+                await b.wait_text("body", "Refused")
+                assert "another site" in await b.text("body")
+        assert (await app.queue("mail").info()).paused is False
+        await dashboard.aclose()
+
+
+async def test_pages_fetch_nothing_from_elsewhere(app: taskq.App) -> None:
+    """Air-gapped networks: every script, stylesheet and image is the
+    dashboard's own (and the CSP would block anything else)."""
+    make_app(app)
+    async with app:
+        dashboard = Dashboard(app, auth=no_auth)
+        async with serve(dashboard) as url, httpx.AsyncClient(base_url=url) as client:
+            for path in ("/", "/jobs", "/workflows", "/queues", "/cron", "/workers"):
+                html = (await client.get(path)).text
+                for found in re.findall(r'(?:src|href)="([^"]*)"', html):
+                    assert found.startswith(("/", "?", "#", "data:")), (path, found)
+                    assert not found.startswith("//"), (path, found)
         await dashboard.aclose()
