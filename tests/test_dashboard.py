@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,16 @@ async def test_pages_fetch_nothing_from_elsewhere(app: taskq.App) -> None:
                     assert found.startswith(("/", "?", "#", "data:")), (path, found)
                     assert not found.startswith("//"), (path, found)
         await dashboard.aclose()
+
+
+async def test_a_database_that_cannot_be_reached_is_a_clear_page() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = taskq.App(f"postgresql://postgres@127.0.0.1:{port}/x", schema="x", connect_retry=0.3)
+    dashboard = Dashboard(app, auth=no_auth)
+    async with serve(dashboard) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        r = await client.get("/")
+        assert r.status_code == 503
+        assert "The database could not answer" in r.text and str(port) in r.text
+    await dashboard.aclose()
