@@ -154,8 +154,10 @@ class Hub:
     def _send(topic: _Topic, event: bytes, to: set[asyncio.Queue[bytes]] | None = None) -> None:
         for queue in list(topic.subscribers if to is None else to):
             if queue.full():
-                # A browser that stopped reading gets the newest state only.
+                # A browser that stopped reading drops what it did not read and
+                # gets every region at the next refresh instead.
                 with contextlib.suppress(asyncio.QueueEmpty):
                     while True:
                         queue.get_nowait()
+                topic.fresh.add(queue)
             queue.put_nowait(event)
