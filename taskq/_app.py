@@ -223,6 +223,7 @@ class App:
         retry: Retry | int | bool | None = None,
         timeout: float | timedelta | None = None,
         rate_limit: RateLimit | str | tuple[int, Any] | None = None,
+        executor: str | None = None,
     ) -> Callable[[F], Task[Any, Any]]: ...
 
     def task(
@@ -236,6 +237,7 @@ class App:
         retry: Retry | int | bool | None = None,
         timeout: float | timedelta | None = None,
         rate_limit: RateLimit | str | tuple[int, Any] | None = None,
+        executor: str | None = None,
     ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
         """Register a function (``async def`` or plain ``def``) as a task.
 
@@ -251,17 +253,17 @@ class App:
             rate_limit: most starts of this task in any window of the period,
                 across all workers, e.g. ``"10/second"`` (see :class:`taskq.RateLimit`).
                 Workers record it in Postgres when they start.
+            executor: where a plain ``def`` runs: ``"thread"`` (default) or ``"process"``,
+                the worker's pool of processes, for CPU-bound work (see the scaling guide).
         """
         settings = TaskSettings.make(
             queue=queue, priority=priority, retry=retry, timeout=timeout, rate_limit=rate_limit
-        )
+        ).with_executor(executor)
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
             return self.registry.add_task(make_task(self, func, name=name, settings=settings))
 
-        if fn is not None:
-            return register(fn)
-        return register
+        return register if fn is None else register(fn)
 
     def cron(
         self,

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: ``executor=`` values: a sync function in the worker's threads, or in its pool of processes.
+EXECUTORS = (None, "thread", "process")
+
 #: Priorities are smallint in Postgres; higher runs first.
 MIN_PRIORITY, MAX_PRIORITY = -32768, 32767
 
@@ -157,6 +160,17 @@ class TaskSettings:
     retry: Retry
     timeout: float | None
     rate_limit: RateLimit | None
+    #: Where a sync function runs: ``"thread"`` (None: the default) or ``"process"``.
+    executor: str | None = None
+
+    def with_executor(self, executor: str | None) -> TaskSettings:
+        """These settings with ``executor`` (checked against the function in ``make_task``)."""
+        if executor not in EXECUTORS:
+            raise ConfigurationError(
+                f"executor must be one of {sorted(e for e in EXECUTORS if e)} (or None: "
+                f"threads for a plain def), got {executor!r}"
+            )
+        return replace(self, executor=executor)
 
     @classmethod
     def make(
@@ -194,6 +208,13 @@ def make_task(
         raise ConfigurationError(f"{fn!r} is already a task")
     if not callable(fn):
         raise ConfigurationError(f"@app.task needs a function, got {fn!r}")
+    if settings.executor == "process":
+        check_process_function(fn)
+    elif settings.executor == "thread" and inspect.iscoroutinefunction(fn):
+        raise ConfigurationError(
+            f"task {default_task_name(fn)!r}: executor='thread' is for plain def functions; "
+            "an async def task runs on the worker's event loop (drop executor=)"
+        )
     return Task(
         owner,
         fn,
@@ -204,7 +225,31 @@ def make_task(
         retry=settings.retry,
         timeout=settings.timeout,
         rate_limit=settings.rate_limit,
+        executor=settings.executor,
     )
+
+
+def check_process_function(fn: Callable[..., Any]) -> None:
+    """Refuse what a process of the pool cannot run: it imports the function by its name."""
+    what = f"task {getattr(fn, '__qualname__', fn)!r}: executor='process'"
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigurationError(
+            f"{what} is for plain def functions (CPU-bound work); an async def task runs on "
+            "the worker's event loop: drop executor=, or make the function a plain def"
+        )
+    qualname = getattr(fn, "__qualname__", "")
+    if not inspect.isfunction(fn) or "<" in qualname or not getattr(fn, "__module__", None):
+        raise ConfigurationError(
+            f"{what} needs a function defined at module level (not nested in a function, "
+            "not a lambda or a callable object): each process imports it by "
+            "module and name"
+        )
+    if context_parameter(fn) is not None:
+        raise ConfigurationError(
+            f"{what}: a taskq.JobContext parameter is not supported in a process (its "
+            "progress, transaction and steps live in the worker); use executor='thread' or an "
+            "async def task for that"
+        )
 
 
 class _Signature:
@@ -296,6 +341,7 @@ class Task(Generic[P, R]):
         retry: Retry,
         timeout: float | None,
         rate_limit: RateLimit | None = None,
+        executor: str | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
@@ -306,6 +352,9 @@ class Task(Generic[P, R]):
         self.timeout = timeout
         self.rate_limit = rate_limit
         self.is_async = inspect.iscoroutinefunction(fn)
+        #: ``"process"``: the worker runs it in its pool of processes (see
+        #: ``taskq.worker.processes``); else sync functions run in threads.
+        self.executor = executor or (None if self.is_async else "thread")
         #: The parameter that receives the job's :class:`taskq.JobContext`, if any.
         self.context_parameter = context_parameter(fn)
         self._signature = _Signature(fn, self.context_parameter)

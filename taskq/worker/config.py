@@ -55,6 +55,9 @@ DEFAULT_PRUNE_INTERVAL = 60.0
 #: again at most lease + rescue_interval (45 s) after its last renewal, as
 #: long as any worker runs.
 DEFAULT_RESCUE_INTERVAL_SHARE = 0.5
+#: A process of the pool for ``executor="process"`` tasks is replaced after this
+#: many jobs, so that memory a task leaks (or caches) is given back.
+DEFAULT_MAX_JOBS_PER_PROCESS = 1000
 #: A job whose worker stops renewing its lease this many times (it crashes
 #: the worker, or is killed with it, every time) is failed as poison.
 DEFAULT_MAX_RESCUES = 3
@@ -79,6 +82,9 @@ class WorkerConfig:
         max_rescues: rescues after which a job is failed as poison (3).
         prune_interval: seconds between history prunes (60).
         cron: run the cron scheduler in this worker (True; ``drain()`` never does).
+        process_pool_size: processes for ``executor="process"`` tasks, started
+            when first needed (0: the smaller of ``concurrency`` and the cores).
+        max_jobs_per_process: jobs after which such a process is replaced (1000).
     """
 
     concurrency: int = DEFAULT_CONCURRENCY
@@ -98,6 +104,8 @@ class WorkerConfig:
 
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
     cron: bool = True
+    process_pool_size: int = 0
+    max_jobs_per_process: int = DEFAULT_MAX_JOBS_PER_PROCESS
 
     @classmethod
     def make(cls, *, queues: Any = None, **settings: Any) -> WorkerConfig:
@@ -114,7 +122,8 @@ class WorkerConfig:
         if qs is not None and not qs:
             raise ConfigurationError("queues must not be empty (None means: all queues)")
         config = cls(queues=qs, **settings)
-        for name in ("concurrency", "batch_size", "max_pending_outcomes", "max_rescues"):
+        names = ("concurrency", "batch_size", "max_pending_outcomes", "max_rescues")
+        for name in (*names, "max_jobs_per_process"):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
@@ -122,6 +131,11 @@ class WorkerConfig:
             value = getattr(config, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
+        size = config.process_pool_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ConfigurationError(
+                f"process_pool_size must be an int >= 0 (0: as many as cores), got {size!r}"
+            )
         if not isinstance(config.cron, bool):
             raise ConfigurationError(f"cron must be True or False, got {config.cron!r}")
         if not config.shutdown_timeout >= 0:

@@ -19,6 +19,7 @@ from .._serialization import decode, encode
 from .._store import ClaimedJob, Outcome, Store
 from .attempt import AttemptControl
 from .config import WorkerConfig
+from .processes import ProcessPool, default_pool_size, target
 from .state import OUTCOME_NAMES, RunningJob, WorkerState
 from .threads import SyncThreads, ThreadCall
 from .writeback import WriteBack
@@ -88,6 +89,8 @@ class JobRunner:
         self._store = store
         #: Where sync tasks run: daemon threads, at most ``concurrency`` at once.
         self.threads = SyncThreads(config.concurrency)
+        self._config = config
+        self._processes: ProcessPool | None = None  # made by the first process task
         # The claim loop wants a batch: half the slots free (see Worker._claim_loop).
         self._wake_at_running = config.concurrency - max(1, config.concurrency // 2)
 
@@ -264,7 +267,19 @@ class JobRunner:
         control: AttemptControl | None,
         calls: list[ThreadCall],
     ) -> Any:
-        args, kwargs = task.call_arguments(stored_arguments(job) if stored is None else stored, ctx)
+        stored = stored_arguments(job) if stored is None else stored
+        # Decoded here whatever the executor: a stored value that no longer
+        # decodes is a DecodeError in the worker, retried as such.
+        args, kwargs = task.call_arguments(stored, ctx)
+        if task.executor == "process":
+            try:
+                # The pool starts the timeout once a process takes the job,
+                # and kills the process on timeout or cancel.
+                return await self.processes.run(task, stored, task.timeout)
+            except (asyncio.CancelledError, TimeoutError):
+                if control is not None:
+                    control.stopped = True
+                raise
         deadline = asyncio.timeout(task.timeout) if task.timeout else None
         try:
             async with deadline or nullcontext():
@@ -283,6 +298,23 @@ class JobRunner:
             ):
                 control.stopped = True
             raise
+
+    @property
+    def processes(self) -> ProcessPool:
+        """The pool for ``executor="process"`` tasks, made when first needed."""
+        if self._processes is None:
+            config = self._config
+            size = config.process_pool_size or default_pool_size(config.concurrency)
+            where = [target(t) for t in self._registry.tasks.values() if t.executor == "process"]
+            modules = sorted({w["module"] for w in where if w["module"] and not w["path"]})
+            self._processes = ProcessPool(size, config.max_jobs_per_process, modules)
+        return self._processes
+
+    async def close_processes(self) -> None:
+        """End the pool's processes (the worker stops: no job runs in them any more)."""
+        pool, self._processes = self._processes, None
+        if pool is not None:
+            await pool.close()
 
     def _failure(self, job: ClaimedJob, task: Task[Any, Any] | None, exc: Exception) -> Outcome:
         error = _dumps(_error_dict(exc))

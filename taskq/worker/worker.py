@@ -230,6 +230,8 @@ class Worker:
                     self.id,
                     len(self._writeback.outcomes),
                 )
+            with anyio.CancelScope(shield=True):
+                await self._runner.close_processes()  # no child process outlives the worker
             self._runner.threads.close()
             if self._runner.threads.busy:
                 # Daemon threads: the process does not wait for them when it
@@ -564,6 +566,8 @@ class Worker:
             raise
         finally:
             keeper.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._runner.close_processes()
         if running.stop_reason == "committed":
             return "succeeded"  # its ctx.transaction() recorded it, nothing to write back
         outcome = next((o for o in self._writeback.outcomes if o.job_id == job.id), None)
