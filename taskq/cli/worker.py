@@ -11,6 +11,8 @@ from .._errors import TaskqError
 from .connect import load_app, opened, set_connect_timeout
 from .exits import EXIT_OK
 from .options import Commands, connect_timeout_option, non_negative_float, queue_name
+from .supervise import add_options as add_process_options
+from .supervise import supervise
 
 log = logging.getLogger("taskq.cli")
 
@@ -77,10 +79,13 @@ def add_parser(commands: Commands) -> None:
         "while it is down or restarting; 0 gives up at once "
         f"(default {WORKER_CONNECT_RETRY_SECONDS:g}, or the App's connect_retry if longer)",
     )
+    add_process_options(worker)
     worker.set_defaults(handler=cmd_worker)
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    if args.processes not in (None, 1) or args.autoscale is not None:
+        return await supervise(args)
     app = load_app(args.app)
     if args.dsn:
         app.database.dsn_arg = args.dsn
