@@ -54,10 +54,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yaml
 
 import taskq
 
-from .conftest import PYTHON, subprocess_env, until
+from .conftest import PYTHON, ROOT, subprocess_env, until
 from .test_partition import (
     Opener,
     Relay,
@@ -432,3 +433,49 @@ def test_the_network_names_are_this_tests_own() -> None:
         assert link.subnet_of(net) and ipaddress.ip_address(h.ns_addr) in link
     assert len({h.netns for h in HOSTS}) == len({h.veth_root for h in HOSTS}) == 3
     assert all(len(h.veth_root) <= 15 and len(h.veth_ns) <= 15 for h in HOSTS)  # IFNAMSIZ
+
+
+# -- the KEDA query of the scaling guide -----------------------------------------------------
+
+
+def keda_query() -> str:
+    """The query of the PostgreSQL trigger in docs/guides/scaling.md, as the page has it."""
+    page = (ROOT / "docs" / "guides" / "scaling.md").read_text()
+    found = []
+    for block in re.findall(r"```yaml\n(.*?)```", page, flags=re.DOTALL):
+        doc = yaml.safe_load(block)
+        if isinstance(doc, dict) and doc.get("kind") == "ScaledObject":
+            found += [t["metadata"]["query"] for t in doc["spec"]["triggers"]
+                      if t["type"] == "postgresql"]  # fmt: skip
+    assert len(found) == 1, found
+    return str(found[0])
+
+
+async def test_the_keda_query_of_the_scaling_guide_counts_runnable_jobs_by_the_workers_indexes(
+    app: taskq.App, conn: asyncpg.Connection, schema: str
+) -> None:
+    query = keda_query()
+    assert query.count("taskq.jobs") == 2, query
+    query = query.replace("taskq.jobs", f'"{schema}".jobs')
+    job = app.task(name="keda.job")(lambda n: n)
+    async with app:
+        # A backlog in a queue the Deployment does not serve, and in the two it does:
+        # due now, due later, running.
+        await job.options(queue="other").enqueue_many([{"n": n} for n in range(20_000)])
+        await job.options(queue="default").enqueue_many([{"n": n} for n in range(70)])
+        await job.options(queue="emails").enqueue_many([{"n": n} for n in range(30)])
+        await job.options(queue="default", delay=3600).enqueue_many([{"n": 0}] * 40)
+    s = f'"{schema}"'
+    await conn.execute(
+        f"UPDATE {s}.jobs SET state = 'running', attempts = 1, worker_id = 'w', "
+        "lease_token = gen_random_uuid(), lease_expires_at = now() + interval '1 minute', "
+        "started_at = now() WHERE id IN (SELECT id FROM "
+        f"(SELECT id, queue, row_number() OVER (PARTITION BY queue ORDER BY id) AS k "
+        f"FROM {s}.jobs WHERE run_at <= now()) AS q "
+        "WHERE (queue = 'default' AND k <= 20) OR (queue = 'other' AND k <= 500))"
+    )
+    await conn.execute(f"VACUUM ANALYZE {s}.jobs")
+    assert await conn.fetchval(query) == 70 + 30  # 50 + 30 due, 20 running
+    plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {query}"))
+    assert "jobs_claim" in plan and "jobs_running" in plan, plan
+    assert "Seq Scan" not in plan, plan
