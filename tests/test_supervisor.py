@@ -151,6 +151,11 @@ async def test_two_processes_register_two_workers_and_share_the_jobs(
         )
         ids = sorted(found.values())
         assert sorted(slot(sup.text(), pid) for pid in found) == ["0", "1"]
+        # The worker id ends with the supervisor's pid and the child's slot.
+        assert sorted(i.rsplit(":", 1)[1] for i in ids) == [
+            f"{sup.proc.pid}/0",
+            f"{sup.proc.pid}/1",
+        ]
         assert sup.proc.pid not in found  # the supervisor itself runs no worker
         status = subprocess.run(
             [PYTHON, "-m", "taskq", "status", "--schema", schema],

@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+from ..worker.worker import SUPERVISED_ENV
+
 log = logging.getLogger("taskq.supervisor")
 
 #: Set in each child: its slot (0, 1, ...; a restarted child keeps its slot).
@@ -168,6 +170,7 @@ class Supervisor:
         env = dict(self._env)
         env[WORKER_INDEX_ENV] = str(child.index)
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        env[SUPERVISED_ENV] = f"{os.getpid()}/{child.index}"
         child.proc = subprocess.Popen(
             list(self.command(child.index)),
             env=env,

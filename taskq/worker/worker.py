@@ -45,6 +45,9 @@ STRAY_CHECK_SECONDS = 60.0
 STRAY_SCAN_ROWS = 10_000
 #: Exit status of a process that a third SIGINT/SIGTERM ends at once (as Ctrl-C).
 EXIT_STATUS_THIRD_SIGNAL = 130
+#: Set by ``worker --processes`` in each child to ``SUPERVISOR_PID/INDEX``,
+#: which ends the worker id so that ``status`` shows whose child it is.
+SUPERVISED_ENV = "TASKQ_SUPERVISED"
 
 
 def _exit_now(signal_name: str, worker_id: str) -> None:
@@ -76,6 +79,8 @@ class Worker:
         self._registry = app.registry
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        if os.environ.get(SUPERVISED_ENV):  # a child of `worker --processes`
+            self.id += f":{os.environ[SUPERVISED_ENV]}"
         # What the claim loop, the runner and the services share.
         self._state = state = WorkerState(self.id, self._registry.hooks)
         self.stats = state.stats
