@@ -3,8 +3,9 @@
 The worker processes run ``pgbouncerapp:app`` (DSN, listen DSN and schema
 from $TASKQ_DSN, $TASKQ_LISTEN_DSN and $TASKQ_SCHEMA); the test registers the
 same tasks on its own App with ``register(app)`` to enqueue them and decode
-their results. asyncpg's statement cache is off: behind transaction pooling
-a statement prepared on one server connection is executed on another.
+their results. asyncpg's statement cache is off unless $PGBAPP_STATEMENT_CACHE
+is set: behind transaction pooling a statement prepared on one server
+connection would be executed on another.
 """
 
 from __future__ import annotations
@@ -78,5 +79,6 @@ def register(app: taskq.App) -> Tasks:
     return Tasks(add, flaky, nap, pay, square, total, tick)
 
 
-app = taskq.App(connect_kwargs=CONNECT_KWARGS)
+# PGBAPP_STATEMENT_CACHE=on: asyncpg's cache as by default (session mode allows it).
+app = taskq.App(connect_kwargs={} if os.environ.get("PGBAPP_STATEMENT_CACHE") else CONNECT_KWARGS)
 register(app)

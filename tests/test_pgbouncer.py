@@ -25,6 +25,7 @@ import contextlib
 import csv
 import getpass
 import io
+import logging
 import os
 import pwd
 import re
@@ -225,11 +226,11 @@ def bouncer(pg_dsn: str) -> Iterator[PgBouncer]:
 
 @contextlib.asynccontextmanager
 async def worker(
-    dsn: str, schema: str, log: Path, listen_dsn: str, *options: str
+    dsn: str, schema: str, log: Path, listen_dsn: str, *options: str, **env: str
 ) -> AsyncIterator[WorkerProcess]:
     """A worker process of pgbouncerapp, stopped (SIGTERM, then SIGKILL) at the end."""
     # "" (not unset): the App then has no listen DSN even if the environment had one.
-    proc = WorkerProcess(dsn, schema, APP, log, *options, TASKQ_LISTEN_DSN=listen_dsn)
+    proc = WorkerProcess(dsn, schema, APP, log, *options, TASKQ_LISTEN_DSN=listen_dsn, **env)
     try:
         await anyio.to_thread.run_sync(proc.wait_for_output, "started: concurrency")
         yield proc
@@ -255,7 +256,8 @@ async def history_count(pg_dsn: str, schema: str, task: str, state: str) -> int:
 async def everything_works(
     app: taskq.App, t: Tasks, proc: WorkerProcess, pg_dsn: str, *, notified: bool
 ) -> None:
-    """Enqueue, claim, results, retries, ctx.transaction(), a workflow, cron and cancel.
+    """Enqueue (delayed, in a transaction), claim, results, retries, ctx.transaction(),
+    a workflow, cron and cancel.
 
     ``notified``: whether ``job.result()`` hears that a job finished (else it
     learns it at its 5 s re-check, after a 4 s timeout has run out).
@@ -266,14 +268,25 @@ async def everything_works(
     wf = taskq.Workflow(name="squares")
     wf.add(t.total, parts=[wf.add(t.square, x=x) for x in range(5)])
     run = await wf.enqueue()
+    later = await t.add.options(delay=1).enqueue(a=1, b=1)  # its due time is announced
+    async with app.pool.acquire() as conn:  # enqueues in the caller's transaction
+        async with conn.transaction():
+            joined = await t.add.options(connection=conn).enqueue(a=10, b=20)
+        rollback = conn.transaction()
+        await rollback.start()
+        gone = await t.add.options(connection=conn).enqueue(a=0, b=0)
+        await rollback.rollback()
+        assert (
+            await conn.fetchval(f'SELECT count(*) FROM "{app.schema}".jobs WHERE id = $1', gone.id)
+            == 0
+        )
     # Together: each result() may wait for its 5 s re-check. Not paid.result():
     # it can return None for a job that ctx.transaction() ended, if it reads
     # the job between the commit and the result's write (a race of its own,
     # without PgBouncer too), so its status is read until the result is there.
-    results = await asyncio.gather(
-        added.result(timeout=20), flaky.result(timeout=20), run.result(timeout=20)
-    )
-    assert results == [5, 2, sum(x * x for x in range(5))]
+    waits = (added, flaky, run, later, joined)
+    results = await asyncio.gather(*(w.result(timeout=20) for w in waits))
+    assert results == [5, 2, sum(x * x for x in range(5)), 2, 30]
     assert (await flaky.status()).attempts == 2  # failed once, retried
 
     async def paid_result() -> bool:
@@ -368,22 +381,27 @@ async def test_session_mode_does_everything_without_listen_dsn(
     tasks = register(app)
     async with app:
         await app.pool.execute(EFFECTS_SQL.format(schema=schema))
-        async with worker(dsn, schema, tmp_path / "worker.log", "", *DEAF) as proc:
+        cache = {"PGBAPP_STATEMENT_CACHE": "on"}
+        async with worker(dsn, schema, tmp_path / "worker.log", "", *DEAF, **cache) as proc:
             await everything_works(app, tasks, proc, pg_dsn, notified=True)
     assert bouncer.stats()["session"] - before.get("session", 0) > 50
 
 
 async def test_statement_mode_enqueues_but_cannot_migrate_or_run_a_worker(
-    bouncer: PgBouncer, pg_dsn: str, schema: str, tmp_path: Path
+    bouncer: PgBouncer, pg_dsn: str, schema: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dsn = bouncer.dsn("statement")
-    # connect_retry=0: taskq takes the error for a lost connection and would try again.
     app = taskq.App(
-        dsn, schema=schema, listen_dsn=pg_dsn, connect_kwargs=CONNECT_KWARGS, connect_retry=0
+        dsn, schema=schema, listen_dsn=pg_dsn, connect_kwargs=CONNECT_KWARGS, connect_retry=1
     )
     tasks = register(app)
-    with pytest.raises(taskq.DatabaseError, match=IN_STATEMENT_MODE):
+    with (
+        caplog.at_level(logging.WARNING, "taskq"),
+        pytest.raises(taskq.DatabaseError, match=IN_STATEMENT_MODE),
+    ):
         await app.open()  # a new schema: the migration is one transaction
+    # PgBouncer closes the connection, so taskq takes it for a lost one and tries again.
+    assert "trying again for up to 1s" in caplog.text, caplog.text
     async with taskq.App(pg_dsn, schema=schema):  # migrated directly
         pass
     async with app:
