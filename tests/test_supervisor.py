@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import taskq
@@ -346,3 +347,108 @@ async def _gone(pid: int) -> bool:
     # A zombie until reaped by init: dead all the same.
     stat = Path(f"/proc/{pid}/stat").read_text()  # noqa: ASYNC240 - a tiny procfs read
     return stat.split(") ", 1)[1].startswith("Z")
+
+
+# Autoscaling with short clocks. idle_cpu=0: the CI machine's CPU is shared
+# with Postgres and other tests; the CPU gate has its own test below.
+AUTOSCALE = (
+    TIMINGS + ",check_seconds=0.2,lag_seconds=0.5,grow_checks=2,grow_seconds=0.5,"
+    "quiet_seconds=1.5,shrink_seconds=0.5,idle_cpu=0"
+)
+DECISION = re.compile(r"autoscale: (starting|draining) worker child")
+
+
+async def test_autoscale_grows_under_a_backlog_and_drains_back_to_min(
+    pg_dsn: str, schema: str, supervised: Callable[..., WorkerProcess]
+) -> None:
+    app = await prepare(pg_dsn, schema)
+    try:
+        sup = supervised(
+            "--autoscale", "1:3", "--concurrency", "2", TASKQ_SUPERVISOR_TIMINGS=AUTOSCALE
+        )
+        await until(lambda: _count(app, sup.proc.pid, 1), 60, "one child")
+        await app.tasks["sup.work"].enqueue_many([{"n": n, "seconds": 1} for n in range(30)])
+        await until(lambda: _count(app, sup.proc.pid, 3), 60, "three children under the backlog")
+        text = sup.text()
+        assert "autoscale: starting worker child 1 (1 -> 2: the job next in queue" in text
+        assert "autoscale: starting worker child 2 (2 -> 3:" in text
+        await until(
+            lambda: val(app, "SELECT count(*) = 30 FROM {s}.history WHERE state = 'succeeded'"),
+            60,
+            "the backlog done",
+        )
+        await until(lambda: _count(app, sup.proc.pid, 1), 60, "back to one child")
+        await until(
+            lambda: _logged(sup, "worker child 1 (pid", "exited with status 0"), 30, "drained"
+        )
+        text = sup.text()
+        assert "autoscale: draining worker child 2" in text and "(3 -> 2" not in text
+        assert re.search(r"draining worker child 2 \(pid \d+\): 3 -> 2: no job waited", text)
+        assert re.search(r"draining worker child 1 \(pid \d+\): 2 -> 1:", text)
+        assert "unexpectedly" not in text and "killed" not in text
+        # Drained, not killed: each job ran once, none was cut short.
+        assert await val(app, "SELECT count(*) FROM {s}.ledger WHERE event = 'cancelled'") == 0
+        assert await val(app, "SELECT count(*) FROM {s}.ledger WHERE event = 'start'") == 30
+        assert await val(app, "SELECT count(DISTINCT n) FROM {s}.ledger WHERE event='done'") == 30
+        assert await val(app, "SELECT max(attempts) FROM {s}.history") == 1
+        # All three children ran jobs.
+        assert await val(app, "SELECT count(DISTINCT pid) FROM {s}.ledger") == 3
+    finally:
+        await app.close()
+    assert sup.stop() == 0
+
+
+async def _logged(sup: WorkerProcess, *parts: str) -> bool:
+    return any(all(p in line for p in parts) for line in sup.text().splitlines())
+
+
+async def test_autoscale_does_not_flap_under_a_steady_small_load(
+    pg_dsn: str, schema: str, supervised: Callable[..., WorkerProcess]
+) -> None:
+    app = await prepare(pg_dsn, schema)
+    try:
+        sup = supervised(
+            "--autoscale", "1:3", "--concurrency", "2", TASKQ_SUPERVISOR_TIMINGS=AUTOSCALE
+        )
+        await until(lambda: _count(app, sup.proc.pid, 1), 60, "one child")
+        # A job of 50 ms every 100 ms: one child at concurrency 2 keeps up.
+        # 60 checks of the autoscaler (12 s at 0.2 s), 40 quiet periods.
+        for n in range(120):
+            await app.tasks["sup.work"].enqueue(n=n, seconds=0.05)
+            await anyio.sleep(0.1)
+        await until(
+            lambda: val(app, "SELECT count(*) = 120 FROM {s}.history WHERE state = 'succeeded'"),
+            60,
+            "the load done",
+        )
+        decisions = DECISION.findall(sup.text())
+        assert len(decisions) <= 1, decisions
+    finally:
+        await app.close()
+    assert sup.stop() == 0
+
+
+async def test_autoscale_does_not_grow_when_the_cpu_is_busy(
+    pg_dsn: str, schema: str, supervised: Callable[..., WorkerProcess]
+) -> None:
+    app = await prepare(pg_dsn, schema)
+    try:
+        # No CPU is ever 101% idle: the backlog must not start a child.
+        timings = AUTOSCALE.replace("idle_cpu=0", "idle_cpu=1.01")
+        sup = supervised(
+            "--autoscale", "1:3", "--concurrency", "1", TASKQ_SUPERVISOR_TIMINGS=timings
+        )
+        await until(lambda: _count(app, sup.proc.pid, 1), 60, "one child")
+        await app.tasks["sup.work"].enqueue_many([{"n": n, "seconds": 0.5} for n in range(6)])
+        sup.wait_for_output("autoscale: not growing past 1 children although the job next")
+        assert "the CPU is only" in sup.text()
+        await until(
+            lambda: val(app, "SELECT count(*) = 6 FROM {s}.history WHERE state = 'succeeded'"),
+            60,
+            "the backlog done by the one child",
+        )
+        assert not DECISION.findall(sup.text())
+        assert await val(app, "SELECT count(DISTINCT pid) FROM {s}.ledger") == 1
+    finally:
+        await app.close()
+    assert sup.stop() == 0

@@ -63,7 +63,13 @@ def add_options(worker: argparse.ArgumentParser) -> None:
         help="run N worker processes under a supervisor that restarts them "
         "(auto: one per core; default 1, no supervisor)",
     )
-    worker.set_defaults(autoscale=None)
+    worker.add_argument(
+        "--autoscale",
+        type=autoscale_arg,
+        metavar="MIN:MAX",
+        help="run MIN to MAX worker processes: more while jobs wait and the CPU is idle, "
+        "fewer (each drained, never killed) after a quiet period",
+    )
 
 
 def child_argv(args: argparse.Namespace, index: int) -> list[str]:
@@ -128,4 +134,18 @@ async def supervise(args: argparse.Namespace) -> int:
         count,
         "" if args.autoscale is None else f", autoscaling {args.autoscale[0]}:{args.autoscale[1]}",
     )
-    return await supervisor.run()
+    if args.autoscale is None:
+        return await supervisor.run()
+    from .autoscale import Autoscaler
+
+    async with Autoscaler(
+        supervisor,
+        dsn,
+        app.schema,
+        args.queue,
+        low=args.autoscale[0],
+        high=args.autoscale[1],
+        concurrency=args.concurrency,
+        connect_args=app.database.connect_args("taskq supervisor"),
+    ) as scaler:
+        return await supervisor.run(scaler.tick)
