@@ -72,6 +72,30 @@ async def test_results_typed_arguments_and_errors_cross_the_process_boundary(
     assert gone(result["pid"])
 
 
+async def test_hooks_and_retry_policies_see_the_value_and_the_exception(app: taskq.App) -> None:
+    whoami = app.task(name="whoami", executor="process")(cpuapp.whoami)
+    retry = taskq.Retry(attempts=3, wait=0, on=cpuapp.Boom)
+    fail = app.task(name="fail", executor="process", retry=retry)(cpuapp.fail)
+    seen: list[tuple[str, type[BaseException] | None]] = []
+
+    @app.middleware
+    async def wrap(ctx: taskq.JobContext, call_next: Any) -> Any:
+        value = await call_next()  # middleware runs in the worker, around the process
+        return {**value, "args": ctx.args} if ctx.task == "whoami" else value
+
+    @app.on_failure
+    def failed(ctx: taskq.JobContext, outcome: taskq.JobOutcome) -> None:
+        seen.append((outcome.kind, type(outcome.exception)))
+
+    async with app:
+        job = await whoami.enqueue(n=4)
+        await fail.enqueue(message="again")
+        await app.drain(concurrency=2)
+        assert (await job.result())["args"] == {"n": 4}
+    # The exception itself came back (it pickles): the policy's on= and the hook see its class.
+    assert seen == [("retried", cpuapp.Boom), ("retried", cpuapp.Boom), ("failed", cpuapp.Boom)]
+
+
 async def test_a_timeout_kills_the_process_and_follows_the_retry_policy(
     app: taskq.App, tmp_path: Path
 ) -> None:
