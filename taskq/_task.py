@@ -244,12 +244,6 @@ def check_process_function(fn: Callable[..., Any]) -> None:
             "not a lambda or a callable object): each process imports it by "
             "module and name"
         )
-    if context_parameter(fn) is not None:
-        raise ConfigurationError(
-            f"{what}: a taskq.JobContext parameter is not supported in a process (its "
-            "progress, transaction and steps live in the worker); use executor='thread' or an "
-            "async def task for that"
-        )
 
 
 class _Signature:

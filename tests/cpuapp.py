@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import taskq
 
@@ -59,6 +60,18 @@ def leave(pidfile: str) -> None:
     """Note the pid, then end the process from inside without a word."""
     Path(pidfile).write_text(str(os.getpid()))
     os._exit(3)
+
+
+def report(steps: int, ctx: taskq.JobContext) -> dict[str, Any]:
+    """Progress from a process; what else its context offers."""
+    for i in range(1, steps + 1):
+        ctx.progress(i / steps, f"step {i} of {steps}")
+    try:
+        ctx.transaction()
+        refused = ""
+    except RuntimeError as exc:
+        refused = str(exc)
+    return {"id": ctx.id, "attempt": ctx.attempt, "cancelled": ctx.cancelled, "refused": refused}
 
 
 def not_json() -> object:

@@ -17,9 +17,13 @@ Only waiting is cancellable in the worker, not the function: a timeout, a
 cancel or a forced shutdown SIGKILLs the process running the job, and the
 next job gets a fresh one. A process that dies fails its job (``ProcessDied``).
 A process that has run ``max_jobs`` jobs is replaced, to give back memory a
-task leaks. Processes ignore SIGINT and SIGTERM (a Ctrl-C reaches the whole
-process group; the worker decides when they end) and are killed by the
-kernel when the worker dies (``PR_SET_PDEATHSIG``).
+task leaks. A task's ``JobContext`` is rebuilt in the process: its
+``progress()`` comes back to the worker as frames (``transaction()`` and
+``step()`` need the worker's connections, and raise).
+
+Processes ignore SIGINT and SIGTERM (a Ctrl-C reaches the whole process
+group; the worker decides when they end) and are killed by the kernel when
+the worker dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -36,20 +40,28 @@ import pickle
 import signal
 import struct
 import sys
+import time
 import traceback
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import orjson
 
 from .._errors import SerializationError
+from .._hooks import JobContext
 from .._retry import coerce_retry
 from .._serialization import encode
 from .._task import Task
 
 log = logging.getLogger("taskq.worker")
 
-#: Frame kinds: init (worker -> process), ready, job, result, error, bad result.
+#: Frame kinds: init (worker -> process), ready, job, result, error, bad result, progress.
 _INIT, _READY, _JOB, _RESULT, _ERROR, _BAD_RESULT = b"I", b"Y", b"J", b"R", b"E", b"B"
+_PROGRESS = b"P"
+#: Least seconds between two progress frames of one job (the latest value wins;
+#: the worker coalesces its writes to Postgres further, to one a second).
+PROGRESS_FRAME_SECONDS = 0.1
 _HEADER = struct.Struct(">I")
 #: The command a process runs; the rest comes in the init frame.
 _CHILD_CODE = "from taskq.worker.processes import child_main; child_main()"
@@ -143,8 +155,18 @@ class ProcessPool:
         """The pids of the pool's processes now."""
         return [c.pid for c in self._children]
 
-    async def run(self, task: Task[Any, Any], stored: dict[str, Any], timeout: float | None) -> Any:
+    async def run(
+        self,
+        task: Task[Any, Any],
+        stored: dict[str, Any],
+        timeout: float | None,
+        ctx: JobContext | None = None,
+    ) -> Any:
         """Run ``task`` with its stored arguments in a process; its decoded result.
+
+        ``ctx``: the attempt's context, for a task with a ``JobContext``
+        parameter: the process gets a copy whose ``progress()`` reports back
+        to it (see ``child_context``).
 
         The timeout counts from when a process takes the job (a wait for a
         free process is not the job's time). On timeout, cancellation or any
@@ -155,7 +177,14 @@ class ProcessPool:
             ProcessDied: the process ended before it returned.
             Exception: what the function raised (rebuilt; see ``rebuild_error``).
         """
-        job = orjson.dumps({"target": target(task), "name": task.name, "args": stored})
+        job = orjson.dumps(
+            {
+                "target": target(task),
+                "name": task.name,
+                "args": stored,
+                "context": None if ctx is None else context_fields(ctx),
+            }
+        )
         async with self._slots:
             if self._closed:
                 raise RuntimeError("the worker's process pool is closed")
@@ -165,6 +194,10 @@ class ProcessPool:
                     what = f"task {task.name!r}"
                     await child.send(_JOB, job, what)
                     kind, body = await child.receive(what)
+                    while kind == _PROGRESS:
+                        if ctx is not None:
+                            ctx.progress(*orjson.loads(body))
+                        kind, body = await child.receive(what)
             except TimeoutError:
                 self._discard(child)
                 raise TimeoutError(
@@ -242,6 +275,23 @@ async def _end(child: _Child) -> None:
     except asyncio.CancelledError:
         child.kill()
         raise
+
+
+def context_fields(ctx: JobContext) -> dict[str, Any]:
+    """What a process needs to make the attempt's context (``child_context``)."""
+    lease = ctx.lease_deadline
+    return {
+        "id": ctx.id,
+        "task": ctx.task,
+        "queue": ctx.queue,
+        "attempt": ctx.attempt,
+        "max_attempts": ctx.max_attempts,
+        "priority": ctx.priority,
+        "args": ctx.args,
+        "meta": ctx.meta,
+        "worker_id": ctx.worker_id,
+        "lease_left": None if lease is None else lease - time.monotonic(),
+    }
 
 
 def target(task: Task[Any, Any]) -> dict[str, str | None]:
@@ -322,7 +372,7 @@ def _serve(inp: Any, out: Any) -> None:
     _write(out, _READY, b"")
     tasks: dict[str, Any] = {}
     while (frame := _read(inp)) is not None:
-        _write(out, *_run(orjson.loads(frame[1]), tasks))
+        _write(out, *_run(orjson.loads(frame[1]), tasks, out))
 
 
 def _die_with(parent: int) -> None:
@@ -352,20 +402,79 @@ def _write(out: Any, kind: bytes, body: bytes) -> None:
     out.flush()
 
 
-def _run(job: dict[str, Any], tasks: dict[str, Any]) -> tuple[bytes, bytes]:
+def _run(job: dict[str, Any], tasks: dict[str, Any], out: Any) -> tuple[bytes, bytes]:
     name = job["name"]
+    control = None if job["context"] is None else _ChildControl(out, job["context"]["lease_left"])
     try:
         task = tasks.get(name) or _find(name, job["target"])
         tasks[name] = task
-        args, kwargs = task.call_arguments(job["args"])
+        ctx = None if control is None else child_context(job["context"], control)
+        args, kwargs = task.call_arguments(job["args"], ctx)
         value = task.fn(*args, **kwargs)
     except BaseException as exc:  # SystemExit too: the job fails, the process goes on
         return _ERROR, orjson.dumps(_describe(exc))
+    finally:
+        if control is not None:
+            control.flush()
     try:
         text = encode(task.codec.encode_result(value), what=f"result of task {name!r}")
     except Exception as exc:
         return _BAD_RESULT, str(exc).encode()
     return _RESULT, text.encode()
+
+
+def child_context(fields: dict[str, Any], control: _ChildControl) -> JobContext:
+    """The attempt's context in a process: its fields, and progress sent to the worker."""
+    fields = {k: v for k, v in fields.items() if k != "lease_left"}
+    return JobContext(**fields, control=control)
+
+
+class _ChildControl:
+    """A ``JobControl`` in a process: progress goes to the worker as frames, nothing else.
+
+    ``cancelled`` stays false (a cancelled job's process is killed), and the
+    lease deadline is the one at the job's start (the worker renews it).
+    """
+
+    def __init__(self, out: Any, lease_left: float | None) -> None:
+        self._out = out
+        self._deadline = time.monotonic() + (lease_left or 0.0)
+        self._sent = 0.0
+        self._pending: tuple[float, str | None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return False
+
+    @property
+    def lease_deadline(self) -> float:
+        return self._deadline
+
+    def report(self, fraction: float, message: str | None) -> None:
+        self._pending = (fraction, message)
+        if time.monotonic() - self._sent >= PROGRESS_FRAME_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            _write(self._out, _PROGRESS, orjson.dumps(self._pending))
+            self._pending = None
+            self._sent = time.monotonic()
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        raise RuntimeError(_NOT_HERE.format("ctx.transaction()"))
+
+    def step(
+        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[Any]:
+        raise RuntimeError(_NOT_HERE.format("ctx.step()"))
+
+
+_NOT_HERE = (
+    "{} is not available in a task with executor='process': its process has no "
+    "connection to Postgres (only ctx.progress() reaches the worker); use an async def "
+    "task, or executor='thread'"
+)
 
 
 def _find(name: str, where: dict[str, Any]) -> Task[Any, Any]:

@@ -275,7 +275,8 @@ class JobRunner:
             try:
                 # The pool starts the timeout once a process takes the job,
                 # and kills the process on timeout or cancel.
-                return await self.processes.run(task, stored, task.timeout)
+                context = ctx if task.context_parameter is not None else None
+                return await self.processes.run(task, stored, task.timeout, context)
             except (asyncio.CancelledError, TimeoutError):
                 if control is not None:
                     control.stopped = True
