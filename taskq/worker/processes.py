@@ -228,6 +228,9 @@ class ProcessPool:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 20,
+            # taskq itself must import before the init frame sets sys.path:
+            # the worker's path (a script may have added taskq's checkout).
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         child = _Child(proc)
         self._children.add(child)
