@@ -41,6 +41,9 @@ log = logging.getLogger("taskq.supervisor")
 HELD_BACK_LOG_SECONDS = 60.0
 #: A failed check (database unreachable) is logged at most this often.
 ERROR_LOG_SECONDS = 60.0
+#: A check that takes longer is abandoned (no change made): the supervisor's
+#: loop, which also restarts children, waits for it.
+QUERY_TIMEOUT_SECONDS = 5.0
 #: Shrink only if the peak of running jobs fits in one child fewer at this
 #: share of its concurrency.
 SHRINK_FILL = 0.5
@@ -157,11 +160,14 @@ class Autoscaler:
     async def _measure(self) -> tuple[str | None, float, int]:
         """(the queue with the longest wait, that wait, running jobs of the children)."""
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, **self._connect_args)
+            kwargs = {**self._connect_args, "timeout": QUERY_TIMEOUT_SECONDS}
+            self._conn = await asyncpg.connect(self._dsn, **kwargs)
         args = () if self._queues is None else (self._queues,)
-        rows = await self._conn.fetch(self._lag_sql, *args)
+        rows = await self._conn.fetch(self._lag_sql, *args, timeout=QUERY_TIMEOUT_SECONDS)
         worst = max(rows, key=lambda r: r["lag"], default=None)
-        running = await self._conn.fetchval(self._running_sql, f"%:{os.getpid()}/%")
+        running = await self._conn.fetchval(
+            self._running_sql, f"%:{os.getpid()}/%", timeout=QUERY_TIMEOUT_SECONDS
+        )
         if worst is None:
             return None, 0.0, int(running)
         return worst["queue"], max(0.0, float(worst["lag"])), int(running)

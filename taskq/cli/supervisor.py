@@ -230,7 +230,7 @@ class Supervisor:
             what = f"worker child {child.index} (pid {child.proc.pid}) {describe_exit(status)}"
             if self.stopping or child.draining:
                 (log.info if status == 0 else log.warning)("%s after %.1f s", what, up)
-                if status != 0:
+                if status != 0 and self.stopping:
                     self._failed.append(what)
                 del self.children[child.index]
                 continue
