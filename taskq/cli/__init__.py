@@ -8,7 +8,9 @@
 - :mod:`.worker`, :mod:`.migrate`, :mod:`.status`, :mod:`.jobs`,
   :mod:`.ops` (retry, cancel, purge), :mod:`.queues`, :mod:`.cron`,
   :mod:`.workflows`, :mod:`.demo`, :mod:`.embedded`: the commands;
-- :mod:`.demo_jobs`: the demo's own App and sample jobs.
+- :mod:`.demo_jobs`: the demo's own App and sample jobs;
+- :mod:`.supervise`, :mod:`.supervisor`, :mod:`.autoscale`: ``worker
+  --processes``/``--autoscale``, a supervisor of child worker processes.
 
 The SQL of the operator commands lives in ``taskq._admin``; these modules
 parse arguments, ask for confirmation where deleting needs it, and print
