@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import anyio
 import pytest
 
 import taskq
-from taskq.cli import build_parser
+from taskq.cli import EXIT_USAGE, build_parser, main
 from taskq.cli.supervise import SUPERVISOR_OPTIONS, child_argv
 
 from .conftest import PYTHON, subprocess_env, until
@@ -454,3 +456,51 @@ async def test_autoscale_does_not_grow_when_the_cpu_is_busy(
     finally:
         await app.close()
     assert sup.stop() == 0
+
+
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 are free now."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no two consecutive free ports")
+
+
+async def test_child_i_serves_metrics_on_port_plus_i(
+    pg_dsn: str, schema: str, supervised: Callable[..., WorkerProcess]
+) -> None:
+    pytest.importorskip("prometheus_client")
+    app = await prepare(pg_dsn, schema)
+    try:
+        port = two_free_ports()
+        sup = supervised("--processes", "2", "--metrics-port", str(port))
+        for p in (port, port + 1):
+            sup.wait_for_output(f"serving metrics on http://127.0.0.1:{p}/metrics")
+            body = await anyio.to_thread.run_sync(_get, f"http://127.0.0.1:{p}/metrics")
+            assert "taskq_" in body
+        assert f"ports {port} to {port + 1}" in sup.text()
+    finally:
+        await app.close()
+    assert sup.stop() == 0
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return str(r.read().decode())
+
+
+def test_processes_and_autoscale_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["worker", "supervisorapp:app", "--processes", "2", "--autoscale", "1:2"])
+    assert status == EXIT_USAGE
+    assert "give --processes or --autoscale, not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["worker", "supervisorapp:app", "--autoscale", "3:2"])
+    assert exit_.value.code == EXIT_USAGE
+    assert "expected MIN:MAX with 1 <= MIN <= MAX, got '3:2'" in capsys.readouterr().err

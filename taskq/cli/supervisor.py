@@ -229,8 +229,11 @@ class Supervisor:
             up = now - child.started
             what = f"worker child {child.index} (pid {child.proc.pid}) {describe_exit(status)}"
             if self.stopping or child.draining:
-                (log.info if status == 0 else log.warning)("%s after %.1f s", what, up)
-                if status != 0 and self.stopping:
+                # Killed by the very signal it was sent: it had not installed
+                # its handlers yet (still starting), so it held no job.
+                clean = status == 0 or -status in (signal.SIGTERM, signal.SIGINT)
+                (log.info if clean else log.warning)("%s after %.1f s", what, up)
+                if not clean and self.stopping:
                     self._failed.append(what)
                 del self.children[child.index]
                 continue
