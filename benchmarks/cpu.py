@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import secrets
 import statistics
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -74,6 +76,33 @@ def calibrate(ms: float) -> tuple[int, float]:
         burn(n)
         samples.append((time.process_time() - started) * 1000)
     return n, statistics.median(samples)
+
+
+def _loop_for(rounds: int, seconds: float, results: Any) -> None:
+    started, done = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        burn(rounds)
+        done += 1
+    results.put(done / (time.perf_counter() - started))
+
+
+def ceiling(rounds: int, processes: int, seconds: float = 3.0) -> float:
+    """Calls/s of the bare loop in ``processes`` processes at once: what the machine gives now.
+
+    No taskq, no Postgres: on an idle machine this grows with the processes
+    up to the cores; on a busy one (other sessions' work) it may not.
+    """
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    procs = [
+        context.Process(target=_loop_for, args=(rounds, seconds, results)) for _ in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    total = sum(results.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    return total
 
 
 def cores() -> int:
@@ -166,6 +195,11 @@ def main() -> None:
     args = parser.parse_args()
     rounds, took = calibrate(args.ms)
     print(f"{cores()} cores; burn({rounds}) takes {took:.1f} ms here; {args.jobs} jobs a run")
+    alone, together = ceiling(rounds, 1), ceiling(rounds, cores())
+    print(
+        f"the bare loop, no taskq: {alone:.1f} calls/s in 1 process, {together:.1f} in "
+        f"{cores()} at once (what this machine gives now)"
+    )
     print(f"worker: concurrency {2 * cores()}, median of {args.runs} runs\n")
     print("| executor | jobs/s (median) | runs | x threads | cores busy (median) |")
     print("| --- | --- | --- | --- | --- |")
