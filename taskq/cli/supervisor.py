@@ -125,6 +125,7 @@ class Child:
     backoff: float = 0.0  # the next restart's wait; 0 = none yet
     restart_at: float | None = None  # monotonic; None = not waiting to restart
     draining: bool = False  # told to stop by the supervisor (a shrink): not restarted
+    signals: int = 0  # stop signals sent to this process
 
     @property
     def alive(self) -> bool:
@@ -182,6 +183,7 @@ class Supervisor:
         )
         child.started = time.monotonic()
         child.restart_at = None
+        child.signals = 0
         log.info("started worker child %d (pid %d)", child.index, child.proc.pid)
 
     def grow(self, reason: str) -> Child:
@@ -209,6 +211,7 @@ class Supervisor:
                 "autoscale: draining worker child %d (pid %d): %s", child.index, child.pid, reason
             )
             child.proc.send_signal(signal.SIGTERM)
+            child.signals = 1
         else:  # waiting to restart: just forget the slot
             del self.children[child.index]
         return child
@@ -279,7 +282,11 @@ class Supervisor:
         )
         for child in live:
             assert child.proc is not None
-            child.proc.send_signal(signum)
+            # A child draining for a shrink already has its first signal: the
+            # stop's first must not be its second ("cancel your jobs").
+            if child.signals < self._signals:
+                child.proc.send_signal(signum)
+                child.signals += 1
         # Slots waiting to restart will not be.
         for child in [c for c in self.children.values() if c.restart_at is not None]:
             del self.children[child.index]
