@@ -41,6 +41,12 @@ async def work(n: int, seconds: float = 0.0) -> int:
     return os.getpid()
 
 
+if os.environ.get("TASKQ_WORKER_INDEX") == "1":
+    # Only the child in slot 1 has this task, so only it claims these jobs
+    # (the slot an autoscaler's shrink drains first when there are two).
+    app.task(name="sup.hold", retry=taskq.Retry(attempts=5, wait=0))(work.fn)
+
+
 LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS {schema}.ledger (
     n     integer     NOT NULL,

@@ -506,3 +506,33 @@ def test_processes_and_autoscale_together_are_refused(capsys: pytest.CaptureFixt
         main(["worker", "supervisorapp:app", "--autoscale", "3:2"])
     assert exit_.value.code == EXIT_USAGE
     assert "expected MIN:MAX with 1 <= MIN <= MAX, got '3:2'" in capsys.readouterr().err
+
+
+async def test_a_child_drained_by_a_shrink_finishes_its_job_even_if_a_stop_follows(
+    pg_dsn: str, schema: str, supervised: Callable[..., WorkerProcess]
+) -> None:
+    app = await prepare(pg_dsn, schema)
+    app.task(name="sup.hold", retry=taskq.Retry(attempts=5, wait=0))(lambda n, seconds=0: n)
+    try:
+        sup = supervised(
+            "--autoscale", "1:2", "--concurrency", "4", TASKQ_SUPERVISOR_TIMINGS=AUTOSCALE
+        )
+        await until(lambda: _count(app, sup.proc.pid, 1), 60, "one child")
+        await app.tasks["sup.work"].enqueue_many([{"n": n, "seconds": 0.5} for n in range(40)])
+        await until(lambda: _count(app, sup.proc.pid, 2), 60, "a second child")
+        # Only the child in slot 1 (the one a shrink drains) can run this job.
+        await app.tasks["sup.hold"].enqueue(n=100, seconds=4)
+        await until(
+            lambda: val(app, "SELECT count(*) = 1 FROM {s}.ledger WHERE n = 100"), 60, "held"
+        )
+        sup.wait_for_output("autoscale: draining worker child 1")
+        # The stop's first signal must not be the draining child's second.
+        sup.proc.send_signal(signal.SIGTERM)
+        assert sup.proc.wait(60) == 0, sup.text()
+        assert await val(app, "SELECT count(*) FROM {s}.ledger WHERE event = 'cancelled'") == 0
+        assert await val(app, "SELECT event FROM {s}.ledger WHERE n = 100 ORDER BY at DESC") == (
+            "done"
+        )
+        assert await val(app, "SELECT count(*) FROM {s}.history WHERE state = 'succeeded'") == 41
+    finally:
+        await app.close()

@@ -264,7 +264,15 @@ class Supervisor:
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
         name = signal.Signals(signum).name
-        live = [c for c in self.children.values() if c.alive]
+        sent = 0
+        for child in self.children.values():
+            # A child draining for a shrink already has its first signal: the
+            # stop's first must not be its second ("cancel your jobs").
+            if child.alive and child.signals < self._signals:
+                assert child.proc is not None
+                child.proc.send_signal(signum)
+                child.signals += 1
+                sent += 1
         what = (
             "stopping: each child stops claiming and gets its shutdown timeout"
             if self._signals == 1
@@ -277,16 +285,9 @@ class Supervisor:
             name,
             self._signals,
             what,
-            len(live),
+            sent,
             "; send it again to force" if self._signals == 1 else "",
         )
-        for child in live:
-            assert child.proc is not None
-            # A child draining for a shrink already has its first signal: the
-            # stop's first must not be its second ("cancel your jobs").
-            if child.signals < self._signals:
-                child.proc.send_signal(signum)
-                child.signals += 1
         # Slots waiting to restart will not be.
         for child in [c for c in self.children.values() if c.restart_at is not None]:
             del self.children[child.index]
