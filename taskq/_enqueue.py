@@ -149,6 +149,8 @@ class Enqueuer:
             delay=opts.delay,
             max_attempts=attempts,
         )
+        if opts.concurrency_key is not None:
+            kwargs["concurrency_key"] = opts.concurrency_key
         if opts.unique_key is not None:
             insert = self._store.insert_unique_job
             kwargs.update(unique_key=opts.unique_key, unique_for=opts.unique_for)

@@ -92,6 +92,12 @@ class RateLimit:
         return cls(limit, period)
 
 
+def check_per_key_limit(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"per_key_limit must be a positive int, got {value!r}")
+    return value
+
+
 def check_concurrency_limit(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigurationError(f"concurrency_limit must be a positive int, got {value!r}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._database import Database
-from ._limits import RateLimit, check_concurrency_limit
+from ._limits import RateLimit, check_concurrency_limit, check_per_key_limit
 from ._names import check_queue
 from ._store import Store
 
@@ -39,6 +39,7 @@ class QueueInfo:
         paused: no job of it starts while paused.
         concurrency_limit: most jobs of it running at once across all workers, or None.
         rate_limit: most job starts per period across all workers, or None.
+        per_key_limit: most running jobs per concurrency key (fair sharing), or None.
         queued: live jobs waiting (due now or later).
         running: jobs running now.
     """
@@ -49,6 +50,7 @@ class QueueInfo:
     rate_limit: RateLimit | None
     queued: int
     running: int
+    per_key_limit: int | None = None
 
 
 def info_from_row(row: Any) -> QueueInfo:
@@ -62,6 +64,7 @@ def info_from_row(row: Any) -> QueueInfo:
         rate_limit=rate,
         queued=int(row["queued"]) if "queued" in row else 0,
         running=int(row["running"]) if "running" in row else 0,
+        per_key_limit=row.get("per_key_limit"),
     )
 
 
@@ -100,6 +103,7 @@ class Queue:
         *,
         concurrency_limit: int | None = UNCHANGED,
         rate_limit: RateLimit | str | tuple[int, Any] | None = UNCHANGED,
+        per_key_limit: int | None = UNCHANGED,
     ) -> QueueInfo:
         """Set cluster-wide limits; ``None`` removes one, an omitted one stays.
 
@@ -108,6 +112,9 @@ class Queue:
                 workers (each worker's own ``concurrency`` still applies).
             rate_limit: most job starts in any window of the period, across all
                 workers, e.g. ``"100/minute"`` (see :class:`taskq.RateLimit`).
+            per_key_limit: most running jobs per ``concurrency_key`` across all
+                workers; the claim then takes turns between keys (fair sharing
+                between tenants; jobs without a key count as one more key).
         """
         changes: dict[str, Any] = {}
         if concurrency_limit is None:
@@ -119,6 +126,10 @@ class Queue:
         elif rate_limit is not UNCHANGED:
             rate = RateLimit.parse(rate_limit)
             changes["rate"] = (rate.limit, rate.period)
+        if per_key_limit is None:
+            changes["clear_per_key_limit"] = True
+        elif per_key_limit is not UNCHANGED:
+            changes["per_key_limit"] = check_per_key_limit(per_key_limit)
         return await self._configure(**changes)
 
     async def info(self) -> QueueInfo:

@@ -14,7 +14,7 @@ _JOB_COLUMNS = (
 )
 
 _QUEUE_COLUMNS = (
-    "name, paused, concurrency_limit, rate_limit, rate_period, updated_at, "
+    "name, paused, concurrency_limit, rate_limit, rate_period, per_key_limit, updated_at, "
     "coalesce(cardinality(rate_log_at), 0) AS rate_log_len"
 )
 
@@ -36,8 +36,9 @@ class Statements:
         self.insert_one = (
             f"WITH w AS (SELECT {start} AS at), "
             f"ins AS (INSERT INTO {s}.jobs "
-            "(queue, task, args, priority, run_at, max_attempts, meta) "
-            "SELECT $1, $2, $3::text::jsonb, $4, w.at, $7, $9::text::jsonb FROM w RETURNING id) "
+            "(queue, task, args, priority, run_at, max_attempts, meta, concurrency_key) "
+            "SELECT $1, $2, $3::text::jsonb, $4, w.at, $7, $9::text::jsonb, $10 "
+            "FROM w RETURNING id) "
             f"SELECT ins.id, {wake} FROM ins, w"
         )
         # A bulk enqueue sends all arguments as one JSON array: one parse in
@@ -45,8 +46,8 @@ class Statements:
         self.insert_many = (
             f"WITH w AS (SELECT {start} AS at), "
             f"ins AS (INSERT INTO {s}.jobs "
-            "(queue, task, args, priority, run_at, max_attempts, meta) "
-            "SELECT $1, $2, a, $4, w.at, $7, $9::text::jsonb "
+            "(queue, task, args, priority, run_at, max_attempts, meta, concurrency_key) "
+            "SELECT $1, $2, a, $4, w.at, $7, $9::text::jsonb, $10 "
             "FROM w, jsonb_array_elements($3::text::jsonb) AS a "
             "RETURNING id) "
             f"SELECT (SELECT array_agg(id ORDER BY id) FROM ins) AS ids, {wake} FROM w"
@@ -70,14 +71,17 @@ class Statements:
             f"AND queue NOT IN (SELECT name FROM {s}.queues WHERE paused)"
         )
         # Queue settings. NULL arguments leave a setting as it is; $6 clears
-        # the rate limit. Resuming wakes the workers.
+        # the rate limit, $7 the concurrency limit, $10 the per-key limit.
+        # Resuming wakes the workers.
         self.configure_queue = (
             f"WITH up AS (INSERT INTO {s}.queues AS q (name, paused, concurrency_limit, "
-            "rate_limit, rate_period) VALUES ($1, coalesce($2, false), $3, $4, $5) "
+            "rate_limit, rate_period, per_key_limit) "
+            "VALUES ($1, coalesce($2, false), $3, $4, $5, $9) "
             "ON CONFLICT (name) DO UPDATE SET paused = coalesce($2, q.paused), "
             "concurrency_limit = CASE WHEN $7 THEN NULL "
             "ELSE coalesce($3, q.concurrency_limit) END, "
             "rate_limit = CASE WHEN $6 THEN NULL ELSE coalesce($4, q.rate_limit) END, "
+            "per_key_limit = CASE WHEN $10 THEN NULL ELSE coalesce($9, q.per_key_limit) END, "
             "rate_period = CASE WHEN $6 THEN NULL ELSE coalesce($5, q.rate_period) END, "
             "rate_log_at = CASE WHEN $6 THEN '{}' ELSE q.rate_log_at END, "
             "rate_log_n = CASE WHEN $6 THEN '{}' ELSE q.rate_log_n END, "
@@ -90,7 +94,7 @@ class Statements:
             "SELECT n.queue, coalesce(sum(n.queued), 0)::bigint AS queued, "
             "coalesce(sum(n.running), 0)::bigint AS running, bool_or(q.paused) AS paused, "
             "max(q.concurrency_limit) AS concurrency_limit, max(q.rate_limit) AS rate_limit, "
-            "max(q.rate_period) AS rate_period FROM ("
+            "max(q.rate_period) AS rate_period, max(q.per_key_limit) AS per_key_limit FROM ("
             "SELECT queue, count(*) FILTER (WHERE state = 'queued') AS queued, "
             f"count(*) FILTER (WHERE state = 'running') AS running FROM {s}.jobs GROUP BY queue "
             f"UNION ALL SELECT name, 0, 0 FROM {s}.queues) AS n "

@@ -139,6 +139,7 @@ class Store:
         delay: float,
         max_attempts: int,
         meta: str | None = None,
+        concurrency_key: str | None = None,
     ) -> Any:
         return await conn.fetchval(
             sql,
@@ -151,6 +152,7 @@ class Store:
             max_attempts,
             self.enqueued_channel,
             meta,
+            concurrency_key,
         )
 
     # -- worker ----------------------------------------------------------------
@@ -360,6 +362,8 @@ class Store:
         clear_concurrency_limit: bool = False,
         rate: tuple[int, float] | None = None,
         clear_rate: bool = False,
+        per_key_limit: int | None = None,
+        clear_per_key_limit: bool = False,
     ) -> Any:
         """Change a queue's settings (``None`` keeps one); return its settings row."""
         return await conn.fetchrow(
@@ -372,6 +376,8 @@ class Store:
             clear_rate,
             clear_concurrency_limit,
             self.enqueued_channel,
+            per_key_limit,
+            clear_per_key_limit,
         )
 
     async def queue_settings(self, conn: Conn) -> list[Any]:

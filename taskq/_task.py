@@ -41,6 +41,7 @@ class EnqueueOptions:
     unique_key: str | None = None
     unique_for: float = 0.0
     meta: Mapping[str, Any] | None = None
+    concurrency_key: str | None = None
 
     @classmethod
     def make(
@@ -54,6 +55,7 @@ class EnqueueOptions:
         unique_key: str | None = None,
         unique_for: float | timedelta | None = None,
         meta: Mapping[str, Any] | None = None,
+        concurrency_key: str | None = None,
     ) -> EnqueueOptions:
         if queue is not None:
             check_queue(queue)
@@ -81,6 +83,12 @@ class EnqueueOptions:
                 f"unique_key {unique_key!r} holds a NUL character or a lone surrogate, "
                 "which Postgres cannot store in text"
             )
+        if concurrency_key is not None:
+            check_concurrency_key(concurrency_key)
+            if unique_key is not None:
+                raise ConfigurationError(
+                    "concurrency_key and unique_key cannot be combined (not supported yet)"
+                )
         window = 0.0 if unique_for is None else _seconds("unique_for", unique_for)
         if window and unique_key is None:
             raise ConfigurationError("unique_for needs a unique_key")
@@ -90,7 +98,29 @@ class EnqueueOptions:
                     f"meta must be a mapping with string keys, got {type(meta).__name__}"
                 )
             meta = dict(meta) or None
-        return cls(queue, priority, seconds, run_at, connection, unique_key, window, meta)
+        return cls(
+            queue, priority, seconds, run_at, connection, unique_key, window, meta, concurrency_key
+        )
+
+
+#: Concurrency keys are short texts, like queue names (they are index keys).
+MAX_CONCURRENCY_KEY = 200
+
+
+def check_concurrency_key(key: Any) -> str:
+    """A valid concurrency key: a non-empty text Postgres can store, at most 200 chars."""
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(f"concurrency_key must be a non-empty string, got {key!r}")
+    if len(key) > MAX_CONCURRENCY_KEY:
+        raise ConfigurationError(
+            f"concurrency_key must be at most {MAX_CONCURRENCY_KEY} characters, got {len(key)}"
+        )
+    if not _storable(key):
+        raise ConfigurationError(
+            f"concurrency_key {key!r} holds a NUL character or a lone surrogate, "
+            "which Postgres cannot store in text"
+        )
+    return key
 
 
 def _storable(text: str) -> bool:
@@ -373,6 +403,7 @@ class Task(Generic[P, R]):
         unique_key: str | None = None,
         unique_for: float | timedelta | None = None,
         meta: Mapping[str, Any] | None = None,
+        concurrency_key: str | None = None,
     ) -> BoundTask[P, R]:
         """Enqueue with other settings than the task's defaults.
 
@@ -393,6 +424,10 @@ class Task(Generic[P, R]):
             meta: JSON metadata carried with the job, apart from its arguments:
                 hooks see it as ``ctx.meta``, ``job.status()`` as ``meta``
                 (tracing adds the trace context to it).
+            concurrency_key: the tenant (or other key) the job belongs to, e.g.
+                ``"tenant:42"``: in a queue with a ``per_key_limit``, at most that
+                many jobs per key run at once and the claim takes turns between
+                keys (see the scheduling guide, "Fair sharing between tenants").
         """
         opts = EnqueueOptions.make(
             queue=queue,
@@ -403,6 +438,7 @@ class Task(Generic[P, R]):
             unique_key=unique_key,
             unique_for=unique_for,
             meta=meta,
+            concurrency_key=concurrency_key,
         )
         return BoundTask(self, opts)
 
@@ -490,6 +526,7 @@ class BoundTask(Generic[P, R]):
             "unique_key": self.opts.unique_key,
             "unique_for": self.opts.unique_for or None,
             "meta": self.opts.meta,
+            "concurrency_key": self.opts.concurrency_key,
         }
         merged.update(changes)
         return BoundTask(self.task, EnqueueOptions.make(**merged))

@@ -278,6 +278,10 @@ class Workflow:
                 "unique_for does not apply to workflow steps (unique_key does: at most one live "
                 "job per key and queue)"
             )
+        if opts.concurrency_key is not None:
+            raise ConfigurationError(
+                "concurrency_key does not apply to workflow steps yet: enqueue the job on its own"
+            )
         return real, opts
 
     def _name_for(self, given: str | None, task: Task[Any, Any]) -> str:

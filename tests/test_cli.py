@@ -473,6 +473,7 @@ async def test_queues_commands_change_settings_that_the_api_sees(pg_dsn: str, sc
             "paused": True,
             "concurrency_limit": 3,
             "rate_limit": "100/minute",
+            "per_key_limit": None,
             "queued": 0,
             "running": 0,
         }

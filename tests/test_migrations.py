@@ -36,7 +36,8 @@ RELEASED_VERSIONS = [1, 2, 3]
 # functions into taskq/objects/ changed none of them.
 CHANGED_SINCE_VERSION_3: set[str] = {
     "finish",  # version 5: errors, progress, requeued_by and lease_token; 6: workflow steps
-    "claim",  # version 6: a step's inputs, workflow and name
+    # 8: a per-key limit's freed slot is announced
+    "claim",  # version 6: a step's inputs, workflow and name; 8: per-key limits
     "prune",  # version 6: recorded job steps; history of running workflows kept
 }
 # Objects that version 3 did not have.
@@ -49,6 +50,7 @@ ADDED_SINCE_VERSION_3: set[str] = {
     "cancel_steps",
     "workflow_retry",
     "rescue",  # the rescue statement, now a function that also calls steps_ended()
+    "claim_keyed",  # version 8: the claim of a queue with a per_key_limit
 }
 
 NewSchema = Callable[[], str]
@@ -350,6 +352,7 @@ async def test_every_object_file_names_what_it_creates_in_a_working_order(
         "finish",
         "rate_budget",
         "rate_log_add",
+        "claim_keyed",
     }
 
     def obj(name: str, requires: str = "") -> SchemaObject:

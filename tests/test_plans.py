@@ -73,6 +73,16 @@ async def fill(app: taskq.App, conn: asyncpg.Connection) -> None:
         f"SELECT 'q' || (g % 4), 'plan.task', '{{}}', now() - interval '1 hour' "
         f"FROM generate_series(1, {ROWS}) AS g"
     )
+    # A queue of tenants' jobs (500 keys, some running) and a few without a key.
+    await conn.execute(
+        f"INSERT INTO {s}.jobs (queue, task, args, run_at, concurrency_key, state, "
+        "lease_expires_at) "
+        "SELECT 'qk', 'plan.task', '{}', now() - interval '1 hour', "
+        "CASE WHEN g % 100 <> 0 THEN 'tenant:' || (g % 500) END, "
+        "CASE WHEN g <= 300 THEN 'running' ELSE 'queued' END, "
+        "CASE WHEN g <= 300 THEN now() + interval '1 hour' END "
+        "FROM generate_series(1, 100000) AS g"
+    )
     await conn.execute(
         f"INSERT INTO {s}.history (id, queue, task, args, state, priority, attempts, "
         "max_attempts, enqueued_at, finished_at) "
@@ -115,6 +125,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
         assert "JIT" not in plan, plan
         assert "Sort" not in plan.replace("Sort Key", ""), plan
         assert "history" not in plan, plan
+        assert "jobs_keyed" not in plan, plan  # fair sharing costs other queues nothing
 
     # A queue with a concurrency limit and a rate limit: the claim also counts
     # its running jobs (by index) and takes the settings row's lock.
@@ -156,12 +167,35 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     plan = await explain(conn, sql.renew, [1, 2], [None, None], 30.0)
     assert "Seq Scan" not in plan, plan
 
+    await check_keyed_plans(app, conn)
     await check_workflow_plans(app, conn)
     await check_why_plans(app, conn)
     await check_job_page_plans(app, conn)
     await check_dashboard_jobs_plans(app, conn)
     await check_dashboard_admin_plans(app, conn)
     await check_dashboard_overview_plans(app, conn)
+
+
+async def check_keyed_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """A queue with a per_key_limit: keys by a loose index scan, each key's jobs
+    and the running counts by index, on a backlog of 100,000 keyed jobs."""
+    s = f'"{app.schema}"'
+    await conn.execute(
+        f"INSERT INTO {s}.queues (name, per_key_limit) VALUES ('qk', 2) "
+        "ON CONFLICT (name) DO UPDATE SET per_key_limit = 2"
+    )
+    try:
+        for tasks in (["plan.task"], ["plan.task", "plan.other"]):
+            plan = await inner_plans(
+                conn, f"SELECT * FROM {s}.claim($1, $2, 10, 'w', 30)", ["qk"], tasks
+            )
+            assert "jobs_keyed" in plan, plan  # the keys and each key's best jobs
+            assert "jobs_running" in plan, plan  # the running count per key
+            assert "Seq Scan" not in plan and "JIT" not in plan, plan
+            assert "history" not in plan, plan
+    finally:
+        # Later checks claim from every queue, with the plain claim's plan.
+        await conn.execute(f"DELETE FROM {s}.queues WHERE name = 'qk'")
 
 
 async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None:

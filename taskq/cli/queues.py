@@ -16,7 +16,8 @@ def add_parser(commands: Commands) -> None:
         "queues",
         help="list queues, pause or resume one, set its cluster-wide limits",
         description="queues [list] | queues pause NAME | queues resume NAME | "
-        "queues set NAME [--concurrency-limit N|none] [--rate-limit 50/second|none]",
+        "queues set NAME [--concurrency-limit N|none] [--rate-limit 50/second|none] "
+        "[--per-key-limit N|none]",
     )
     queues.add_argument(
         "action", nargs="?", default="list", choices=["list", "pause", "resume", "set"]
@@ -35,6 +36,13 @@ def add_parser(commands: Commands) -> None:
         metavar="RATE|none",
         help="most job starts per period across all workers, e.g. 100/minute",
     )
+    queues.add_argument(
+        "--per-key-limit",
+        type=limit_arg,
+        default=KEEP,
+        metavar="N|none",
+        help="most running jobs per concurrency key across all workers (fair sharing)",
+    )
     json_option(queues)
     db_options(queues)
     queues.set_defaults(handler=cmd_queues)
@@ -52,8 +60,12 @@ async def cmd_queues(args: argparse.Namespace) -> int:
         if args.rate_limit is not KEEP:
             rate = args.rate_limit
             changes["rate_limit"] = None if rate.lower() == "none" else rate
+        if args.per_key_limit is not KEEP:
+            changes["per_key_limit"] = args.per_key_limit
         if not changes:
-            raise UsageError("queues set needs --concurrency-limit and/or --rate-limit")
+            raise UsageError(
+                "queues set needs --concurrency-limit, --rate-limit and/or --per-key-limit"
+            )
     app = app_for(args)
     async with opened(app, args):
         if args.action in ("pause", "resume", "set"):
@@ -75,6 +87,7 @@ async def cmd_queues(args: argparse.Namespace) -> int:
                     "paused": i.paused,
                     "concurrency_limit": i.concurrency_limit,
                     "rate_limit": None if i.rate_limit is None else str(i.rate_limit),
+                    "per_key_limit": i.per_key_limit,
                     "queued": i.queued,
                     "running": i.running,
                 }
@@ -86,7 +99,7 @@ async def cmd_queues(args: argparse.Namespace) -> int:
         print("no queues")
         return EXIT_OK
     print_table(
-        ["queue", "state", "queued", "running", "concurrency limit", "rate limit"],
+        ["queue", "state", "queued", "running", "concurrency limit", "rate limit", "per key"],
         [
             [
                 i.name,
@@ -95,6 +108,7 @@ async def cmd_queues(args: argparse.Namespace) -> int:
                 str(i.running),
                 "-" if i.concurrency_limit is None else str(i.concurrency_limit),
                 "-" if i.rate_limit is None else str(i.rate_limit),
+                "-" if i.per_key_limit is None else str(i.per_key_limit),
             ]
             for i in infos
         ],

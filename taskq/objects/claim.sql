@@ -1,5 +1,5 @@
 -- object: function claim(text[], text[], integer, text, double precision, bigint[], uuid[], text[], text[], text[], double precision[])
--- requires: finish, rate_budget, rate_log_add
+-- requires: finish, rate_budget, rate_log_add, claim_keyed
 --
 -- The claim. SKIP LOCKED lets many workers claim at once without waiting on
 -- each other's rows; the ORDER BY ... LIMIT walks the jobs_claim index in
@@ -27,7 +27,12 @@
 --   host take turns, and each sees the running count and the rate window that
 --   the previous one left. Unlimited queues take no lock;
 -- - jobs of a rate-limited task are claimed under that task's row lock, after
---   the queue's other due jobs.
+--   the queue's other due jobs;
+-- - a queue with a per_key_limit (fair sharing between tenants) is claimed
+--   under its settings row's lock too, and its jobs are picked by
+--   claim_keyed(): round-robin between concurrency keys from the queue's
+--   key_cursor, at most per_key_limit running per key. Every other queue
+--   keeps the plain ordered index scan.
 -- Those locks are taken with SKIP LOCKED: a claim never waits for another
 -- (two claims taking the same rows in different orders would deadlock); it
 -- passes over the queue or task and says to look again very soon.
@@ -87,6 +92,10 @@ DECLARE
     v_ttake integer;
     v_tgot integer;
     v_tnow timestamptz;
+    v_per_key integer;
+    v_ids bigint[];
+    v_held boolean;
+    v_cursor text;
 BEGIN
     IF cardinality(p_ids) > 0 THEN
         RETURN QUERY
@@ -105,7 +114,8 @@ BEGIN
            array_agg(q.name) FILTER (WHERE NOT q.paused)
     INTO v_paused, v_limited
     FROM {schema}.queues AS q
-    WHERE q.paused OR q.concurrency_limit IS NOT NULL OR q.rate_limit IS NOT NULL;
+    WHERE q.paused OR q.concurrency_limit IS NOT NULL OR q.rate_limit IS NOT NULL
+        OR q.per_key_limit IS NOT NULL;
     SELECT array_agg(t.name) INTO v_limited_tasks
     FROM {schema}.tasks AS t WHERE t.rate_limit IS NOT NULL AND t.name = ANY(p_tasks);
     IF v_limited_tasks IS NOT NULL THEN
@@ -134,6 +144,7 @@ BEGIN
         v_rated := false;
         v_now := now();
         v_tnow := NULL;
+        v_per_key := NULL;
         IF v_queue = ANY (v_limited) THEN
             -- Take turns with every other claim of this queue, then read the
             -- settings and state that the previous claim left.
@@ -144,6 +155,7 @@ BEGIN
                 CONTINUE;
             END IF;
             CONTINUE WHEN v_row.paused;
+            v_per_key := v_row.per_key_limit;
             v_now := clock_timestamp();
             IF v_row.concurrency_limit IS NOT NULL THEN
                 SELECT count(*) INTO v_running FROM {schema}.jobs AS j
@@ -165,7 +177,30 @@ BEGIN
             CONTINUE WHEN v_take <= 0;
         END IF;
         v_got := 0;
-        IF cardinality(v_tasks) > 0 THEN
+        IF cardinality(v_tasks) > 0 AND v_per_key IS NOT NULL THEN
+            SELECT k.ids, k.held, k.cursor INTO v_ids, v_held, v_cursor
+            FROM {schema}.claim_keyed(v_queue, v_tasks, v_take, v_per_key, v_row.key_cursor)
+                AS k;
+            v_blocked := v_blocked OR v_held;
+            IF v_cursor IS DISTINCT FROM v_row.key_cursor THEN
+                UPDATE {schema}.queues AS q SET key_cursor = v_cursor WHERE q.name = v_queue;
+                v_row.key_cursor := v_cursor;
+            END IF;
+            RETURN QUERY
+            WITH picked AS (
+                SELECT j.id FROM {schema}.jobs AS j
+                WHERE j.id = ANY(v_ids) AND j.state = 'queued'
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
+                worker_id = p_worker, lease_token = gen_random_uuid(),
+                lease_expires_at = now() + make_interval(secs => p_lease), started_at = v_now
+            FROM picked WHERE j.id = picked.id
+            RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
+                j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
+                j.inputs::text, j.workflow_id, j.step;
+            GET DIAGNOSTICS v_got = ROW_COUNT;
+        ELSIF cardinality(v_tasks) > 0 THEN
             RETURN QUERY
             WITH picked AS (
                 SELECT j.id FROM {schema}.jobs AS j
@@ -205,23 +240,50 @@ BEGIN
                 v_wait := least(v_wait, v_budget.wait);
             END IF;
             CONTINUE WHEN v_ttake <= 0;
-            RETURN QUERY
-            WITH picked AS (
-                SELECT j.id FROM {schema}.jobs AS j
-                WHERE j.state = 'queued' AND j.queue = v_queue AND j.task = v_task
-                    AND j.run_at <= now()
-                ORDER BY j.priority DESC, j.run_at, j.id
-                LIMIT v_ttake FOR UPDATE SKIP LOCKED
-            )
-            UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
-                worker_id = p_worker, lease_token = gen_random_uuid(),
-                lease_expires_at = now() + make_interval(secs => p_lease),
-                started_at = v_tnow
-            FROM picked WHERE j.id = picked.id
-            RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
-                j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
-                j.inputs::text, j.workflow_id, j.step;
-            GET DIAGNOSTICS v_tgot = ROW_COUNT;
+            IF v_per_key IS NOT NULL THEN
+                SELECT k.ids, k.held, k.cursor INTO v_ids, v_held, v_cursor
+                FROM {schema}.claim_keyed(v_queue, ARRAY[v_task], v_ttake, v_per_key,
+                    v_row.key_cursor) AS k;
+                v_blocked := v_blocked OR v_held;
+                IF v_cursor IS DISTINCT FROM v_row.key_cursor THEN
+                    UPDATE {schema}.queues AS q SET key_cursor = v_cursor
+                    WHERE q.name = v_queue;
+                    v_row.key_cursor := v_cursor;
+                END IF;
+                RETURN QUERY
+                WITH picked AS (
+                    SELECT j.id FROM {schema}.jobs AS j
+                    WHERE j.id = ANY(v_ids) AND j.state = 'queued'
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
+                    worker_id = p_worker, lease_token = gen_random_uuid(),
+                    lease_expires_at = now() + make_interval(secs => p_lease),
+                    started_at = v_tnow
+                FROM picked WHERE j.id = picked.id
+                RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
+                    j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
+                    j.inputs::text, j.workflow_id, j.step;
+                GET DIAGNOSTICS v_tgot = ROW_COUNT;
+            ELSE
+                RETURN QUERY
+                WITH picked AS (
+                    SELECT j.id FROM {schema}.jobs AS j
+                    WHERE j.state = 'queued' AND j.queue = v_queue AND j.task = v_task
+                        AND j.run_at <= now()
+                    ORDER BY j.priority DESC, j.run_at, j.id
+                    LIMIT v_ttake FOR UPDATE SKIP LOCKED
+                )
+                UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
+                    worker_id = p_worker, lease_token = gen_random_uuid(),
+                    lease_expires_at = now() + make_interval(secs => p_lease),
+                    started_at = v_tnow
+                FROM picked WHERE j.id = picked.id
+                RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
+                    j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
+                    j.inputs::text, j.workflow_id, j.step;
+                GET DIAGNOSTICS v_tgot = ROW_COUNT;
+            END IF;
             IF v_tgot > 0 THEN
                 UPDATE {schema}.tasks AS t SET rate_log_at = l.at, rate_log_n = l.n
                 FROM {schema}.rate_log_add(v_trow.rate_period, v_trow.rate_log_at,

@@ -24,9 +24,9 @@
 -- Notifications: waiters on results hear the finished ids on the finished
 -- channel (in chunks: NOTIFY payloads are capped at 8000 bytes); retried and
 -- released jobs wake workers like new ones; a job of a queue with a
--- concurrency limit that ends (or goes back to the queue) announces the freed
--- slot, so that workers held back by the limit claim at once instead of at
--- their next poll.
+-- concurrency limit or a per-key limit that ends (or goes back to the queue)
+-- announces the freed slot, so that workers held back by the limit claim at
+-- once instead of at their next poll.
 --
 -- Workflow steps that ended are handed to steps_ended() in the same
 -- transaction: their children are released (or cancelled) by the statement
@@ -104,7 +104,7 @@ BEGIN
     freed AS (
         SELECT count(pg_notify({enqueued_channel}, q.name)) AS n
         FROM {schema}.queues AS q
-        WHERE q.concurrency_limit IS NOT NULL
+        WHERE (q.concurrency_limit IS NOT NULL OR q.per_key_limit IS NOT NULL)
             AND q.name IN (SELECT f.queue FROM finished AS f
                            UNION SELECT r.queue FROM requeued AS r)
     )
