@@ -16,7 +16,7 @@ import pytest
 
 import taskq
 from taskq._admin import statements
-from taskq._admin.why import AHEAD_CAP, why_statements
+from taskq._admin.why import AHEAD_CAP, KEY_WINDOW, why_statements
 from taskq._statements import Statements
 from taskq._workflow_store import WorkflowStore
 from taskq.dashboard.pages import overview as overview_page
@@ -283,11 +283,18 @@ async def check_why_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     plans = {
         "live_job": await explain(conn, sql.live_job, job["id"]),
         "finished_job": await explain(conn, sql.finished_job, ROWS + 7),
-        "queue": await explain(conn, sql.queue, "q3"),
+        "queue": await explain(conn, sql.queue, "q3", None),
+        "queue_key": await explain(conn, sql.queue, "q3", "tenant:1"),
         "task": await explain(conn, sql.task, "plan.task"),
         "running_by_worker": await explain(conn, sql.running_by_worker, ["w1", "w2"]),
         "ahead": await explain(
             conn, sql.ahead, "q2", job["priority"], job["run_at"], job["id"], AHEAD_CAP
+        ),
+        "ahead_in_key": await explain(
+            conn, sql.ahead_in_key, "q2", job["priority"], job["run_at"], job["id"], AHEAD_CAP, "k"
+        ),
+        "key_window": await explain(
+            conn, sql.key_window, "q2", job["priority"], job["run_at"], job["id"], KEY_WINDOW
         ),
         "edge_counts": await explain(conn, sql.edge_counts, job["id"]),
         "parents": await explain(conn, sql.parents, job["id"], 20),
@@ -297,7 +304,10 @@ async def check_why_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
         assert_no_scan_of_the_whole(plan, f"{s}.history")
     assert "jobs_pkey" in plans["live_job"] and "history_pkey" in plans["finished_job"]
     assert "jobs_running" in plans["queue"] and "jobs_running" in plans["running_by_worker"]
+    assert "jobs_running" in plans["queue_key"], plans["queue_key"]
     assert "jobs_claim" in plans["ahead"], plans["ahead"]
+    assert "jobs_keyed" in plans["ahead_in_key"], plans["ahead_in_key"]
+    assert "jobs_claim" in plans["key_window"], plans["key_window"]
     assert "Sort" not in plans["ahead"].replace("Sort Key", ""), plans["ahead"]
     assert "workflow_edges_child" in plans["edge_counts"], plans["edge_counts"]
 

@@ -4,8 +4,11 @@
 queued and due, its queue is not paused, its queue's concurrency limit and
 rate window and its task's rate window have room, and a live worker that has
 its task and serves its queue has a free slot; within a queue, jobs start in
-``jobs_claim`` order (priority, then due time, then id). A workflow step
-waits (state ``waiting``) until its parents have ended.
+``jobs_claim`` order (priority, then due time, then id). In a queue with a
+per-key limit (``objects/claim_keyed.sql``) the job's concurrency key must
+also be under that limit, keys take turns, and only the key's own jobs are
+ahead of it. A workflow step waits (state ``waiting``) until its parents
+have ended.
 
 Everything is read in one read-only repeatable-read transaction, so the
 reasons describe one instant: a job cannot look both running and queued.
@@ -16,7 +19,7 @@ a million rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +27,16 @@ from .._errors import JobNotFound
 from .._names import quote_schema
 from .._results import LIVE_WORKER_SECONDS, is_bigint
 from .._serialization import decode
+from .wording import are, attempts, iso, plural, span, when
 
 if TYPE_CHECKING:
     from .._database import Database
 
 #: Jobs ahead of a job in its queue are counted up to this many ("more than 10,000").
 AHEAD_CAP = 10_000
+#: How far into a queue's claim order claim_keyed() looks for a job without a
+#: concurrency key (its c_window; tests/test_why_not_running.py checks they agree).
+KEY_WINDOW = 100
 #: Parent steps listed by name in a reason (the counts cover all of them).
 MAX_PARENTS_LISTED = 20
 
@@ -73,7 +80,7 @@ class WhyStatements:
         s = quote_schema(schema)
         self.live_job = (
             "SELECT id, queue, task, state, priority, run_at, attempts, max_attempts, worker_id, "
-            "started_at, lease_expires_at, cancel_requested, workflow_id, step, "
+            "started_at, lease_expires_at, cancel_requested, workflow_id, step, concurrency_key, "
             "last_error::text AS error, extract(epoch FROM run_at - now())::float8 AS due_in, "
             "extract(epoch FROM lease_expires_at - now())::float8 AS lease_left "
             f"FROM {s}.jobs WHERE id = $1"
@@ -83,8 +90,9 @@ class WhyStatements:
             f"error::text AS error, workflow_id, step FROM {s}.history WHERE id = $1"
         )
         # The queue's settings, its running jobs (jobs_running) when it has a
-        # concurrency limit, and its rate window as rate_budget() judges one
-        # more start now. used: starts still in the window.
+        # concurrency limit, those of the job's concurrency key ($2; NULL: the
+        # jobs without one) when it has a per-key limit, and its rate window as
+        # rate_budget() judges one more start now. used: starts still in the window.
         _window = (
             "(SELECT coalesce(sum(u.n), 0) FROM unnest(x.rate_log_at, x.rate_log_n) AS u(at, n) "
             "WHERE u.at > now() - make_interval(secs => x.rate_period))::integer AS used, "
@@ -97,7 +105,10 @@ class WhyStatements:
         self.queue = (
             "SELECT x.paused, x.concurrency_limit, x.rate_limit, x.rate_period, "
             f"CASE WHEN x.concurrency_limit IS NOT NULL THEN (SELECT count(*) FROM {s}.jobs AS j "
-            "WHERE j.queue = x.name AND j.state = 'running') END AS running, "
+            "WHERE j.queue = x.name AND j.state = 'running') END AS running, x.per_key_limit, "
+            f"CASE WHEN x.per_key_limit IS NOT NULL THEN (SELECT count(*) FROM {s}.jobs AS j "
+            "WHERE j.queue = x.name AND j.state = 'running' "
+            "AND j.concurrency_key IS NOT DISTINCT FROM $2::text) END AS key_running, "
             f"{_window} FROM {s}.queues AS x {_budget} WHERE x.name = $1"
         )
         self.task = (
@@ -129,6 +140,31 @@ class WhyStatements:
             "AND (run_at, id) < ($3::timestamptz, $4::bigint) "
             "ORDER BY queue, priority DESC, run_at, id LIMIT $5 + 1"
             ") LIMIT $5 + 1) AS a"
+        )
+        # In a queue with a per-key limit, the order that matters is within the
+        # job's key ($6): the same two ranges of jobs_keyed.
+        self.ahead_in_key = (
+            "SELECT count(*) FROM (("
+            f"SELECT 1 FROM {s}.jobs WHERE state = 'queued' AND queue = $1 "
+            "AND concurrency_key IS NOT NULL AND concurrency_key = $6 AND priority > $2 "
+            "AND run_at <= now() ORDER BY queue, concurrency_key, priority DESC, run_at, id "
+            "LIMIT $5 + 1) UNION ALL ("
+            f"SELECT 1 FROM {s}.jobs WHERE state = 'queued' AND queue = $1 "
+            "AND concurrency_key IS NOT NULL AND concurrency_key = $6 AND priority = $2 "
+            "AND (run_at, id) < ($3::timestamptz, $4::bigint) "
+            "ORDER BY queue, concurrency_key, priority DESC, run_at, id LIMIT $5 + 1"
+            ") LIMIT $5 + 1) AS a"
+        )
+        # A job without a key in such a queue: claim_keyed() looks for it among
+        # the queue's first KEY_WINDOW queued jobs in claim order (jobs_claim).
+        # Whether this one is among them, and the due keyless jobs before it.
+        self.key_window = (
+            "SELECT coalesce(bool_or(w.id = $4), false) AS inside, count(*) FILTER ("
+            "WHERE w.concurrency_key IS NULL AND w.run_at <= now() AND (w.priority > $2 "
+            "OR (w.priority = $2 AND (w.run_at, w.id) < ($3::timestamptz, $4::bigint)))) AS ahead "
+            f"FROM (SELECT id, concurrency_key, priority, run_at FROM {s}.jobs "
+            "WHERE state = 'queued' AND queue = $1 ORDER BY queue, priority DESC, run_at, id "
+            "LIMIT $5) AS w"
         )
         self.step = f"SELECT kind, expanded FROM {s}.workflow_steps WHERE job_id = $1"
         # A step's edges from its parents (position NULL) and, for a map that
@@ -192,7 +228,7 @@ async def why_not_running(database: Database, schema: str, job_id: int) -> Expla
             reasons += await _waiting(conn, sql, job)
         elif job["due_in"] > 0:
             reasons.append(_not_due(job, now))
-        q = await conn.fetchrow(sql.queue, queue)
+        q = await conn.fetchrow(sql.queue, queue, job["concurrency_key"])
         if q is not None and q["paused"]:
             reasons.append(_paused(queue))
         live = [w for w in workers if w["live"]]
@@ -204,11 +240,7 @@ async def why_not_running(database: Database, schema: str, job_id: int) -> Expla
             rows = await conn.fetch(sql.running_by_worker, able)
             running = {r["worker_id"]: int(r["n"]) for r in rows}
             reasons += _busy(live, running)
-            ahead = await conn.fetchval(
-                sql.ahead, queue, job["priority"], job["run_at"], job_id, AHEAD_CAP
-            )
-            if ahead:
-                reasons.append(_ahead(queue, int(ahead)))
+            reasons += await _order(conn, sql, job, q)
             if not reasons:
                 free = sum(
                     max(0, w["concurrency"] - running.get(w["id"], 0))
@@ -227,8 +259,8 @@ def _finished(row: Any) -> Reason:
     tail = f": {error['type']}: {error['message']}" if error and row["state"] == "failed" else ""
     return Reason(
         "finished",
-        f"job {row['id']} has finished: it {row['state']} at {_when(row['finished_at'])} "
-        f"after {_attempts(row['attempts'], row['max_attempts'])}{tail}",
+        f"job {row['id']} has finished: it {row['state']} at {when(row['finished_at'])} "
+        f"after {attempts(row['attempts'], row['max_attempts'])}{tail}",
         {
             "state": row["state"],
             "finished_at": row["finished_at"].isoformat(),
@@ -252,14 +284,14 @@ def _running(job: Any, workers: list[Any]) -> list[Reason]:
     running = Reason(
         "running",
         f"job {job['id']} is running: attempt {job['attempts']} of {job['max_attempts']} "
-        f"on {on}, its lease runs until {_when(job['lease_expires_at'])}{cancel}",
+        f"on {on}, its lease runs until {when(job['lease_expires_at'])}{cancel}",
         {
             "worker_id": job["worker_id"],
             "hostname": host,
             "pid": worker["pid"] if worker else None,
             "worker_live": worker_live,
-            "started_at": _iso(job["started_at"]),
-            "lease_expires_at": _iso(job["lease_expires_at"]),
+            "started_at": iso(job["started_at"]),
+            "lease_expires_at": iso(job["lease_expires_at"]),
             "lease_seconds_left": round(left, 3),
             "attempts": job["attempts"],
             "max_attempts": job["max_attempts"],
@@ -273,13 +305,13 @@ def _running(job: Any, workers: list[Any]) -> list[Reason]:
     gone = "is still registered" if worker_live else "has no recent heartbeat"
     expired = Reason(
         "lease_expired",
-        f"the lease of job {job['id']} expired {_span(-left)} ago and its worker "
+        f"the lease of job {job['id']} expired {span(-left)} ago and its worker "
         f"{job['worker_id']} {gone}: the next rescue by a live worker puts it back in "
         "the queue (or fails it when its attempts are spent)",
         {
             "worker_id": job["worker_id"],
             "worker_live": worker_live,
-            "lease_expires_at": _iso(job["lease_expires_at"]),
+            "lease_expires_at": iso(job["lease_expires_at"]),
             "seconds_ago": round(-left, 3),
         },
     )
@@ -330,7 +362,7 @@ def _not_due(job: Any, now: datetime) -> Reason:
         "attempts": job["attempts"],
         "max_attempts": job["max_attempts"],
     }
-    due = f"at {_when(job['run_at'])}, in {_span(left)} (database clock)"
+    due = f"at {when(job['run_at'])}, in {span(left)} (database clock)"
     error = _error(job["error"])
     if job["attempts"] > 0 and error:
         # Only a retry puts a job back due later with attempts spent (a
@@ -362,7 +394,7 @@ def _no_worker(
 ) -> list[Reason]:
     if not live:
         last = max((w["heartbeat_at"] for w in workers), default=None)
-        seen = f"; the last heartbeat was at {_when(last)}" if last else ""
+        seen = f"; the last heartbeat was at {when(last)}" if last else ""
         return [
             Reason(
                 "no_workers",
@@ -371,7 +403,7 @@ def _no_worker(
                 {
                     "live_after_seconds": LIVE_WORKER_SECONDS,
                     "stale_workers": [w["id"] for w in workers],
-                    "last_heartbeat_at": _iso(last),
+                    "last_heartbeat_at": iso(last),
                 },
             )
         ]
@@ -382,7 +414,7 @@ def _no_worker(
         reasons.append(
             Reason(
                 "no_worker_for_task",
-                f"no live worker has task {task!r} ({_n(len(live), 'worker')} live): deploy "
+                f"no live worker has task {task!r} ({plural(len(live), 'worker')} live): deploy "
                 "a worker that registers it, or check the task name the job was enqueued under",
                 {"task": task, "live_workers": [w["id"] for w in live]},
             )
@@ -392,7 +424,7 @@ def _no_worker(
         reasons.append(
             Reason(
                 "no_worker_for_queue",
-                f"no live worker serves queue {queue!r} ({_n(len(live), 'worker')} live, "
+                f"no live worker serves queue {queue!r} ({plural(len(live), 'worker')} live, "
                 f"serving {', '.join(map(repr, served))}): start one with --queues {queue}",
                 {"queue": queue, "live_workers": [w["id"] for w in live], "served": served},
             )
@@ -401,8 +433,8 @@ def _no_worker(
         reasons.append(
             Reason(
                 "no_worker_for_task_in_queue",
-                f"{_n(len(with_task), 'live worker')} with task {task!r} and "
-                f"{_n(len(serving), 'live worker')} serving queue {queue!r}, but no worker "
+                f"{plural(len(with_task), 'live worker')} with task {task!r} and "
+                f"{plural(len(serving), 'live worker')} serving queue {queue!r}, but no worker "
                 "does both",
                 {"task": task, "queue": queue, "with_task": with_task, "serving_queue": serving},
             )
@@ -419,9 +451,22 @@ def _limits(job: Any, q: Any, t: Any, now: datetime) -> list[Reason]:
                 Reason(
                     "queue_limit_full",
                     f"queue {queue!r} has a concurrency limit of {limit} and "
-                    f"{_n(running, 'job')} of it {_are(running)} running: the next one starts "
+                    f"{plural(running, 'job')} of it {are(running)} running: the next one starts "
                     "when one of them ends",
                     {"queue": queue, "limit": limit, "running": running},
+                )
+            )
+    if q is not None and q["per_key_limit"] is not None:
+        limit, running, key = int(q["per_key_limit"]), int(q["key_running"]), job["concurrency_key"]
+        if running >= limit:
+            whose = f"key {key!r}" if key is not None else "the jobs without a key"
+            reasons.append(
+                Reason(
+                    "key_limit_full",
+                    f"queue {queue!r} runs at most {plural(limit, 'job')} per concurrency key "
+                    f"at once and {whose} {'has' if key is not None else 'have'} "
+                    f"{running:,} running: the next one starts when one of them ends",
+                    {"queue": queue, "concurrency_key": key, "limit": limit, "running": running},
                 )
             )
     if q is not None and q["rate_limit"] is not None and q["allowed"] < 1:
@@ -438,9 +483,9 @@ def _rated(code: str, what: str, names: dict[str, Any], row: Any, now: datetime)
     frees = now + timedelta(seconds=wait)
     return Reason(
         code,
-        f"{what} allows {_n(limit, 'start')} per {_span(period)} and {used} "
+        f"{what} allows {plural(limit, 'start')} per {span(period)} and {used} "
         f"{'was' if used == 1 else 'were'} used in the current window: the next start frees "
-        f"at {_when(frees)}, in {_span(wait)}",
+        f"at {when(frees)}, in {span(wait)}",
         {
             **names,
             "limit": limit,
@@ -461,8 +506,8 @@ def _busy(live: list[Any], running: dict[str, int]) -> list[Reason]:
     return [
         Reason(
             "workers_busy",
-            f"{'the' if len(able) == 1 else 'all'} {_n(len(able), 'live worker')} that can "
-            f"run it {_are(len(able))} full: {used} of {_n(slots, 'slot')} taken",
+            f"{'the' if len(able) == 1 else 'all'} {plural(len(able), 'live worker')} that can "
+            f"run it {are(len(able))} full: {used} of {plural(slots, 'slot')} taken",
             {
                 "workers": [
                     {
@@ -480,15 +525,49 @@ def _busy(live: list[Any], running: dict[str, int]) -> list[Reason]:
     ]
 
 
-def _ahead(queue: str, ahead: int) -> Reason:
+async def _order(conn: Any, sql: WhyStatements, job: Any, q: Any) -> list[Reason]:
+    """The jobs that start before this one: in its queue, or in its key when the queue
+    shares by key (keys take turns, so only the key's own jobs are ahead)."""
+    queue, key = job["queue"], job["concurrency_key"]
+    order = (job["priority"], job["run_at"], job["id"])
+    if q is None or q["per_key_limit"] is None:
+        ahead = int(await conn.fetchval(sql.ahead, queue, *order, AHEAD_CAP))
+        return [_ahead(queue, None, ahead)] if ahead else []
+    if key is not None:
+        ahead = int(await conn.fetchval(sql.ahead_in_key, queue, *order, AHEAD_CAP, key))
+        return [_ahead(queue, key, ahead)] if ahead else []
+    window = await conn.fetchrow(sql.key_window, queue, *order, KEY_WINDOW)
+    if not window["inside"]:
+        return [
+            Reason(
+                "beyond_key_window",
+                f"it has no concurrency key, and queue {queue!r} shares by key (a per-key "
+                f"limit): a job without a key starts only from among the first {KEY_WINDOW} "
+                "queued jobs of the queue in claim order, and it is further back; it starts "
+                "when the jobs before it have moved on (give this queue's jobs a key)",
+                {"queue": queue, "window": KEY_WINDOW},
+            )
+        ]
+    ahead = int(window["ahead"])
+    return [_ahead(queue, None, ahead, keyless=True)] if ahead else []
+
+
+def _ahead(queue: str, key: str | None, ahead: int, keyless: bool = False) -> Reason:
     capped = ahead > AHEAD_CAP
     count = f"more than {AHEAD_CAP:,}" if capped else f"{ahead:,}"
+    of = f" of key {key!r}" if key is not None else " without a key" if keyless else ""
+    turns = " (keys take turns)" if key is not None or keyless else ""
     return Reason(
         "behind_other_jobs",
-        f"{count} due {'job' if ahead == 1 else 'jobs'} {_are(ahead)} ahead of it in queue "
-        f"{queue!r} (a higher priority, or the same priority and due earlier): it starts when "
-        "its turn comes",
-        {"queue": queue, "ahead": min(ahead, AHEAD_CAP), "capped": capped},
+        f"{count} due {'job' if ahead == 1 else 'jobs'}{of} {are(ahead)} ahead of it in queue "
+        f"{queue!r}{turns} (a higher priority, or the same priority and due earlier): it "
+        "starts when its turn comes",
+        {
+            "queue": queue,
+            **({"concurrency_key": key} if key is not None else {}),
+            "ahead": min(ahead, AHEAD_CAP),
+            "capped": capped,
+        },
     )
 
 
@@ -496,7 +575,7 @@ def _ready(job_id: int, queue: str, free: int) -> Reason:
     return Reason(
         "ready",
         f"nothing holds job {job_id} back: the next free worker serving queue {queue!r} "
-        f"claims it ({_n(free, 'free slot')} now)",
+        f"claims it ({plural(free, 'free slot')} now)",
         {"queue": queue, "free_slots": free},
     )
 
@@ -507,39 +586,3 @@ def _ready(job_id: int, queue: str, free: int) -> Reason:
 def _error(text: str | None) -> dict[str, Any] | None:
     value = decode(text) if text else None
     return value if isinstance(value, dict) else None
-
-
-def _attempts(n: int, of: int) -> str:
-    return f"{n} attempt{'' if n == 1 else 's'} (of {of})"
-
-
-def _n(count: int, word: str) -> str:
-    """``1 job``, ``2 jobs``."""
-    return f"{count:,} {word}{'' if count == 1 else 's'}"
-
-
-def _are(count: int) -> str:
-    return "is" if count == 1 else "are"
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _when(value: datetime) -> str:
-    """A timestamp in a sentence: UTC, to the second."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _span(seconds: float) -> str:
-    """``0.4 s``, ``12 s``, ``4m05s``, ``2h10m``, ``3d04h``."""
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

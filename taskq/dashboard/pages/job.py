@@ -45,6 +45,8 @@ PROBLEM_REASONS = frozenset(
 HELD_REASONS = frozenset(
     {
         "queue_limit_full",
+        "key_limit_full",
+        "beyond_key_window",
         "queue_rate_limited",
         "task_rate_limited",
         "workers_busy",
@@ -61,6 +63,8 @@ FACT_LABELS = {
     "free_slots": "free slots",
     "ahead": "jobs ahead",
     "capped": "count capped",
+    "concurrency_key": "concurrency key",
+    "window": "jobs looked at",
 }
 #: Numbers of a reason the page shows anyway (in the head and the details
 #: table): repeated under the reason they would bury the ones that matter.
@@ -188,7 +192,7 @@ def _reason(reason: Reason) -> dict[str, Any]:
 def _link(reason: Reason) -> tuple[str, str] | None:
     """Where an operator goes next about this reason: (label, dashboard path)."""
     code, details = reason.code, reason.details
-    if code.startswith("queue_"):
+    if code.startswith("queue_") or code in ("key_limit_full", "beyond_key_window"):
         return ("Open the queues page", "/queues")
     if code.startswith("no_worker") or code in ("workers_busy", "lease_expired"):
         return ("Open the workers page", "/workers")
