@@ -23,6 +23,7 @@ import anyio
 import asyncpg
 
 from . import _migrations
+from ._app_hooks import HookMethods
 from ._cron import CronEntry
 from ._database import (
     DEFAULT_CONNECT_RETRY_SECONDS,
@@ -32,7 +33,6 @@ from ._database import (
 )
 from ._enqueue import Enqueuer
 from ._errors import ConfigurationError
-from ._hooks import EnqueueMiddleware, JobMiddleware
 from ._job import Job
 from ._limits import RateLimit
 from ._names import DEFAULT_QUEUE, DEFAULT_SCHEMA, quote_schema
@@ -47,7 +47,6 @@ from ._workflow_run import WorkflowRun, Workflows, WorkflowStatus
 from .worker import DEFAULT_CONCURRENCY, Worker, WorkerConfig, WorkerStats
 
 F = TypeVar("F", bound=Callable[..., Any])
-H = TypeVar("H", bound=Callable[..., Any])
 
 #: Finished jobs are kept this long in history (results, dead letters), then pruned.
 DEFAULT_HISTORY_RETENTION = timedelta(days=7)
@@ -55,7 +54,7 @@ DEFAULT_HISTORY_RETENTION = timedelta(days=7)
 SCHEMA_ENV = "TASKQ_SCHEMA"
 
 
-class App:
+class App(HookMethods):
     """A taskq application: tasks, the database they live in, and workers.
 
     Args:
@@ -224,6 +223,7 @@ class App:
         timeout: float | timedelta | None = None,
         rate_limit: RateLimit | str | tuple[int, Any] | None = None,
         executor: str | None = None,
+        concurrency_key: str | Callable[..., str | None] | None = None,
     ) -> Callable[[F], Task[Any, Any]]: ...
 
     def task(
@@ -238,6 +238,7 @@ class App:
         timeout: float | timedelta | None = None,
         rate_limit: RateLimit | str | tuple[int, Any] | None = None,
         executor: str | None = None,
+        concurrency_key: str | Callable[..., str | None] | None = None,
     ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
         """Register a function (``async def`` or plain ``def``) as a task.
 
@@ -255,10 +256,19 @@ class App:
                 Workers record it in Postgres when they start.
             executor: where a plain ``def`` runs: ``"thread"`` (default) or ``"process"``,
                 the worker's pool of processes, for CPU-bound work (see the scaling guide).
+            concurrency_key: the default concurrency key of its jobs (fair sharing
+                under a queue's ``per_key_limit``): a text, or a function called with
+                each job's arguments when it is enqueued here, returning the key or
+                ``None``, e.g. ``lambda tenant_id, **_: f"tenant:{tenant_id}"``.
+                ``options(concurrency_key=...)`` overrides it.
         """
-        settings = TaskSettings.make(
-            queue=queue, priority=priority, retry=retry, timeout=timeout, rate_limit=rate_limit
-        ).with_executor(executor)
+        settings = (
+            TaskSettings.make(
+                queue=queue, priority=priority, retry=retry, timeout=timeout, rate_limit=rate_limit
+            )
+            .with_executor(executor)
+            .with_concurrency_key(concurrency_key)
+        )
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
             return self.registry.add_task(make_task(self, func, name=name, settings=settings))
@@ -346,61 +356,6 @@ class App:
     async def queues(self) -> list[QueueInfo]:
         """Every queue that has live jobs or settings, with its settings and counts."""
         return await queue_infos(self.database, self.store)
-
-    # -- hooks -----------------------------------------------------------------
-
-    def before_job(self, fn: H) -> H:
-        """Register ``fn(ctx: JobContext)``, called before each attempt runs its task.
-
-        Plain or async. It runs in the job's own asyncio task, so context
-        variables it sets are seen by the task function. Raising fails the
-        attempt like the task raising would (the task's retry policy applies).
-        """
-        self.registry.hooks.add_before(fn)
-        return fn
-
-    def after_job(self, fn: H) -> H:
-        """Register ``fn(ctx: JobContext, outcome: JobOutcome)``, called after every attempt.
-
-        Plain or async; called for every outcome (succeeded, retried, failed,
-        cancelled, released, lost) once it is decided, before it is written
-        back, and before the worker frees the job's slot. Its exceptions are
-        logged and change nothing; an async one is abandoned after 10 s.
-        """
-        self.registry.hooks.add_after(fn)
-        return fn
-
-    def on_failure(self, fn: H) -> H:
-        """Register ``fn(ctx: JobContext, outcome: JobOutcome)``, called when an attempt raises.
-
-        ``outcome.kind`` is ``retried`` (it will run again) or ``failed`` (a
-        dead letter); ``outcome.exception`` is what it raised. Plain or async;
-        its exceptions are logged and change nothing.
-        """
-        self.registry.hooks.add_failure(fn)
-        return fn
-
-    def middleware(self, fn: JobMiddleware) -> JobMiddleware:
-        """Register ``async fn(ctx: JobContext, call_next)`` around each task call.
-
-        ``await call_next()`` runs the rest of the chain and the task, and
-        returns the task's value, which the middleware returns (or replaces).
-        The first registered is the outermost. Exceptions raised by the
-        middleware fail the attempt like the task's own.
-        """
-        self.registry.hooks.add_middleware(fn)
-        return fn
-
-    def enqueue_middleware(self, fn: EnqueueMiddleware) -> EnqueueMiddleware:
-        """Register ``async fn(ctx: EnqueueContext, call_next)`` around each enqueue.
-
-        It runs in the producer, after the arguments were checked and before
-        the jobs are written; ``await call_next()`` writes them and fills in
-        ``ctx.job_ids``. It may add JSON values to ``ctx.meta``, which every
-        job of the call carries. Cron jobs do not pass through it.
-        """
-        self.registry.hooks.add_enqueue(fn)
-        return fn
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -17,11 +17,12 @@ from ._errors import ConfigurationError, TaskqError, UnknownTaskError
 from ._hooks import EnqueueContext
 from ._job import Job
 from ._names import check_task_name, suggest_task
+from ._options import EnqueueOptions, with_key
 from ._registry import Registry
 from ._results import Results
 from ._serialization import encode, encode_many
 from ._store import Store
-from ._task import EnqueueOptions, Task, with_defaults
+from ._task import Task, with_defaults
 from ._workflow_store import WorkflowStore
 
 
@@ -62,8 +63,10 @@ class Enqueuer:
             )
         opts = EnqueueOptions.make(**options)
         local = self._registry.tasks.get(task)
-        stored = local.bind_arguments((), args or {}) if local else dict(args or {})
-        return await self.enqueue_one(task, stored, opts, local)
+        if local is None:
+            return await self.enqueue_one(task, dict(args or {}), opts, None)
+        stored, key = local.bind_job((), args or {}, opts.concurrency_key)
+        return await self.enqueue_one(task, stored, with_key(opts, key), local)
 
     async def task_defaults(self, name: str, task: Task[Any, Any] | None) -> tuple[str, int]:
         """(default queue, attempt budget) of a task, local or reported by a worker."""
@@ -109,7 +112,9 @@ class Enqueuer:
         stored: list[dict[str, Any]],
         opts: EnqueueOptions,
         task: Task[Any, Any] | None,
+        keys: list[str | None] | None = None,
     ) -> list[Job]:
+        """Jobs of ``stored`` arguments; ``keys``: each one's concurrency key."""
         if opts.unique_key is not None:
             raise ConfigurationError(
                 "unique_key applies to one job; enqueue unique jobs one by one with enqueue()"
@@ -119,7 +124,11 @@ class Enqueuer:
         payloads = encode_many(
             stored, what=f"arguments of task {name!r}", max_bytes=self._max_payload_bytes
         )
-        ids = await self._insert(name, payloads, opts, task, many=True, count=len(stored))
+        if keys is None or not any(keys):
+            keys = [opts.concurrency_key] * len(stored) if opts.concurrency_key else None
+        ids = await self._insert(
+            name, payloads, opts, task, many=True, count=len(stored), keys=keys
+        )
         return [Job(self._results, i) for i in ids]
 
     async def _insert(
@@ -131,10 +140,12 @@ class Enqueuer:
         *,
         many: bool,
         count: int = 1,
+        keys: list[str | None] | None = None,
     ) -> Any:
         """Write encoded jobs, in the caller's transaction if it gave a connection.
 
-        With ``many``, ``args`` is a JSON array of ``count`` jobs' arguments.
+        With ``many``, ``args`` is a JSON array of ``count`` jobs' arguments and
+        ``keys`` their concurrency keys (None: none has one).
         """
         queue, attempts = await self.task_defaults(name, task)
         opts = with_defaults(opts, task, queue)
@@ -149,7 +160,9 @@ class Enqueuer:
             delay=opts.delay,
             max_attempts=attempts,
         )
-        if opts.concurrency_key is not None:
+        if many and keys is not None:
+            kwargs["concurrency_key"] = keys
+        elif not many and opts.concurrency_key is not None:
             kwargs["concurrency_key"] = opts.concurrency_key
         if opts.unique_key is not None:
             insert = self._store.insert_unique_job

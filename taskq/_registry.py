@@ -13,8 +13,9 @@ from typing import Any
 from ._cron import CronEntry
 from ._errors import ConfigurationError
 from ._hooks import Hooks
+from ._options import check_priority
 from ._serialization import encode
-from ._task import Task, check_priority
+from ._task import Task
 
 
 class Registry:

@@ -43,13 +43,15 @@ class Statements:
         )
         # A bulk enqueue sends all arguments as one JSON array: one parse in
         # Postgres instead of one per job, and one text value over the wire.
+        # The jobs' concurrency keys come as an array beside it (ROWS FROM
+        # pairs them; NULL: no job has one).
         self.insert_many = (
             f"WITH w AS (SELECT {start} AS at), "
             f"ins AS (INSERT INTO {s}.jobs "
             "(queue, task, args, priority, run_at, max_attempts, meta, concurrency_key) "
-            "SELECT $1, $2, a, $4, w.at, $7, $9::text::jsonb, $10 "
-            "FROM w, jsonb_array_elements($3::text::jsonb) AS a "
-            "RETURNING id) "
+            "SELECT $1, $2, a.args, $4, w.at, $7, $9::text::jsonb, a.key "
+            "FROM w, ROWS FROM (jsonb_array_elements($3::text::jsonb), unnest($10::text[])) "
+            "AS a(args, key) RETURNING id) "
             f"SELECT (SELECT array_agg(id ORDER BY id) FROM ins) AS ids, {wake} FROM w"
         )
         # The claim lives in a function (see the migration) so that its plan

@@ -139,7 +139,7 @@ class Store:
         delay: float,
         max_attempts: int,
         meta: str | None = None,
-        concurrency_key: str | None = None,
+        concurrency_key: str | list[str | None] | None = None,
     ) -> Any:
         return await conn.fetchval(
             sql,

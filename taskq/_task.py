@@ -13,6 +13,12 @@ from ._codec import TaskCodec, context_parameter
 from ._errors import ConfigurationError
 from ._limits import RateLimit
 from ._names import check_queue, check_task_name, default_task_name
+from ._options import (
+    EnqueueOptions,
+    check_concurrency_key,
+    check_priority,
+    with_key,
+)
 from ._retry import Retry, coerce_retry
 
 if TYPE_CHECKING:
@@ -24,138 +30,6 @@ R = TypeVar("R")
 
 #: ``executor=`` values: a sync function in the worker's threads, or in its pool of processes.
 EXECUTORS = (None, "thread", "process")
-
-#: Priorities are smallint in Postgres; higher runs first.
-MIN_PRIORITY, MAX_PRIORITY = -32768, 32767
-
-
-@dataclass(frozen=True)
-class EnqueueOptions:
-    """Per-enqueue settings; ``None`` means: use the task's default."""
-
-    queue: str | None = None
-    priority: int | None = None
-    delay: float = 0.0
-    run_at: datetime | None = None
-    connection: Any = None
-    unique_key: str | None = None
-    unique_for: float = 0.0
-    meta: Mapping[str, Any] | None = None
-    concurrency_key: str | None = None
-
-    @classmethod
-    def make(
-        cls,
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | timedelta | None = None,
-        run_at: datetime | None = None,
-        connection: Any = None,
-        unique_key: str | None = None,
-        unique_for: float | timedelta | None = None,
-        meta: Mapping[str, Any] | None = None,
-        concurrency_key: str | None = None,
-    ) -> EnqueueOptions:
-        if queue is not None:
-            check_queue(queue)
-        if priority is not None:
-            check_priority(priority)
-        seconds = 0.0 if delay is None else _seconds("delay", delay)
-        if run_at is not None:
-            if not isinstance(run_at, datetime):
-                raise ConfigurationError(f"run_at must be a datetime, got {run_at!r}")
-            if run_at.tzinfo is None:
-                raise ConfigurationError(
-                    "run_at must be timezone-aware (e.g. datetime.now(timezone.utc) + ...); "
-                    "a naive datetime is ambiguous"
-                )
-            if delay:
-                raise ConfigurationError("give either delay or run_at, not both")
-        if connection is not None and not hasattr(connection, "fetchval"):
-            raise ConfigurationError(
-                f"connection must be an asyncpg connection, got {type(connection).__name__}"
-            )
-        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
-            raise ConfigurationError(f"unique_key must be a non-empty string, got {unique_key!r}")
-        if unique_key is not None and not _storable(unique_key):
-            raise ConfigurationError(
-                f"unique_key {unique_key!r} holds a NUL character or a lone surrogate, "
-                "which Postgres cannot store in text"
-            )
-        if concurrency_key is not None:
-            check_concurrency_key(concurrency_key)
-            if unique_key is not None:
-                raise ConfigurationError(
-                    "concurrency_key and unique_key cannot be combined (not supported yet)"
-                )
-        window = 0.0 if unique_for is None else _seconds("unique_for", unique_for)
-        if window and unique_key is None:
-            raise ConfigurationError("unique_for needs a unique_key")
-        if meta is not None:
-            if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
-                raise ConfigurationError(
-                    f"meta must be a mapping with string keys, got {type(meta).__name__}"
-                )
-            meta = dict(meta) or None
-        return cls(
-            queue, priority, seconds, run_at, connection, unique_key, window, meta, concurrency_key
-        )
-
-
-#: Concurrency keys are short texts, like queue names (they are index keys).
-MAX_CONCURRENCY_KEY = 200
-
-
-def check_concurrency_key(key: Any) -> str:
-    """A valid concurrency key: a non-empty text Postgres can store, at most 200 chars."""
-    if not isinstance(key, str) or not key:
-        raise ConfigurationError(f"concurrency_key must be a non-empty string, got {key!r}")
-    if len(key) > MAX_CONCURRENCY_KEY:
-        raise ConfigurationError(
-            f"concurrency_key must be at most {MAX_CONCURRENCY_KEY} characters, got {len(key)}"
-        )
-    if not _storable(key):
-        raise ConfigurationError(
-            f"concurrency_key {key!r} holds a NUL character or a lone surrogate, "
-            "which Postgres cannot store in text"
-        )
-    return key
-
-
-def _storable(text: str) -> bool:
-    """Whether Postgres can store ``text``: no NUL, valid UTF-8 (no lone surrogates)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _seconds(name: str, value: object) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise ConfigurationError(
-            f"{name} must be seconds (int/float) or a timedelta, got {value!r}"
-        )
-    if not 0 <= seconds < float("inf"):
-        raise ConfigurationError(f"{name} must be >= 0 seconds, got {value!r}")
-    return seconds
-
-
-def check_priority(priority: object) -> int:
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ConfigurationError(f"priority must be an int, got {priority!r}")
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise ConfigurationError(
-            f"priority {priority} is out of range ({MIN_PRIORITY}..{MAX_PRIORITY})"
-        )
-    return priority
 
 
 class EnqueueTarget(Protocol):
@@ -171,6 +45,7 @@ class EnqueueTarget(Protocol):
         stored: list[dict[str, Any]],
         opts: EnqueueOptions,
         task: Task[Any, Any] | None,
+        keys: list[str | None] | None = None,
     ) -> list[Job]: ...
 
 
@@ -192,6 +67,14 @@ class TaskSettings:
     rate_limit: RateLimit | None
     #: Where a sync function runs: ``"thread"`` (None: the default) or ``"process"``.
     executor: str | None = None
+    #: Its jobs' concurrency key: a text, or a function of the job's arguments.
+    concurrency_key: str | Callable[..., str | None] | None = None
+
+    def with_concurrency_key(self, key: str | Callable[..., str | None] | None) -> TaskSettings:
+        """These settings with a default concurrency key for the task's jobs."""
+        if key is not None and not callable(key):
+            check_concurrency_key(key)
+        return replace(self, concurrency_key=key)
 
     def with_executor(self, executor: str | None) -> TaskSettings:
         """These settings with ``executor`` (checked against the function in ``make_task``)."""
@@ -256,6 +139,7 @@ def make_task(
         timeout=settings.timeout,
         rate_limit=settings.rate_limit,
         executor=settings.executor,
+        concurrency_key=settings.concurrency_key,
     )
 
 
@@ -366,6 +250,7 @@ class Task(Generic[P, R]):
         timeout: float | None,
         rate_limit: RateLimit | None = None,
         executor: str | None = None,
+        concurrency_key: str | Callable[..., str | None] | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
@@ -375,6 +260,9 @@ class Task(Generic[P, R]):
         self.retry = retry
         self.timeout = timeout
         self.rate_limit = rate_limit
+        #: The default concurrency key of its jobs: a text, or a function called
+        #: with each job's arguments in the producer (see :meth:`bind_job`).
+        self.concurrency_key = concurrency_key
         self.is_async = inspect.iscoroutinefunction(fn)
         #: ``"process"``: the worker runs it in its pool of processes (see
         #: ``taskq.worker.processes``); else sync functions run in threads.
@@ -464,6 +352,37 @@ class Task(Generic[P, R]):
         """
         return self.codec.encode_args(self._signature.bind(self.name, args, kwargs))
 
+    def bind_job(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], key: str | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """:meth:`bind_arguments`, and the job's concurrency key: ``key`` when given
+        (an ``options(concurrency_key=...)``), else the task's default."""
+        bound = self._signature.bind(self.name, args, kwargs)
+        if key is None and self.concurrency_key is not None:
+            key = self._key_of(bound)
+        return self.codec.encode_args(bound), key
+
+    def _key_of(self, bound: dict[str, Any]) -> str | None:
+        rule = self.concurrency_key
+        if not callable(rule):
+            return rule
+        try:
+            key = rule(**bound)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"the concurrency_key function of task {self.name!r} raised "
+                f"{type(exc).__name__}: {exc} (it is called with the job's arguments)"
+            ) from exc
+        if key is not None:
+            try:
+                check_concurrency_key(key)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"the concurrency_key function of task {self.name!r} returned {key!r}: "
+                    f"{exc} (or None: no key)"
+                ) from None
+        return key
+
     def bind_template(
         self,
         args: tuple[Any, ...],
@@ -533,23 +452,26 @@ class BoundTask(Generic[P, R]):
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Like :meth:`Task.enqueue`, with these options."""
-        stored = self.task.bind_arguments(args, kwargs)
+        stored, key = self.task.bind_job(args, kwargs, self.opts.concurrency_key)
         return await self.task.app.enqueuer.enqueue_one(
-            self.task.name, stored, self.opts, self.task
+            self.task.name, stored, with_key(self.opts, key), self.task
         )
 
     async def enqueue_many(self, kwargs_list: Iterable[Mapping[str, Any]]) -> list[Job]:
         """Like :meth:`Task.enqueue_many`, with these options."""
         task = self.task
         stored = []
+        keys: list[str | None] = []
         for index, kwargs in enumerate(kwargs_list):
             if not isinstance(kwargs, Mapping):
                 raise TypeError(
                     f"enqueue_many() wants mappings of keyword arguments; item {index} is "
                     f"{type(kwargs).__name__}"
                 )
-            stored.append(task.bind_arguments((), kwargs))
-        return await task.app.enqueuer.enqueue_many(task.name, stored, self.opts, task)
+            arguments, key = task.bind_job((), kwargs, self.opts.concurrency_key)
+            stored.append(arguments)
+            keys.append(key)
+        return await task.app.enqueuer.enqueue_many(task.name, stored, self.opts, task, keys)
 
 
 def with_defaults(opts: EnqueueOptions, task: Task[Any, Any] | None, queue: str) -> EnqueueOptions:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._errors import ConfigurationError
 from ._inputs import REF_KEY
+from ._options import EnqueueOptions
 from ._serialization import encode
-from ._task import BoundTask, EnqueueOptions, Task
+from ._task import BoundTask, Task
 
 if TYPE_CHECKING:
     from ._enqueue import Enqueuer

@@ -13,6 +13,18 @@ from .conftest import PYTHON, ROOT, subprocess_env
 EXAMPLES = ROOT / "examples"
 
 
+def run_example(name: str, pg_dsn: str, schema: str) -> subprocess.CompletedProcess[str]:
+    """``python examples/NAME`` on the suite's Postgres, in a schema of its own."""
+    return subprocess.run(
+        [PYTHON, name],
+        cwd=EXAMPLES,
+        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def readme_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
@@ -35,41 +47,31 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 def test_quickstart_runs(pg_dsn: str, schema: str) -> None:
-    done = subprocess.run(
-        [PYTHON, "quickstart.py"],
-        cwd=EXAMPLES,
-        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_example("quickstart.py", pg_dsn, schema)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "welcome mail sent to user 42"
 
 
 def test_typed_arguments_example_runs(pg_dsn: str, schema: str) -> None:
-    done = subprocess.run(
-        [PYTHON, "typed_args.py"],
-        cwd=EXAMPLES,
-        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_example("typed_args.py", pg_dsn, schema)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["49.90", "datetime.date(2027, 3, 2)"]
 
 
+def test_fair_sharing_example_runs(pg_dsn: str, schema: str) -> None:
+    done = run_example("fair_sharing.py", pg_dsn, schema)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "report 7 of tenant 42", done.stdout
+    # The first claim takes turns between the two keys: tenant 42 does not wait
+    # for the 300 jobs ahead of it, at most for the first claim's share of them.
+    ahead = re.fullmatch(r"tenant 42's job started after (\d+) of tenant 1's", lines[1])
+    assert ahead is not None and int(ahead.group(1)) <= 2, done.stdout
+
+
 def test_scheduling_example_runs(pg_dsn: str, schema: str) -> None:
     started = time.monotonic()
-    done = subprocess.run(
-        [PYTHON, "scheduling.py"],
-        cwd=EXAMPLES,
-        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_example("scheduling.py", pg_dsn, schema)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -88,14 +90,7 @@ def test_scheduling_example_runs(pg_dsn: str, schema: str) -> None:
 
 
 def test_workflows_example_runs(pg_dsn: str, schema: str) -> None:
-    done = subprocess.run(
-        [PYTHON, "workflows.py"],
-        cwd=EXAMPLES,
-        env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_example("workflows.py", pg_dsn, schema)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "fan-out/fan-in: south at 11.75",
