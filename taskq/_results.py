@@ -27,11 +27,13 @@ log = logging.getLogger("taskq")
 #: While waiting for a result, re-read the job this often in case a
 #: notification was lost (the wake-up itself comes from LISTEN).
 RESULT_RECHECK_SECONDS = 5.0
-#: A job a ctx.transaction() ended reads as succeeded, without its result,
-#: from its commit until its task returns and the result is written; that
-#: write announces the end. A waiter that finds a succeeded job with no result
-#: without having been told (a re-read after a reconnect, or on its timer)
-#: waits this long more for the announcement before taking None for the result.
+#: A job a ctx.transaction() ended reads as succeeded from its commit, with
+#: its result pending (history.result_pending) until its task returns and the
+#: result is written; that write announces the end. A waiter that finds the
+#: result pending waits for the announcement until this long after the commit,
+#: then takes None for the result (a worker killed after the commit, or a task
+#: that is still busy after its block). Jobs that did not use ctx.transaction()
+#: are never pending, nor are those that ended before schema version 9.
 RESULT_WRITE_GRACE_SECONDS = 5.0
 #: A worker whose heartbeat is older than this counts as gone when a timed-out
 #: ``job.result()`` explains the wait (workers beat every lease/3, 10 s by default).
@@ -108,12 +110,15 @@ class Results:
             raise JobNotFound(f"no job with id {job_id} in schema {self._schema!r}")
 
     async def status(self, job_id: int) -> JobStatus:
+        return status_from_row(await self._read(job_id))
+
+    async def _read(self, job_id: int) -> Any:
         self._check_id(job_id)
         async with self._db.acquire("reading a job") as conn:
             row = await self._store.get_job(conn, job_id)
         if row is None:
             raise JobNotFound(f"no job with id {job_id} in schema {self._schema!r}")
-        return status_from_row(row)
+        return row
 
     async def wait_finished(self, job_id: int, timeout: float | None) -> JobStatus:
         self._check_id(job_id)
@@ -122,8 +127,8 @@ class Results:
         futures = self._waiters.setdefault(job_id, [])
         fut: asyncio.Future[bool] = loop.create_future()
         futures.append(fut)
-        told = False  # the last read followed the job's announcement
-        grace_used = False
+        pending = False  # the last read found the job succeeded, its result not written yet
+        told = False  # the result's write will be announced to this waiter
         try:
             with anyio.fail_after(timeout):
                 # Ask for the announcement, then read: a finish landing between
@@ -131,31 +136,47 @@ class Results:
                 async with self._db.acquire("waiting for a job") as conn:
                     announced = await self._store.mark_awaited(conn, job_id)
                 while True:
-                    status = await self.status(job_id)
-                    if status.state.finished:
-                        if (
-                            status.state is not JobState.SUCCEEDED
-                            or status.result is not None
-                            or told
-                            or grace_used
-                            or not announced
-                        ):
-                            return status
-                        # Maybe ended by a ctx.transaction() whose result is
-                        # not written yet: its write announces the end.
-                        grace_used = True
-                        wait = RESULT_WRITE_GRACE_SECONDS
+                    row = await self._read(job_id)
+                    status = status_from_row(row)
+                    # Seconds since a ctx.transaction() ended the job, while
+                    # its result is not written (None otherwise).
+                    pending_for = row["result_pending_for"]
+                    pending = pending_for is not None and pending_for < RESULT_WRITE_GRACE_SECONDS
+                    if pending and not (told or announced):
+                        # The job ended before the request above took effect:
+                        # it waited for the lock of the committing transaction
+                        # and found the job gone, or came after the commit. So
+                        # ask the result's write to announce itself; it was
+                        # written already if it no longer is pending.
+                        async with self._db.acquire("waiting for a job") as conn:
+                            told = await self._store.await_result(conn, job_id)
+                        if not told:
+                            continue
+                    if status.state.finished and not pending:
+                        if pending_for is not None:
+                            log.debug(
+                                "job %s: its result was not written within %g s of its "
+                                "commit; it reads as None",
+                                job_id,
+                                RESULT_WRITE_GRACE_SECONDS,
+                            )
+                        return status
+                    if pending:
+                        wait = RESULT_WRITE_GRACE_SECONDS - pending_for
                     else:
                         wait = RESULT_RECHECK_SECONDS
-                    told = False
                     with anyio.move_on_after(wait):
                         await asyncio.shield(fut)
                     if fut.done():
-                        told = fut.result()
                         futures.remove(fut)
                         fut = loop.create_future()
                         futures.append(fut)
         except TimeoutError:
+            if pending:
+                raise TimeoutError(
+                    f"job {job_id} succeeded (its ctx.transaction() committed), but its task had "
+                    f"not returned its result within {timeout:g} s"
+                ) from None
             # A bare timeout leaves the user guessing; say what the job is
             # waiting for (a paused queue, no worker with its task...).
             raise TimeoutError(await self._why_not_finished(job_id, timeout)) from None

@@ -147,17 +147,21 @@ class Statements:
         self.rescue = (
             f"SELECT requeued_ids AS requeued, ended_ids AS ended FROM {s}.rescue($1, $2, $3)"
         )
+        # result_pending_for: how long ago a ctx.transaction() ended the job
+        # while its result is not written yet (NULL otherwise; see migration 9).
         self.get_job = (
             f"SELECT {_JOB_COLUMNS}, NULL::timestamptz AS finished_at, last_error AS error, "
             "NULL::text AS result, worker_id, meta::text AS meta, errors::text AS errors, "
-            "progress::text AS progress, workflow_id, step "
+            "progress::text AS progress, workflow_id, step, NULL::float8 AS result_pending_for "
             f"FROM {s}.jobs WHERE id = $1 "
             "UNION ALL "
             "SELECT id, queue, task, args::text AS args, state, priority, attempts, max_attempts, "
             "enqueued_at, NULL::timestamptz AS run_at, started_at, unique_key, finished_at, "
             "error, result::text AS result, "
             "worker_id, meta::text AS meta, errors::text AS errors, progress::text AS progress, "
-            f"workflow_id, step FROM {s}.history WHERE id = $1"
+            "workflow_id, step, "
+            "extract(epoch FROM now() - result_pending)::float8 AS result_pending_for "
+            f"FROM {s}.history WHERE id = $1"
         )
         # A workflow step is cancelled by cancel_steps() instead (its children).
         self.cancel_queued = (
@@ -290,9 +294,9 @@ class Statements:
         )
         # JobContext.transaction(), in the task's transaction just before its
         # finish(): lock the job's row while it is still ours (a rescue that
-        # locked it first has changed the token: no row), and take over the
-        # announcement of its end (awaited, returned as it was), which is sent
-        # once the task's result is written (set_result), not at the commit.
+        # locked it first has changed the token: no row), and clear awaited
+        # (returned as it was): the end is announced once the task's result is
+        # written (set_result), not at the commit.
         self.lock_for_commit = (
             f"WITH o AS (SELECT id, awaited FROM {s}.jobs WHERE id = $1 AND lease_token = $2 "
             f"FOR UPDATE) UPDATE {s}.jobs AS j SET awaited = false FROM o WHERE j.id = o.id "
@@ -315,9 +319,20 @@ class Statements:
             f"SELECT EXISTS (SELECT FROM {s}.history WHERE id = $1 AND lease_token = $2)"
         )
         # The result of a job that ctx.transaction() finished, written when its
-        # task returns; only the attempt that ended the job has its token.
+        # task returns (None too: that ends the wait for it); only the attempt
+        # that ended the job has its token. Announced if the job was awaited
+        # at the commit ($4), or a waiter found its result pending since
+        # (result_awaited, see await_result: a waiter's flag set first is seen
+        # here, as this UPDATE then waits for its row lock and reads the row
+        # anew; one arriving after this finds the result written).
         self.set_result = (
-            f"UPDATE {s}.history SET result = coalesce($3::text::jsonb, result) "
-            "WHERE id = $1 AND lease_token = $2 "
-            "RETURNING CASE WHEN $4 THEN pg_notify($5, id::text) END"
+            f"UPDATE {s}.history SET result = coalesce($3::text::jsonb, result), "
+            "result_pending = NULL WHERE id = $1 AND lease_token = $2 "
+            "RETURNING CASE WHEN $4 OR result_awaited THEN pg_notify($5, id::text) END"
+        )
+        # A result waiter found the job's result pending: have its write
+        # announced. No row: it has been written meanwhile (read it again).
+        self.await_result = (
+            f"UPDATE {s}.history SET result_awaited = true "
+            "WHERE id = $1 AND result_pending IS NOT NULL RETURNING true"
         )

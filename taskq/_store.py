@@ -49,7 +49,9 @@ class Outcome:
     kind: ``succeeded`` / ``failed`` / ``cancelled`` move the job to history;
     ``retry`` puts it back in the queue after ``delay`` seconds and keeps its
     attempt; ``release`` puts it back at once and gives the attempt back
-    (shutdown interrupted it, it did not fail).
+    (shutdown interrupted it, it did not fail). ``committed``, only from a
+    task's ``ctx.transaction()``, is succeeded with its result still to come
+    (:meth:`Store.set_result`).
     """
 
     job_id: int
@@ -518,8 +520,9 @@ class Store:
     async def lock_for_commit(self, conn: Conn, job_id: int, token: uuid.UUID) -> bool | None:
         """In a task's transaction: lock the job if its lease is ours (None if not).
 
-        Returns whether someone waits for its result: the end is announced by
-        :meth:`set_result` then, not by ``finish()``.
+        Returns whether someone waited for its result: its end is announced by
+        :meth:`set_result`, not by ``finish()`` (whose outcome kind is then
+        ``committed``).
         """
         awaited = await conn.fetchval(self._sql.lock_for_commit, job_id, token)
         return None if awaited is None else bool(awaited)
@@ -539,12 +542,22 @@ class Store:
         return bool(await conn.fetchval(self._sql.committed_by, job_id, token))
 
     async def set_result(
-        self, conn: Conn, job_id: int, token: uuid.UUID, result: str | None, announce: bool
+        self, conn: Conn, job_id: int, token: uuid.UUID, result: str | None, awaited: bool
     ) -> None:
-        """Store the result of a job its attempt ended itself; announce its end if asked."""
+        """Store the result of a job its attempt's ctx.transaction() ended.
+
+        ``None`` (the task returned None, or raised after the commit) stores
+        no result but ends the wait for one all the same. The end is
+        announced if the job was ``awaited`` at its commit, or a waiter asked
+        since (:meth:`await_result`).
+        """
         await conn.execute(
-            self._sql.set_result, job_id, token, result, announce, self.finished_channel
+            self._sql.set_result, job_id, token, result, awaited, self.finished_channel
         )
+
+    async def await_result(self, conn: Conn, job_id: int) -> bool:
+        """Have the write of a pending result announced; False if it is written already."""
+        return bool(await conn.fetchval(self._sql.await_result, job_id))
 
 
 def _outcome_arrays(outcomes: list[Outcome]) -> tuple[list[Any], ...]:

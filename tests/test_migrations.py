@@ -36,7 +36,7 @@ RELEASED_VERSIONS = [1, 2, 3]
 # functions into taskq/objects/ changed none of them.
 CHANGED_SINCE_VERSION_3: set[str] = {
     "finish",  # version 5: errors, progress, requeued_by and lease_token; 6: workflow steps
-    # 8: a per-key limit's freed slot is announced
+    # 8: a per-key limit's freed slot is announced; 9: the committed kind, result_pending
     "claim",  # version 6: a step's inputs, workflow and name; 8: per-key limits
     "prune",  # version 6: recorded job steps; history of running workflows kept
 }

@@ -160,6 +160,12 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     assert "jobs_pkey" in plan, plan
     assert "history_pkey" in plan, plan
 
+    # The result of a job its ctx.transaction() ended, and a late waiter's request.
+    plan = await explain(conn, sql.set_result, ROWS + 7, uuid.uuid4(), None, False, "c")
+    assert "Seq Scan" not in plan and "history_pkey" in plan, plan
+    plan = await explain(conn, sql.await_result, ROWS + 7)
+    assert "Seq Scan" not in plan and "history_pkey" in plan, plan
+
     plan = await inner_plans(conn, sql.prune, 7 * 86400.0, 5000)
     assert "Seq Scan" not in plan, plan
     assert "history_finished_at" in plan, plan

@@ -143,8 +143,8 @@ async def test_a_waiter_gets_the_result_the_task_returns_after_the_commit(
     async with app:
         await make_effects(app)
         job = await slow_return.enqueue()
-        # Waiting since before the commit (the documented case: a waiter that
-        # starts between the commit and the return reads no result yet).
+        # Waiting since before the commit (a waiter that starts between the
+        # commit and the return: tests/test_transaction_results.py).
         waiter = asyncio.ensure_future(job.result(timeout=20))
         await asyncio.sleep(0.3)
         async with app.worker():

@@ -7,9 +7,13 @@
 -- is harmless. Kinds: succeeded / failed / cancelled move the job to history
 -- (with its unique key and meta); retry puts it back after p_delays seconds;
 -- release puts it back at once and gives the attempt back (shutdown
--- interrupted it). A job that would go back to the queue while a cancel is
--- pending ends cancelled instead of running again. Returns the ids whose
--- lease was no longer held (nothing was written for them).
+-- interrupted it); committed is succeeded, written in the task's own
+-- transaction (ctx.transaction()) before the task returns its result: the
+-- history row's result_pending is then the time the result is awaited from,
+-- until Statements.set_result writes it (see migration 9). A job that would
+-- go back to the queue while a cancel is pending ends cancelled instead of
+-- running again. Returns the ids whose lease was no longer held (nothing was
+-- written for them).
 --
 -- A retried or failed attempt's error is added to the job's errors (the last
 -- attempts' errors, bounded by append_error()). The token of the attempt is
@@ -65,15 +69,18 @@ BEGIN
     finished AS (
         DELETE FROM {schema}.jobs AS j USING u
         WHERE j.id = u.id AND j.lease_token = u.token
-            AND (u.kind IN ('succeeded', 'failed', 'cancelled') OR j.cancel_requested)
+            AND (u.kind IN ('succeeded', 'committed', 'failed', 'cancelled')
+                OR j.cancel_requested)
         RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
             j.rescues, j.enqueued_at, j.started_at, j.worker_id, j.awaited, j.unique_key,
             j.meta, j.progress, j.requeued_by, u.token, j.workflow_id, j.step, j.inputs,
             CASE WHEN u.kind IN ('retry', 'failed')
                 THEN {schema}.append_error(j.errors, j.attempts, u.error::jsonb)
                 ELSE j.errors END AS errors,
-            CASE WHEN u.kind IN ('retry', 'release') THEN 'cancelled' ELSE u.kind END AS kind,
+            CASE WHEN u.kind IN ('retry', 'release') THEN 'cancelled'
+                WHEN u.kind = 'committed' THEN 'succeeded' ELSE u.kind END AS kind,
             u.result,
+            CASE WHEN u.kind = 'committed' THEN clock_timestamp() END AS result_pending,
             CASE WHEN u.kind IN ('retry', 'release') THEN jsonb_build_object('type',
                 'taskq.JobCancelled', 'message', 'cancelled while it was running', 'traceback',
                 '')::text ELSE u.error END AS error
@@ -81,10 +88,11 @@ BEGIN
     archived AS (
         INSERT INTO {schema}.history (id, queue, task, args, state, priority, attempts,
             max_attempts, rescues, enqueued_at, started_at, worker_id, result, error, unique_key,
-            meta, progress, errors, requeued_by, lease_token, workflow_id, step, inputs)
+            meta, progress, errors, requeued_by, lease_token, workflow_id, step, inputs,
+            result_pending)
         SELECT id, queue, task, args, kind, priority, attempts, max_attempts, rescues,
             enqueued_at, started_at, worker_id, result::jsonb, error::jsonb, unique_key, meta,
-            progress, errors, requeued_by, token, workflow_id, step, inputs
+            progress, errors, requeued_by, token, workflow_id, step, inputs, result_pending
         FROM finished
         RETURNING id, workflow_id
     ),

@@ -86,7 +86,8 @@ class AttemptControl:
         #: The job was recorded as succeeded by ``transaction()``, committed.
         self.committed = False
         #: Someone waited for the job's result when it committed: they are
-        #: told once the result is written (see ``write_result``).
+        #: told once the result is written (see ``write_result``), as are
+        #: waiters that found the result pending since.
         self.awaited = False
         self._in_transaction = False
         self._pending: _Progress | None = None
@@ -337,7 +338,9 @@ class AttemptControl:
                 await self._store.report_progress(
                     conn, job.id, job.token, fraction, message, time.monotonic() - at
                 )
-            if await self._store.finish(conn, [Outcome(job.id, job.token, "succeeded")]):
+            # Succeeded, its result pending until the task returns it
+            # (write_result); announced then, not at the commit.
+            if await self._store.finish(conn, [Outcome(job.id, job.token, "committed")]):
                 raise _LeaseLost  # cannot happen while the row is locked
         try:
             await tx.commit()
@@ -536,12 +539,12 @@ class AttemptControl:
     async def write_result(self, result: str | None) -> None:
         """After a committed transaction: store the task's result, then tell waiters.
 
+        Written for every such job, None too: until then the job reads as
+        succeeded with its result pending, and result waiters wait for it.
         On a connection of its own (the transaction's may be gone), tried
         again while Postgres is briefly away: the write names the attempt's
         token, so a repeat changes nothing.
         """
-        if result is None and not self.awaited:
-            return
         job = self._running.job
 
         async def write(conn: Any) -> None:

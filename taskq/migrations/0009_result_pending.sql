@@ -1,0 +1,27 @@
+-- taskq schema, version 9: the result of a job that ctx.transaction() ended.
+--
+-- Such a job is recorded as succeeded by the task's own transaction (finish()
+-- with the outcome kind 'committed'), before its task returns its value; the
+-- result is written a moment later (Statements.set_result). Until then its
+-- history row says so, so that a result waiter that reads it meanwhile waits
+-- for the result instead of taking None:
+-- - result_pending: when finish() recorded the job (clock_timestamp(), just
+--   before the commit; finished_at is the start of the task's transaction,
+--   which may be long before); cleared by set_result. Waiters wait for the
+--   result until a few seconds after it (a worker killed after the commit
+--   never writes the result).
+-- - result_awaited: set by a waiter that found the result pending (its
+--   request to be told, jobs.awaited, came too late: it waited for the
+--   commit's lock, or the job was gone), so that set_result announces the
+--   result on the finished channel. Without it, the write is announced only
+--   if the job was awaited at the commit: no NOTIFY for results nobody waits
+--   for.
+--
+-- NULL for every other row, and for every row written before version 9 (a
+-- job that returned None read as no result then too, and still does): the
+-- columns have no default, adding them rewrites no rows, and jobs that do not
+-- use ctx.transaction() pay nothing.
+--
+-- Objects changed with this version: finish() (the 'committed' kind).
+ALTER TABLE {schema}.history ADD COLUMN result_pending timestamptz;
+ALTER TABLE {schema}.history ADD COLUMN result_awaited boolean;
