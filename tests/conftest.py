@@ -8,9 +8,12 @@ directory and stops it at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import secrets
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ import asyncpg
 import pytest
 
 import taskq
-from taskq import _embedded
+from taskq import _embedded, _migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,28 +41,118 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     server = _embedded.ensure_server(tmp_path_factory.mktemp("pg") / "data")
     try:
+        asyncio.run(_no_fsync(server.dsn))
         yield server.dsn
     finally:
         server.stop()
+
+
+async def _no_fsync(dsn: str) -> None:
+    """The suite's own throwaway server: commits need not wait for the disk (~2 ms each).
+
+    Only an operating-system crash can lose what fsync=off leaves unsynced; a
+    killed or restarted Postgres (tests do both) loses nothing, since every
+    commit still reaches the OS (synchronous_commit stays on).
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ALTER SYSTEM SET fsync = off")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
 
 
 def new_schema_name() -> str:
     return f"t_{secrets.token_hex(5)}"
 
 
-@pytest.fixture
-def schema(pg_dsn: str) -> Iterator[str]:
-    name = new_schema_name()
-    yield name
+class Schemas:
+    """Schemas migrated ahead of tests, and dropped after them, on a thread of its own.
 
-    async def drop() -> None:
-        conn = await asyncpg.connect(pg_dsn)
+    Migrating a schema is hundreds of DDL statements (a tenth of a second on an
+    idle machine, far more on a busy one), and most tests open an App on a new
+    one. The thread migrates the next few with the same code as ``App.open``
+    while tests run (and mostly wait), so the test's App finds its schema up to
+    date. Every name is new and used by one test only.
+    """
+
+    AHEAD = 3
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.ready: queue.Queue[str] = queue.Queue(maxsize=self.AHEAD)
+        self.dropping: queue.Queue[str | None] = queue.Queue()
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self.thread.start()
+
+    def migrated(self) -> str:
+        """A migrated schema; a new name (the test's App migrates it) if the thread failed."""
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                return self.ready.get(timeout=0.5)
+        return new_schema_name()
+
+    def drop(self, name: str) -> None:
+        self.dropping.put(name)
+
+    def close(self) -> None:
+        self.dropping.put(None)
+        self.thread.join(300)
+        assert not self.thread.is_alive(), "the schema thread did not finish"
+        assert not self.errors, self.errors
+
+    async def _main(self) -> None:
+        # A lock a test left behind (a stray process) fails a drop instead of stalling the thread.
+        conn = await asyncpg.connect(self.dsn, server_settings={"lock_timeout": "60s"})
         try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            while True:
+                try:
+                    name = self.dropping.get(timeout=0.02 if self.ready.full() else 0)
+                except queue.Empty:
+                    if not self.ready.full():
+                        name = new_schema_name()
+                        await _migrations.migrate(conn, name)
+                        self.ready.put(name)
+                    continue
+                if name is None:
+                    break
+                await self._drop(conn, name)
+            while not self.ready.empty():
+                await self._drop(conn, self.ready.get())
+        except Exception as exc:
+            self.errors.append(f"schema thread: {exc!r}")
         finally:
             await conn.close()
 
-    asyncio.run(drop())
+    async def _drop(self, conn: asyncpg.Connection, name: str) -> None:
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        except asyncpg.PostgresError as exc:
+            self.errors.append(f"dropping schema {name}: {exc!r}")
+
+
+@pytest.fixture(scope="session")
+def schemas(pg_dsn: str) -> Iterator[Schemas]:
+    made = Schemas(pg_dsn)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def schema(request: pytest.FixtureRequest, schemas: Schemas) -> Iterator[str]:
+    """A new schema's name, dropped after the test.
+
+    Migrated already for a test that takes the ``app`` fixture (or is marked
+    ``migrated_schema``): its App opens it as it would a schema it had just
+    migrated. Any other test gets it empty (tests of migration need that).
+    """
+    wanted = "app" in request.fixturenames or request.node.get_closest_marker("migrated_schema")
+    name = schemas.migrated() if wanted else new_schema_name()
+    yield name
+    schemas.drop(name)
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ the test's event loop, and headless Chromium (Debian's ``chromium`` through
 
 Selenium's calls block, so :class:`Browser` runs each in a thread: the
 server, the App and any worker keep running in the test's loop meanwhile.
+Chromium starts once (about 2 s) and serves test after test: between two,
+:func:`browser` blanks the page and clears cookies, cache and storage.
 Screenshots go under the test's output directory (``--basetemp``) and, when
 ``TASKQ_SCREENSHOTS`` names a directory, there too (the docs use them).
 """
@@ -11,6 +13,7 @@ Screenshots go under the test's output directory (``--basetemp``) and, when
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
@@ -110,9 +113,34 @@ class Browser:
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
         self.driver.set_page_load_timeout(30)
+        self.size = (width, height)
+        self.begin(base_url, shots)
+
+    def begin(self, base_url: str, shots: Path) -> None:
+        """Start a test: its server, its screenshots, the default window, no old log lines."""
         self.base_url = base_url
         self.shots = shots
         shots.mkdir(parents=True, exist_ok=True)
+        self.driver.set_window_size(*self.size)
+        self.driver.get_log("browser")  # reading the log empties it
+
+    def clear(self) -> None:
+        """End a test: a blank page (its event streams closed), one window, nothing kept."""
+        from selenium.common.exceptions import NoAlertPresentException
+
+        with contextlib.suppress(NoAlertPresentException):
+            self.driver.switch_to.alert.dismiss()
+        for handle in self.driver.window_handles[1:]:
+            self.driver.switch_to.window(handle)
+            self.driver.close()
+        self.driver.switch_to.window(self.driver.window_handles[0])
+        self.driver.get("about:blank")
+        # Cookies are per host, not per port: the next test's server is on 127.0.0.1 too.
+        self.driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+        self.driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+        self.driver.execute_cdp_cmd(
+            "Storage.clearDataForOrigin", {"origin": self.base_url, "storageTypes": "all"}
+        )
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args)
@@ -126,10 +154,18 @@ class Browser:
     async def source(self) -> str:
         return str(await self.call(lambda: self.driver.page_source))
 
-    async def text(self, css: str = "body") -> str:
+    def _on_fresh(self, css: str, use: Callable[[Any], Any]) -> Any:
+        """``use`` on the element ``css`` finds, found again if a live update replaced it."""
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
 
-        return str(await self.call(lambda: self.driver.find_element(By.CSS_SELECTOR, css).text))
+        for _ in range(4):
+            with contextlib.suppress(StaleElementReferenceException):
+                return use(self.driver.find_element(By.CSS_SELECTOR, css))
+        return use(self.driver.find_element(By.CSS_SELECTOR, css))
+
+    async def text(self, css: str = "body") -> str:
+        return str(await self.call(self._on_fresh, css, lambda e: e.text))
 
     async def count(self, css: str) -> int:
         from selenium.webdriver.common.by import By
@@ -137,9 +173,7 @@ class Browser:
         return len(await self.call(self.driver.find_elements, By.CSS_SELECTOR, css))
 
     async def click(self, css: str) -> None:
-        from selenium.webdriver.common.by import By
-
-        await self.call(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click())
+        await self.call(self._on_fresh, css, lambda e: e.click())
 
     async def fill(self, css: str, value: str) -> None:
         from selenium.webdriver.common.by import By
@@ -206,14 +240,37 @@ class Browser:
         self.driver.quit()
 
 
+#: Browsers between two tests, cleared.
+_idle: list[Browser] = []
+
+
+@atexit.register
+def _quit_idle() -> None:
+    while _idle:
+        _idle.pop().quit()
+
+
 @contextlib.asynccontextmanager
 async def browser(base_url: str, shots: Path) -> AsyncIterator[Browser]:
+    """A browser for one test; kept for the next one if the test passed and clearing works."""
     need_browser()
-    b = await anyio.to_thread.run_sync(Browser, base_url, shots)
+    if _idle:
+        b = _idle.pop()
+        await anyio.to_thread.run_sync(b.begin, base_url, shots)
+    else:
+        b = await anyio.to_thread.run_sync(Browser, base_url, shots)
+    keep = False
     try:
         yield b
+        # A browser that cannot be cleared is not the test's failure: it is quit instead.
+        with contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(b.clear)
+            keep = True
     finally:
-        await anyio.to_thread.run_sync(b.quit)
+        if keep:
+            _idle.append(b)
+        else:
+            await anyio.to_thread.run_sync(b.quit)
 
 
 async def csrf_form(client: httpx.AsyncClient, page: str) -> dict[str, str]:
