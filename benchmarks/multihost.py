@@ -312,6 +312,18 @@ async def drain(
     return run
 
 
+async def enqueue_cost(srv: Server, jobs: int) -> float:
+    """Postgres CPU per job of the enqueue statement alone (no worker running), in µs."""
+    bench = await fresh(srv.dsn)
+    try:
+        master = postmaster(srv)
+        before = postgres_cpu(master)
+        await bench.tasks["bench.noop"].enqueue_many([{}] * jobs)
+        return (postgres_cpu(master) - before) / jobs * 1e6
+    finally:
+        await drop(bench)
+
+
 # -- round trips -------------------------------------------------------------------------
 
 
@@ -414,6 +426,9 @@ async def measure(args: argparse.Namespace, srv: Server) -> None:
         print("| --- | --- | --- |")
         for label, found in await rtt(srv, hosts[0]):
             print(f"| {label} | {found['median_ms']:.3f} | {found['p99_ms']:.3f} |", flush=True)
+        costs = [await enqueue_cost(srv, args.jobs) for _ in range(args.repeat)]
+        print(f"\nPostgres CPU of the enqueue statement alone, no worker running: "
+              f"{statistics.median(costs):.0f} µs/job (median of {len(costs)})")  # fmt: skip
         groups: dict[tuple[str, int, int], list[Run]] = {}
         for n in (1, 2, 3):
             for path in PATHS:
