@@ -21,7 +21,8 @@ children) and the relays, per job. Runs:
 2. 1, 2 and 3 hosts: on loopback without namespace or relay (the baseline),
    through namespaces and relays, and with the delay;
 3. the ceiling: 3 hosts with more worker processes each (``--processes``)
-   until jobs/s stops growing, and how busy Postgres is meanwhile.
+   (``--ceiling``, 1 to 4) to find where jobs/s stops growing, and how busy
+   Postgres is meanwhile.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def spawn_relay(upstream: str, host: hostnet.Host, delay_ms: float) -> subproces
 def spawn_worker(
     host: hostnet.Host, namespace: bool, dsn: str, schema: str, processes: int, output: Path
 ) -> subprocess.Popen[bytes]:
-    """One host's ``python -m taskq worker``, its output in ``log``."""
+    """One host's ``python -m taskq worker``, its output in ``output``."""
     argv = [sys.executable, "-m", "taskq", "worker", "benchmarks.multihost:app",
             "--concurrency", str(CONCURRENCY), "--processes", str(processes)]  # fmt: skip
     cmd = hostnet.in_host(host if namespace else None, host.name, argv)
