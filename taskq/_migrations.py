@@ -274,6 +274,22 @@ async def _strays(conn: asyncpg.Connection, schema: str, obj: SchemaObject) -> l
     return [f"{quote_schema(schema)}.{obj.name}({r[0]})" for r in rows]
 
 
+def _drop_strays_sql(schema: str, obj: SchemaObject) -> str:
+    """A script's drop of the object's other signatures, found when it runs: the
+    numbered migrations before it in the script may create the one to drop."""
+    literal = "'" + schema.replace("'", "''") + "'"
+    return (
+        "DO $strays$ DECLARE f regprocedure; BEGIN\n"
+        "    FOR f IN SELECT p.oid::regprocedure FROM pg_proc AS p\n"
+        "        JOIN pg_namespace AS n ON n.oid = p.pronamespace\n"
+        f"        WHERE n.nspname = {literal} AND p.proname = '{obj.name}'\n"
+        f"            AND p.oid IS DISTINCT FROM to_regprocedure(format('%I.%s', {literal}::text, "
+        f"'{obj.identity}'))\n"
+        "    LOOP EXECUTE format('DROP FUNCTION %s', f); END LOOP;\n"
+        "END $strays$;"
+    )
+
+
 def _record_sql(schema: str) -> str:
     return (
         f"INSERT INTO {quote_schema(schema)}.objects (name, checksum) VALUES ($1, $2) "
@@ -345,7 +361,8 @@ async def pending_sql(conn: asyncpg.Connection, schema: str) -> str:
         )
     for obj in stale:
         parts.append(f"-- object {obj.name}")
-        parts.extend(f"DROP FUNCTION IF EXISTS {s};" for s in await _strays(conn, schema, obj))
+        if obj.kind == "function":
+            parts.append(_drop_strays_sql(schema, obj))
         if await _replace_refused(conn, obj, schema):
             parts.append(f"{obj.drop_sql(schema)};")
         parts.append(obj.sql(schema))

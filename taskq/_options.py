@@ -70,10 +70,6 @@ class EnqueueOptions:
             )
         if concurrency_key is not None:
             check_concurrency_key(concurrency_key)
-            if unique_key is not None:
-                raise ConfigurationError(
-                    "concurrency_key and unique_key cannot be combined (not supported yet)"
-                )
         window = 0.0 if unique_for is None else _seconds("unique_for", unique_for)
         if window and unique_key is None:
             raise ConfigurationError("unique_for needs a unique_key")
@@ -145,10 +141,4 @@ def check_priority(priority: object) -> int:
 
 def with_key(opts: EnqueueOptions, key: str | None) -> EnqueueOptions:
     """``opts`` with the job's concurrency key (the task's default, when it has one)."""
-    if key == opts.concurrency_key:
-        return opts
-    if opts.unique_key is not None:
-        raise ConfigurationError(
-            "concurrency_key and unique_key cannot be combined (not supported yet)"
-        )
-    return replace(opts, concurrency_key=key)
+    return opts if key == opts.concurrency_key else replace(opts, concurrency_key=key)

@@ -64,7 +64,7 @@ class Statements:
         self.insert_unique = (
             f"SELECT id, created FROM {s}.enqueue_unique($1, $2, $3, $4, "
             "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7, $8, $9, "
-            "$10)"
+            "$10, $11)"
         )
         self.next_due = (
             f"SELECT min(run_at) - now() FROM {s}.jobs "

@@ -125,6 +125,7 @@ class Store:
             unique_key,
             unique_for,
             job.get("meta"),
+            job.get("concurrency_key"),
         )
         return int(row[0]), bool(row[1])
 

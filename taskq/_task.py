@@ -390,14 +390,17 @@ class Task(Generic[P, R]):
         template: Callable[[Any], Any],
         *,
         skip: frozenset[str] = frozenset(),
-    ) -> dict[str, Any]:
-        """Like :meth:`bind_arguments`, for a workflow step whose arguments may hold references.
+        key: str | None = None,
+    ) -> tuple[dict[str, Any], str | None]:
+        """Like :meth:`bind_job`, for a workflow step whose arguments may hold references.
 
         ``template(value)`` returns the stored form of a value that holds step
         references (filled in when the step starts, then decoded by the
         annotation), or ``None`` for a plain value, which is encoded now.
         Arguments named in ``skip`` are checked against the signature but not
-        stored (a map's item argument, given per item).
+        stored (a map's item argument, given per item). The task's key
+        function needs every argument now: a step whose arguments wait for
+        other steps (or a map, whose items share one key) must be given its key.
         """
         bound = self._signature.bind(self.name, args, kwargs)
         templated: dict[str, Any] = {}
@@ -410,9 +413,18 @@ class Task(Generic[P, R]):
                 plain[name] = value
             else:
                 templated[name] = stored
+        if key is None and self.concurrency_key is not None:
+            if callable(self.concurrency_key) and (templated or skip):
+                raise ConfigurationError(
+                    f"task {self.name!r} computes its concurrency key from its arguments, "
+                    "and this step's arguments are known only when it runs (or it is a map, "
+                    "whose items share one key): give the step "
+                    "task.options(concurrency_key=...)"
+                )
+            key = self._key_of(plain)
         out = self.codec.encode_args(plain)
         out.update(templated)
-        return out
+        return out, key
 
     def call_arguments(
         self, stored: Mapping[str, Any], context: JobContext | None = None

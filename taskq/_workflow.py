@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._errors import ConfigurationError
 from ._inputs import REF_KEY
-from ._options import EnqueueOptions
+from ._options import EnqueueOptions, with_key
 from ._serialization import encode
 from ._task import BoundTask, Task
 
@@ -186,9 +186,15 @@ class Workflow:
             )
         name = self._name_for(step_name, real)
         parents: dict[str, bool] = {}
-        stored = real.bind_template(args, kwargs, lambda v: self._template(v, parents, name))
+        stored, key = real.bind_template(
+            args,
+            kwargs,
+            lambda v: self._template(v, parents, name),
+            key=opts.concurrency_key,
+        )
         for ref in self._refs(after, "after"):
             parents.setdefault(ref.name, False)
+        opts = with_key(opts, key)
         step = _Step(name, real, opts, stored, parents, on_parent_failure=on_parent_failure)
         return self._record(step)
 
@@ -235,12 +241,14 @@ class Workflow:
             )
         name = self._name_for(step_name, real)
         parents: dict[str, bool] = {over.name: True}
-        stored = real.bind_template(
+        stored, key = real.bind_template(
             (),
             {**kwargs, arg: _Placeholder()},
             lambda v: self._template(v, parents, name),
             skip=frozenset({arg}),
+            key=opts.concurrency_key,
         )
+        opts = with_key(opts, key)
         if _mentions(stored, over.name):
             raise ConfigurationError(
                 f"map step {name!r}: step {over.name!r} is what it maps over; its items get one "
@@ -278,10 +286,6 @@ class Workflow:
             raise ConfigurationError(
                 "unique_for does not apply to workflow steps (unique_key does: at most one live "
                 "job per key and queue)"
-            )
-        if opts.concurrency_key is not None:
-            raise ConfigurationError(
-                "concurrency_key does not apply to workflow steps yet: enqueue the job on its own"
             )
         return real, opts
 
@@ -407,6 +411,7 @@ class Workflow:
                     "delay": opts.delay,
                     "run_at": opts.run_at.isoformat() if opts.run_at else None,
                     "unique_key": opts.unique_key,
+                    "concurrency_key": opts.concurrency_key,
                     "meta": dict(opts.meta) if opts.meta else None,
                     "kind": step.kind,
                     "on_parent_failure": step.on_parent_failure,

@@ -5,6 +5,7 @@ and enforced by a queue's ``per_key_limit`` like a key given per enqueue."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import date
 from typing import Any
 
@@ -138,3 +139,76 @@ async def test_the_default_key_is_held_to_the_queues_per_key_limit(app: taskq.Ap
 
 async def _equal(read: Any, expected: dict[str, int]) -> bool:
     return bool(await read() == expected)
+
+
+async def test_a_unique_job_keeps_its_key(app: taskq.App, conn: asyncpg.Connection) -> None:
+    @app.task(name="keys.unique", queue="fair", concurrency_key=lambda n: f"t:{n}")
+    async def unique(n: int) -> None:
+        return None
+
+    async with app:
+        first = await unique.options(unique_key="u:1").enqueue(1)
+        again = await unique.options(unique_key="u:1").enqueue(2)
+        named = await unique.options(unique_key="u:2", concurrency_key="vip").enqueue(3)
+        assert (first.duplicate, again.duplicate, again.id) == (False, True, first.id)
+        assert await keys_of(conn, app, [first, named]) == ["t:1", "vip"]
+
+
+async def test_workflow_steps_and_map_items_are_held_to_their_keys(
+    app: taskq.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(name="keys.split", queue="fair")
+    async def split(n: int) -> list[int]:
+        return list(range(n))
+
+    @app.task(name="keys.work", queue="fair", concurrency_key=lambda x, tenant: f"t:{tenant}")
+    async def work(x: int, tenant: str) -> int:
+        await asyncio.sleep(0.02)
+        return x
+
+    @app.task(name="keys.total", queue="fair")
+    async def total(parts: list[int]) -> int:
+        return sum(parts)
+
+    gate = asyncio.Event()
+
+    @app.task(name="keys.hold", queue="fair")
+    async def hold() -> None:
+        await gate.wait()
+
+    s = f'"{app.schema}"'
+    async with app:
+        await app.queue("fair").configure(per_key_limit=1)
+        wf = taskq.Workflow(name="keyed")
+        parts = wf.add(split.options(concurrency_key="t:split"), n=8)
+        solo = wf.add(work, 100, "a")  # plain arguments: the task's key function applies
+        items = wf.map(work.options(concurrency_key="t:map"), over=parts, arg="x", tenant="b")
+        wf.add(total.options(concurrency_key="t:total"), parts=items, after=[solo])
+        with pytest.raises(taskq.ConfigurationError, match="give the step"):
+            wf.add(work, parts, "c")  # an argument known only when it runs
+        with pytest.raises(taskq.ConfigurationError, match="give the step"):
+            wf.map(work, over=parts, arg="x", tenant="c")
+        # A job without a key holds the keyless share of the queue throughout: a
+        # step that lost its key would wait behind it for ever.
+        held = await hold.enqueue()
+        async with app.worker(concurrency=8):
+            try:
+                await until(lambda: _running(held), 10, "the keyless job running")
+                run = await wf.enqueue()
+                assert await run.result(timeout=60) == sum(range(8))
+            finally:
+                gate.set()
+        rows = await conn.fetch(
+            f"SELECT j.step, j.started_at, j.finished_at FROM {s}.history AS j "
+            "WHERE j.workflow_id = $1 AND j.step LIKE 'work%'",
+            run.id,
+        )
+    # The solo step had its function's key, and the eight items the map's: with a
+    # per-key limit of 1 they ran one at a time, though eight slots were free.
+    items_run = sorted((r["started_at"], r["finished_at"]) for r in rows if "[" in r["step"])
+    assert len(items_run) == 8
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(items_run)), items_run
+
+
+async def _running(job: taskq.Job) -> bool:
+    return str((await job.status()).state) == "running"

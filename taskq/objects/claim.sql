@@ -156,7 +156,6 @@ BEGIN
             END IF;
             CONTINUE WHEN v_row.paused;
             v_per_key := v_row.per_key_limit;
-            v_now := clock_timestamp();
             IF v_row.concurrency_limit IS NOT NULL THEN
                 SELECT count(*) INTO v_running FROM {schema}.jobs AS j
                 WHERE j.queue = v_queue AND j.state = 'running';
@@ -165,6 +164,11 @@ BEGIN
                     v_blocked := true;
                 END IF;
             END IF;
+            -- The start time comes after the count that allowed the start, so
+            -- that no job's recorded start precedes the end of the job whose
+            -- slot it took (the count's snapshot may be much later than the
+            -- lock on a busy server).
+            v_now := clock_timestamp();
             IF v_row.rate_limit IS NOT NULL AND v_take > 0 THEN
                 v_rated := true;
                 v_budget := {schema}.rate_budget(v_row.rate_limit, v_row.rate_period,
@@ -181,6 +185,7 @@ BEGIN
             SELECT k.ids, k.held, k.cursor INTO v_ids, v_held, v_cursor
             FROM {schema}.claim_keyed(v_queue, v_tasks, v_take, v_per_key, v_row.key_cursor)
                 AS k;
+            v_now := clock_timestamp();  -- after claim_keyed()'s running counts, as above
             v_blocked := v_blocked OR v_held;
             IF v_cursor IS DISTINCT FROM v_row.key_cursor THEN
                 UPDATE {schema}.queues AS q SET key_cursor = v_cursor WHERE q.name = v_queue;

@@ -1,8 +1,9 @@
--- object: function enqueue_unique(text, text, text, smallint, timestamptz, integer, text, double precision, text)
+-- object: function enqueue_unique(text, text, text, smallint, timestamptz, integer, text, double precision, text, text)
 --
--- Enqueue one job with a unique key (and its meta). Returns the new job's id
--- with created = true, or the live job holding the key (or, with a window,
--- the one that finished within it) with created = false.
+-- Enqueue one job with a unique key (and its meta and concurrency key; the
+-- key defaults to none, so producers of schema 8 keep calling it). Returns
+-- the new job's id with created = true, or the live job holding the key (or,
+-- with a window, the one that finished within it) with created = false.
 --
 -- The order of the steps closes the races: a live holder is looked for first;
 -- then history (a holder that finished before that look is there by now,
@@ -13,7 +14,8 @@
 -- waited.
 CREATE OR REPLACE FUNCTION {schema}.enqueue_unique(
     p_queue text, p_task text, p_args text, p_priority smallint, p_run_at timestamptz,
-    p_max_attempts integer, p_key text, p_window double precision, p_meta text
+    p_max_attempts integer, p_key text, p_window double precision, p_meta text,
+    p_concurrency_key text DEFAULT NULL
 ) RETURNS TABLE (id bigint, created boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -38,9 +40,9 @@ BEGIN
             END IF;
         END IF;
         INSERT INTO {schema}.jobs AS j (queue, task, args, priority, run_at, max_attempts,
-            unique_key, meta)
+            unique_key, meta, concurrency_key)
         VALUES (p_queue, p_task, p_args::jsonb, p_priority, p_run_at, p_max_attempts, p_key,
-            p_meta::jsonb)
+            p_meta::jsonb, p_concurrency_key)
         ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
         RETURNING j.id INTO v_id;
         IF FOUND THEN

@@ -85,7 +85,7 @@ BEGIN
     -- Maps.
     FOR v_map IN
         SELECT s.job_id, s.workflow_id, s.name, s.map_over, s.map_arg, s.expanded, j.queue,
-            j.task, j.args, j.priority, j.max_attempts, j.meta
+            j.task, j.args, j.priority, j.max_attempts, j.meta, j.concurrency_key
         FROM {schema}.workflow_steps AS s JOIN {schema}.jobs AS j ON j.id = s.job_id
         WHERE s.job_id = ANY(p_ids) AND s.kind = 'map' AND j.state = 'waiting'
         ORDER BY s.job_id
@@ -158,10 +158,10 @@ BEGIN
         v_inputs := nullif(v_inputs - v_map.map_over, '{}'::jsonb);
         WITH made AS (
             INSERT INTO {schema}.jobs (queue, task, args, priority, run_at, max_attempts, meta,
-                workflow_id, step, inputs, state)
+                concurrency_key, workflow_id, step, inputs, state)
             SELECT v_map.queue, v_map.task, v_map.args || jsonb_build_object(v_map.map_arg, x.v),
-                v_map.priority, now(), v_map.max_attempts, v_map.meta, v_map.workflow_id,
-                v_map.name || '[' || (x.i - 1) || ']', v_inputs, 'queued'
+                v_map.priority, now(), v_map.max_attempts, v_map.meta, v_map.concurrency_key,
+                v_map.workflow_id, v_map.name || '[' || (x.i - 1) || ']', v_inputs, 'queued'
             FROM jsonb_array_elements(v_list) WITH ORDINALITY AS x(v, i)
             ORDER BY x.i
             RETURNING id, step

@@ -8,6 +8,7 @@
 -- (the builder's order), each:
 --   {"name", "task", "queue", "priority", "args" (object), "max_attempts",
 --    "delay" (seconds), "run_at" (timestamp or null), "unique_key", "meta",
+--    "concurrency_key" (a map's items get the map's),
 --    "kind" ("task" | "map"), "on_parent_failure" ("cancel" | "run"),
 --    "sink" (bool), "map_over" (a parent's name), "map_arg",
 --    "parents": [{"step": name, "data": bool}, ...]}
@@ -39,14 +40,15 @@ BEGIN
     ),
     made AS (
         INSERT INTO {schema}.jobs AS j (queue, task, args, priority, run_at, max_attempts,
-            meta, unique_key, workflow_id, step, state)
+            meta, unique_key, concurrency_key, workflow_id, step, state)
         SELECT v ->> 'queue', v ->> 'task', v -> 'args', (v ->> 'priority')::smallint,
             coalesce((v ->> 'run_at')::timestamptz, now())
                 + make_interval(secs => coalesce((v ->> 'delay')::float8, 0)),
             (v ->> 'max_attempts')::integer,
             nullif(coalesce(nullif(p_meta, 'null'::jsonb), '{}'::jsonb)
                 || coalesce(nullif(v -> 'meta', 'null'::jsonb), '{}'::jsonb), '{}'::jsonb),
-            v ->> 'unique_key', workflow_enqueue.workflow_id, v ->> 'name',
+            v ->> 'unique_key', v ->> 'concurrency_key', workflow_enqueue.workflow_id,
+            v ->> 'name',
             CASE WHEN jsonb_array_length(v -> 'parents') = 0 AND v ->> 'kind' = 'task'
                 THEN 'queued' ELSE 'waiting' END
         FROM s ORDER BY i
