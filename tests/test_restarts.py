@@ -39,9 +39,19 @@ LIFETIME = 2.5
 START_UP = 3.0
 
 
+@pytest.fixture(scope="module")
+def blank_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory made by initdb (seconds) once for the module's servers, stopped."""
+    data_dir = tmp_path_factory.mktemp("blank") / "pg"
+    _embedded.ensure_server(data_dir).stop()
+    return data_dir
+
+
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[_embedded.EmbeddedServer]:
+def own_server(tmp_path: Path, blank_data_dir: Path) -> Iterator[_embedded.EmbeddedServer]:
     """A Postgres of this test's own, so that stopping it disturbs no other test."""
+    # cp -a: the copy keeps its owner (the postgres OS user when the tests run as root).
+    subprocess.run(["cp", "-a", str(blank_data_dir), str(tmp_path / "pg")], check=True)
     server = _embedded.ensure_server(tmp_path / "pg")
     try:
         yield server

@@ -28,7 +28,8 @@ from .conftest import PYTHON, subprocess_env, until
 from .supervisorapp import LEDGER_SQL
 from .worker_process import WorkerProcess
 
-pytestmark = pytest.mark.anyio
+# Every schema here is opened (and so migrated) by the test's App before any worker starts.
+pytestmark = [pytest.mark.anyio, pytest.mark.migrated_schema]
 
 # Short clocks so that a test waits seconds, not minutes.
 TIMINGS = "backoff_min=0.2,backoff_max=0.8,stable_seconds=60"
