@@ -32,8 +32,11 @@ def span(seconds: float) -> str:
     if seconds < 10:
         return f"{seconds:.1f} s"
     s = round(seconds)
-    if s < 60:
-        return f"{s} s"
+    return f"{s} s" if s < 60 else long_span(s)
+
+
+def long_span(s: int) -> str:
+    """A minute or more, in two units: ``4m05s``, ``2h10m``, ``3d04h``."""
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     if s < 86400:

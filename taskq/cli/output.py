@@ -12,6 +12,8 @@ from typing import Any, TextIO
 import orjson
 
 from .._admin import BATCH_SIZE
+from .._admin.wording import long_span
+from .._admin.wording import plural as plural  # the commands' import of it
 
 
 def print_json(value: Any) -> None:
@@ -53,18 +55,7 @@ def iso(value: datetime | None) -> str:
 def age(seconds: float) -> str:
     """``42s``, ``3m05s``, ``2h10m``, ``4d03h``."""
     s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def plural(n: int, word: str) -> str:
-    """``1 job``, ``1,000 jobs``."""
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
+    return f"{s}s" if s < 60 else long_span(s)
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
