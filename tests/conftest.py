@@ -141,6 +141,11 @@ def schemas(pg_dsn: str) -> Iterator[Schemas]:
         made.close()
 
 
+#: Modules whose tests of the ``app`` fixture need its schema not to exist:
+#: taskq.testing runs that App on schemas of its own and must leave this one alone.
+FRESH_SCHEMA_MODULES = {"tests.test_testing_helpers"}
+
+
 @pytest.fixture
 def schema(request: pytest.FixtureRequest, schemas: Schemas) -> Iterator[str]:
     """A new schema's name, dropped after the test.
@@ -149,7 +154,9 @@ def schema(request: pytest.FixtureRequest, schemas: Schemas) -> Iterator[str]:
     ``migrated_schema``): its App opens it as it would a schema it had just
     migrated. Any other test gets it empty (tests of migration need that).
     """
-    wanted = "app" in request.fixturenames or request.node.get_closest_marker("migrated_schema")
+    wanted = request.node.get_closest_marker("migrated_schema") or (
+        "app" in request.fixturenames and request.module.__name__ not in FRESH_SCHEMA_MODULES
+    )
     name = schemas.migrated() if wanted else new_schema_name()
     yield name
     schemas.drop(name)
