@@ -229,6 +229,41 @@ def test_a_killed_worker_takes_its_processes_with_it(
         worker.stop()
 
 
+def test_the_worker_command_sizes_and_recycles_the_pool(
+    pg_dsn: str, schema: str, tmp_path: Path
+) -> None:
+    """``--process-pool-size 1 --max-jobs-per-process 2``: six jobs one after the
+    other in one process at a time, each process replaced after two jobs."""
+
+    async def run_six() -> list[int]:
+        async with taskq.App(pg_dsn, schema=schema) as producer:
+            pids = []
+            for n in range(6):
+                job = await producer.enqueue("cpu.whoami", {"n": n})
+                pids.append((await job.result(timeout=60))["pid"])
+            return pids
+
+    worker = WorkerProcess(
+        pg_dsn,
+        schema,
+        "tests.cpuapp:app",
+        tmp_path / "worker.log",
+        "--process-pool-size",
+        "1",
+        "--max-jobs-per-process",
+        "2",
+    )
+    try:
+        worker.wait_for_output("started")
+        pids = anyio.run(run_six)
+    finally:
+        worker.stop()
+    assert worker.proc.pid not in pids
+    # Pairs of jobs share a process; each pair has a new one.
+    assert pids[0::2] == pids[1::2], pids
+    assert len(set(pids)) == 3, pids
+
+
 @pytest.mark.parametrize(
     ("fn", "options", "says"),
     [

@@ -10,7 +10,13 @@ from typing import Any
 from .._errors import TaskqError
 from .connect import load_app, opened, set_connect_timeout
 from .exits import EXIT_OK
-from .options import Commands, connect_timeout_option, non_negative_float, queue_name
+from .options import (
+    Commands,
+    connect_timeout_option,
+    non_negative_float,
+    positive_int,
+    queue_name,
+)
 from .supervise import add_options as add_process_options
 from .supervise import supervise
 
@@ -69,6 +75,20 @@ def add_parser(commands: Commands) -> None:
         metavar="ADDR",
         help="address the metrics server listens on (default 127.0.0.1; 0.0.0.0 for all)",
     )
+    worker.add_argument(
+        "--process-pool-size",
+        type=positive_int,
+        metavar="N",
+        help='processes for executor="process" tasks (default: the smaller of '
+        "--concurrency and the number of cores)",
+    )
+    worker.add_argument(
+        "--max-jobs-per-process",
+        type=positive_int,
+        metavar="N",
+        help='jobs after which a process of executor="process" tasks is replaced by a fresh '
+        "one (default 1000)",
+    )
     worker.add_argument("--dsn", help="override the App's DSN")
     connect_timeout_option(worker)
     worker.add_argument(
@@ -101,6 +121,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         settings["poll_interval"] = args.poll_interval
     if args.no_cron:
         settings["cron"] = False
+    if args.process_pool_size is not None:
+        settings["process_pool_size"] = args.process_pool_size
+    if args.max_jobs_per_process is not None:
+        settings["max_jobs_per_process"] = args.max_jobs_per_process
     async with contextlib.AsyncExitStack() as stack:
         metrics = None
         if args.metrics_port is not None:
