@@ -195,16 +195,24 @@ def private_definitions(module: Module) -> set[str]:
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
 
 
-def foreign_private_uses(module: Module, modules: dict[str, Module]) -> Iterator[str]:
-    """``x._name`` where ``_name`` is defined only by other modules (not this package's)."""
-    own = set(private_definitions(module))
+def foreign_private_uses(
+    module: Module, modules: dict[str, Module], defined: dict[str, set[str]] | None = None
+) -> Iterator[str]:
+    """``x._name`` where ``_name`` is defined only by other modules (not this package's).
+
+    ``defined``: each module's private definitions, when the caller has them
+    (walking every module's tree once per module would be quadratic).
+    """
+    if defined is None:
+        defined = {name: private_definitions(m) for name, m in modules.items()}
+    own = set(defined[module.name])
     for other in modules.values():
         if other.name != module.name and same_package(module.name, other.name, modules):
-            own |= private_definitions(other)
+            own |= defined[other.name]
     foreign: set[str] = set()
     for other in modules.values():
         if other.name != module.name:
-            foreign |= private_definitions(other)
+            foreign |= defined[other.name]
     for node in ast.walk(module.tree):
         if not isinstance(node, ast.Attribute):
             continue
@@ -219,7 +227,8 @@ def foreign_private_uses(module: Module, modules: dict[str, Module]) -> Iterator
 
 
 def test_no_module_reaches_into_another_modules_private_parts() -> None:
-    offenders = [use for m in MODULES.values() for use in foreign_private_uses(m, MODULES)]
+    defined = {name: private_definitions(m) for name, m in MODULES.items()}
+    offenders = [use for m in MODULES.values() for use in foreign_private_uses(m, MODULES, defined)]
     assert offenders == []
 
 
