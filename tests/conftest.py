@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import secrets
@@ -77,14 +78,23 @@ class Schemas:
     """
 
     AHEAD = 3
+    THREAD = "taskq-test-schemas"
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.ready: queue.Queue[str] = queue.Queue(maxsize=self.AHEAD)
         self.dropping: queue.Queue[str | None] = queue.Queue()
         self.errors: list[str] = []
-        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self.thread = threading.Thread(
+            target=asyncio.run, args=(self._main(),), name=self.THREAD, daemon=True
+        )
+        # Its migrations' log lines belong to no test: left in, they land in
+        # whichever test's log capture is current (or one already closed).
+        logging.getLogger("taskq.migrations").addFilter(self._not_mine)
         self.thread.start()
+
+    def _not_mine(self, record: logging.LogRecord) -> bool:
+        return record.threadName != self.THREAD
 
     def migrated(self) -> str:
         """A migrated schema; a new name (the test's App migrates it) if the thread failed."""
