@@ -9,10 +9,7 @@ the database clock.
 
 from __future__ import annotations
 
-import subprocess
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -22,8 +19,8 @@ import pytest
 
 import taskq
 
-from .conftest import PYTHON, subprocess_env
 from .test_cli import run_cli
+from .test_flow import worker_processes
 
 pytestmark = pytest.mark.anyio
 
@@ -150,31 +147,6 @@ PLAIN = 10
 LIMIT = 2
 
 
-@contextmanager
-def worker_processes(pg_dsn: str, schema: str, n: int) -> Iterator[None]:
-    procs = [
-        subprocess.Popen(
-            [PYTHON, "-m", "taskq", "worker", "fairapp:app", "--concurrency", "8"],
-            env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
-        for _ in range(n)
-    ]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
 def peak_overlap(rows: list[Any]) -> int:
     """Most jobs running at one instant, from their start and end times."""
     events = sorted(
@@ -211,7 +183,7 @@ async def test_a_small_tenant_is_not_starved_by_a_big_backlog_across_two_process
             ):
                 samples[(key, n)] += 1
 
-        with worker_processes(pg_dsn, schema, 2):
+        with worker_processes(pg_dsn, schema, 2, "--concurrency", "8", app="fairapp:app"):
             with anyio.fail_after(120):
                 # The small tenant arrives once the big backlog is well under way.
                 while (

@@ -277,11 +277,12 @@ def test_rate_limit_strings() -> None:
 
 @contextmanager
 def worker_processes(
-    pg_dsn: str, schema: str, n: int, *args: str, **env: str
+    pg_dsn: str, schema: str, n: int, *args: str, app: str = "flowapp:app", **env: str
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``n`` processes of ``python -m taskq worker APP ARGS``, stopped (SIGTERM) at the end."""
     procs = [
         subprocess.Popen(
-            [PYTHON, "-m", "taskq", "worker", "flowapp:app", *args],
+            [PYTHON, "-m", "taskq", "worker", app, *args],
             env=subprocess_env(pg_dsn, TASKQ_SCHEMA=schema, **env),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
