@@ -194,6 +194,21 @@ async def _count(app: taskq.App, supervisor: int, n: int) -> dict[int, str] | No
     return found if len(found) == n else None
 
 
+async def one_job_in_each_of_two(
+    app: taskq.App, sup: WorkerProcess, seconds: float
+) -> dict[int, str]:
+    """Once both children registered, two jobs of ``seconds``, one running in each;
+    the children (pid: worker id) as they were before the jobs."""
+    before: dict[int, str] = await until(lambda: _count(app, sup.proc.pid, 2), 60, "two children")
+    await app.tasks["sup.work"].enqueue_many([{"n": n, "seconds": seconds} for n in range(2)])
+    await until(
+        lambda: val(app, "SELECT count(DISTINCT pid) = 2 FROM {s}.ledger WHERE event='start'"),
+        60,
+        "both jobs running, one in each child",
+    )
+    return before
+
+
 async def test_a_sigkilled_child_is_restarted_and_its_job_finishes_once(
     pg_dsn: str, schema: str, supervised: Callable[..., WorkerProcess]
 ) -> None:
@@ -203,13 +218,7 @@ async def test_a_sigkilled_child_is_restarted_and_its_job_finishes_once(
             "--processes", "2", "--concurrency", "1", "--lease-seconds", LEASE,
             "--poll-interval", "0.5",
         )  # fmt: skip
-        before = await until(lambda: _count(app, sup.proc.pid, 2), 60, "two children")
-        await app.tasks["sup.work"].enqueue_many([{"n": n, "seconds": 2} for n in range(2)])
-        await until(
-            lambda: val(app, "SELECT count(DISTINCT pid) = 2 FROM {s}.ledger WHERE event='start'"),
-            60,
-            "both jobs running, one in each child",
-        )
+        before = await one_job_in_each_of_two(app, sup, 2)
         victim = await val(app, "SELECT pid FROM {s}.ledger WHERE n = 0")
         assert victim in before
         os.kill(victim, signal.SIGKILL)
@@ -244,13 +253,7 @@ async def test_sigterm_lets_running_jobs_finish_and_exits_0(
     app = await prepare(pg_dsn, schema)
     try:
         sup = supervised("--processes", "2", "--concurrency", "1")
-        await until(lambda: _count(app, sup.proc.pid, 2), 60, "two children")
-        await app.tasks["sup.work"].enqueue_many([{"n": n, "seconds": 1} for n in range(2)])
-        await until(
-            lambda: val(app, "SELECT count(DISTINCT pid) = 2 FROM {s}.ledger WHERE event='start'"),
-            60,
-            "both jobs running",
-        )
+        await one_job_in_each_of_two(app, sup, 1)
         sup.proc.send_signal(signal.SIGTERM)
         assert sup.proc.wait(60) == 0, sup.text()
         assert await val(app, "SELECT count(*) FROM {s}.ledger WHERE event = 'done'") == 2
@@ -310,13 +313,7 @@ async def test_a_second_sigterm_forces_the_children_to_return_their_jobs(
     app = await prepare(pg_dsn, schema)
     try:
         sup = supervised("--processes", "2", "--concurrency", "1")
-        await until(lambda: _count(app, sup.proc.pid, 2), 60, "two children")
-        await app.tasks["sup.work"].enqueue_many([{"n": n, "seconds": 600} for n in range(2)])
-        await until(
-            lambda: val(app, "SELECT count(DISTINCT pid) = 2 FROM {s}.ledger WHERE event='start'"),
-            60,
-            "both jobs running",
-        )
+        await one_job_in_each_of_two(app, sup, 600)
         sup.proc.send_signal(signal.SIGTERM)
         sup.wait_for_output("SIGTERM received (1)")
         sup.proc.send_signal(signal.SIGTERM)
