@@ -57,9 +57,6 @@ class Statements:
         # The claim lives in a function (see the migration) so that its plan
         # does not depend on the table's statistics.
         self.claim = f"SELECT * FROM {s}.claim($1, $2, $3, $4, $5)"
-        self.claim_finishing = (
-            f"SELECT * FROM {s}.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        )
         # A unique job: see enqueue_unique() in migrations 2 and 3.
         self.insert_unique = (
             f"SELECT id, created FROM {s}.enqueue_unique($1, $2, $3, $4, "

@@ -7,9 +7,8 @@ the one identifier in the text, validated and quoted by ``quote_schema``.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
@@ -69,15 +68,11 @@ class ClaimResult:
     ``held_back`` is true when a queue or task limit kept due jobs from being
     claimed; ``retry_in`` is then the seconds until a rate window frees a start
     (``None``: until a running job of a limited queue ends, which is announced).
-    ``lost`` and ``committed`` are about the outcomes the claim carried: see
-    :meth:`Store.write_back`.
     """
 
     jobs: list[ClaimedJob]
-    lost: list[int]
     held_back: bool = False
     retry_in: float | None = None
-    committed: list[int] = field(default_factory=list)
 
 
 class Store:
@@ -169,22 +164,10 @@ class Store:
         limit: int,
         worker_id: str,
         lease_seconds: float,
-        outcomes: list[Outcome] | None = None,
     ) -> ClaimResult:
-        """Claim up to ``limit`` jobs, first writing back ``outcomes`` if any."""
-        if outcomes:
-            rows = await conn.fetch(
-                self._sql.claim_finishing,
-                queues,
-                tasks,
-                limit,
-                worker_id,
-                lease_seconds,
-                *_outcome_arrays(outcomes),
-            )
-        else:
-            rows = await conn.fetch(self._sql.claim, queues, tasks, limit, worker_id, lease_seconds)
-        result = ClaimResult([], [])
+        """Claim up to ``limit`` jobs."""
+        rows = await conn.fetch(self._sql.claim, queues, tasks, limit, worker_id, lease_seconds)
+        result = ClaimResult([])
         for r in rows:
             if r[8] is False:
                 result.jobs.append(
@@ -192,17 +175,9 @@ class Store:
                         r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[10], r[11], r[12], r[13]
                     )
                 )
-            elif r[8]:
-                result.lost.append(r[0])
-            else:
+            elif r[8] is None:
                 result.held_back = True
                 result.retry_in = r[9]
-        if result.lost and outcomes:
-            # The claim committed: its jobs are ours and must be started,
-            # whatever happens to this look-up (the outcomes then count as
-            # lost, as they would have without it).
-            with contextlib.suppress(Exception):
-                result.lost, result.committed = await self._split_lost(conn, outcomes, result.lost)
         return result
 
     async def seconds_until_next_due(

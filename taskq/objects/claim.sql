@@ -37,9 +37,21 @@
 -- (two claims taking the same rows in different orders would deadlock); it
 -- passes over the queue or task and says to look again very soon.
 --
--- A claim can carry the worker's finished outcomes (p_ids ... p_delays, as
--- for finish()): writing them back and claiming the next jobs then costs one
--- round trip and one commit instead of two.
+-- A claim can carry finished outcomes (p_ids ... p_delays, as for finish()),
+-- written back before the claim in the same transaction. Workers of this
+-- version never send any: they write outcomes back on a connection of their
+-- own, so that a claim and a write-back run side by side on two backends
+-- (workers of versions up to 11 still do, during a rolling deploy).
+--
+-- A claim without outcomes commits asynchronously (synchronous_commit off
+-- for its transaction): it does not wait for its WAL to be flushed. What a
+-- crash of Postgres can then lose is only the last fraction of a second of
+-- claims (at most three times wal_writer_delay): those jobs are queued again
+-- after recovery, as if never claimed, and the fence drops the outcome of
+-- the attempt that ran. Nothing that ran with such a claim can commit
+-- first: an outcome, a lease renewal and a ctx.transaction() all commit
+-- synchronously, and a flush of their WAL flushes the claim's, which comes
+-- earlier in the log. Enqueues and outcomes keep the server's durability.
 --
 -- Rows returned: jobs (lost = false, with their meta, and for a workflow
 -- step its workflow, name and parents' results); lost outcomes
@@ -61,6 +73,9 @@ LANGUAGE plpgsql
 SET enable_seqscan = off
 SET enable_bitmapscan = off
 SET enable_sort = off
+-- The statements' generic plans are the ones the settings above force;
+-- planning a custom plan for each call would cost more than running it.
+SET plan_cache_mode = force_generic_plan
 -- A plan that had to use a disabled node carries a huge cost, which would
 -- trigger JIT compilation (a hundred milliseconds) for a sub-millisecond query.
 SET jit = off
@@ -108,6 +123,12 @@ BEGIN
     IF p_limit <= 0 THEN
         RETURN;
     END IF;
+    IF coalesce(cardinality(p_ids), 0) = 0 THEN
+        -- A claim alone commits without waiting for its WAL to reach the disk
+        -- (see above): the worker's next write, the job's outcome, waits for
+        -- both, since WAL is flushed in order.
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     -- Queues whose settings matter to a claim, and rate-limited tasks: both
     -- usually none, read from tiny tables.
     SELECT array_agg(q.name) FILTER (WHERE q.paused),
@@ -117,7 +138,11 @@ BEGIN
     WHERE q.paused OR q.concurrency_limit IS NOT NULL OR q.rate_limit IS NOT NULL
         OR q.per_key_limit IS NOT NULL;
     SELECT array_agg(t.name) INTO v_limited_tasks
-    FROM {schema}.tasks AS t WHERE t.rate_limit IS NOT NULL AND t.name = ANY(p_tasks);
+    FROM {schema}.tasks AS t WHERE t.rate_limit IS NOT NULL;
+    IF v_limited_tasks IS NOT NULL THEN
+        v_limited_tasks := array(SELECT x FROM unnest(v_limited_tasks) AS x WHERE x = ANY(p_tasks));
+        v_limited_tasks := nullif(v_limited_tasks, '{}');
+    END IF;
     IF v_limited_tasks IS NOT NULL THEN
         v_tasks := array(SELECT x FROM unnest(p_tasks) AS x WHERE x <> ALL (v_limited_tasks));
     END IF;

@@ -347,9 +347,6 @@ class Worker:
             self._wake.clear()
             limit = min(free, cfg.batch_size)
             sent = time.monotonic()
-            carried = self._writeback.take()
-            lost: list[int] | None = None
-            committed: list[int] = []
             try:
                 async with self._database.acquire("claiming jobs") as conn:
                     result = await self._store.claim(
@@ -359,9 +356,8 @@ class Worker:
                         limit=limit,
                         worker_id=self.id,
                         lease_seconds=cfg.lease_seconds,
-                        outcomes=carried,
                     )
-                claimed, lost, committed = result.jobs, result.lost, result.committed
+                claimed = result.jobs
             except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
                     "worker %s cannot claim jobs: %s (retrying in %.1fs)", self.id, exc, backoff
@@ -369,12 +365,6 @@ class Worker:
                 await self._wake.wait(backoff)
                 backoff = min(backoff * 2, cfg.poll_interval * 2)
                 continue
-            finally:
-                if carried:
-                    if lost is None:
-                        self._writeback.not_written(carried)
-                    else:
-                        self._writeback.written(carried, lost, committed)
             backoff = 0.1
             self.stats.claims += 1
             self.stats.claimed += len(claimed)

@@ -1,4 +1,4 @@
-"""The batched write-back of job outcomes: the buffer, the flush loop, and what claims carry."""
+"""The batched write-back of job outcomes: the buffer and the flush loop."""
 
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from .state import Flag, WorkerState
 
 log = logging.getLogger("taskq.worker")
 
-#: How long finished outcomes wait for a claim to carry them before they are
-#: written back on their own.
-FLUSH_DELAY_SECONDS = 0.005
 #: Longest a single write-back may take before it is abandoned and retried.
 FLUSH_TIMEOUT_SECONDS = 30.0
 
@@ -26,8 +23,10 @@ FLUSH_TIMEOUT_SECONDS = 30.0
 class WriteBack:
     """Buffers outcomes and writes them back in batches, fenced by each job's lease token.
 
-    Outcomes normally ride along with the worker's next claim (``take``, then
-    ``written`` or ``not_written``); :meth:`run` writes what no claim picked up.
+    :meth:`run` writes them on a connection of its own, one statement at a
+    time: while one write is in flight the next outcomes gather, so batches
+    grow with the load without any timer, and claims (on another connection)
+    never wait for a write-back, nor a write-back for a claim.
     """
 
     def __init__(
@@ -46,7 +45,7 @@ class WriteBack:
         self._flushed.set()
 
     def add(self, outcome: Outcome) -> None:
-        """Buffer one outcome; the flush loop writes it unless a claim carries it first."""
+        """Buffer one outcome; the flush loop writes it with the others gathered meanwhile."""
         self.outcomes.append(outcome)
         self._flushed.clear()
         self._ready.set()
@@ -113,15 +112,11 @@ class WriteBack:
         self.outcomes[:0] = batch
 
     async def run(self) -> None:
-        """Write back what no claim carried, a moment after it was recorded."""
+        """Write back outcomes as they come: at once, or as soon as the previous write returns."""
         backoff = 0.05
         while True:
             await self._ready.wait()
             self._ready.clear()
-            if not self._state.stopping:
-                # Outcomes normally ride along with the next claim (one round
-                # trip for both); this loop writes what no claim picked up.
-                await anyio.sleep(FLUSH_DELAY_SECONDS)
             while self.outcomes:
                 try:
                     await self.flush_batch()
