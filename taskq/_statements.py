@@ -63,6 +63,17 @@ class Statements:
             "coalesce($5::timestamptz, now()) + make_interval(secs => $6::float8), $7, $8, $9, "
             "$10, $11)"
         )
+        # The queues that hold queued jobs: one index probe per queue (a
+        # loose index scan of jobs_claim), as claim() does when given none.
+        self.queued_queues = (
+            "WITH RECURSIVE q AS ("
+            f"(SELECT j.queue FROM {s}.jobs AS j WHERE j.state = 'queued' "
+            "ORDER BY j.queue LIMIT 1) "
+            f"UNION ALL SELECT (SELECT j.queue FROM {s}.jobs AS j "
+            "WHERE j.state = 'queued' AND j.queue > q.queue ORDER BY j.queue LIMIT 1) "
+            "FROM q WHERE q.queue IS NOT NULL) "
+            "SELECT coalesce(array_agg(q.queue), '{}') FROM q WHERE q.queue IS NOT NULL"
+        )
         self.next_due = (
             f"SELECT min(run_at) - now() FROM {s}.jobs "
             "WHERE state = 'queued' AND task = ANY($2::text[]) "

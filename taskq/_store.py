@@ -180,6 +180,10 @@ class Store:
                 result.retry_in = r[9]
         return result
 
+    async def queued_queues(self, conn: Conn) -> list[str]:
+        """The names of the queues that hold queued jobs."""
+        return list(await conn.fetchval(self._sql.queued_queues))
+
     async def seconds_until_next_due(
         self, conn: Conn, *, queues: list[str] | None, tasks: list[str]
     ) -> float | None:

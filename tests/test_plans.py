@@ -127,6 +127,13 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
         assert "history" not in plan, plan
         assert "jobs_keyed" not in plan, plan  # fair sharing costs other queues nothing
 
+    # A worker serving every queue finds them by a loose index scan of the
+    # claim index: one probe per queue, whatever the backlog.
+    plan = await explain(conn, sql.queued_queues)
+    assert "jobs_claim" in plan, plan
+    assert "Seq Scan" not in plan and "Sort" not in plan.replace("Sort Key", ""), plan
+    assert sorted(await conn.fetchval(sql.queued_queues)) == ["q0", "q1", "q2", "q3", "qk"]
+
     # A queue with a concurrency limit and a rate limit: the claim also counts
     # its running jobs (by index) and takes the settings row's lock.
     await conn.execute(

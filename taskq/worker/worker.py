@@ -21,7 +21,9 @@ from anyio.abc import TaskStatus
 from .._hooks import OutcomeKind
 from .._names import suggest_task
 from .._scheduler import Scheduler
+from .._store import ClaimResult
 from .config import WorkerConfig, WorkerHost, WorkerStats
+from .discovery import QueueDiscovery
 from .leases import LeaseKeeper, LeaseWatchdog
 from .runner import JobRunner
 from .state import OUTCOME_NAMES, RunningJob, WorkerState
@@ -104,6 +106,8 @@ class Worker:
         self._pruner = Pruner(self._database, self._store, config, state, app.history_retention)
         self._sleep_until = 0.0  # monotonic end of the claim loop's idle sleep, 0 if awake
         self._queue_filter = None if config.queues is None else set(config.queues)
+        # Serving every queue: which ones to claim from (see discovery.py).
+        self._discovery = QueueDiscovery(config.poll_interval) if config.queues is None else None
         # Monotonic times at which jobs enqueued for later fall due, nearest
         # first, learnt from notifications (no polling query per wake-up).
         self._due: list[float] = []
@@ -349,14 +353,19 @@ class Worker:
             sent = time.monotonic()
             try:
                 async with self._database.acquire("claiming jobs") as conn:
-                    result = await self._store.claim(
-                        conn,
-                        queues=queues,
-                        tasks=tasks,
-                        limit=limit,
-                        worker_id=self.id,
-                        lease_seconds=cfg.lease_seconds,
-                    )
+                    if (found := self._discovery) is not None and found.due(sent):
+                        found.found(await self._store.queued_queues(conn), sent)
+                    if found is None or found.queues:
+                        result = await self._store.claim(
+                            conn,
+                            queues=queues if found is None else found.queues,
+                            tasks=tasks,
+                            limit=limit,
+                            worker_id=self.id,
+                            lease_seconds=cfg.lease_seconds,
+                        )
+                    else:
+                        result = ClaimResult([])  # no queue holds a queued job
                 claimed = result.jobs
             except Exception as exc:  # a lost database or a driver fault must not end the loop
                 log.warning(
@@ -477,6 +486,8 @@ class Worker:
         queue, _, epoch = payload.partition("@")
         if self._queue_filter is not None and queue not in self._queue_filter:
             return
+        if self._discovery is not None:
+            self._discovery.heard(queue)
         if epoch:
             with suppress(ValueError):
                 due = time.monotonic() + float(epoch) - time.time()
@@ -491,6 +502,8 @@ class Worker:
 
     def _on_reconnect(self) -> None:
         self._scan_due = True
+        if self._discovery is not None:
+            self._discovery.forget()
         self._wake.set()
 
     def _add_due(self, when: float) -> None:
