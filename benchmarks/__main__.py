@@ -2,9 +2,23 @@
 
 Examples::
 
-    python -m benchmarks --quick           # CI, < 1 minute: short runs; peers in A only
-    python -m benchmarks --write           # full run; results/latest.{md,json}
+    python -m benchmarks --quick           # CI, about 2 minutes: short runs; peers in A only
+    python -m benchmarks --write           # full run (A-G, W); results/latest.{md,json}
     python -m benchmarks --dsn postgresql://... --systems taskq,pgqueuer:tuned --workloads A
+    python -m benchmarks --systems minimal,taskq --workloads G        # two worker processes
+    python -m benchmarks --systems minimal,taskq --workloads Q        # 1,000,000 queued jobs
+    python -m benchmarks --systems taskq --workloads H                # 10,000,000 in history
+
+Workloads (runner.py says more): A bulk enqueue and drain, B streaming, C latency,
+D scaling with --processes, E sleeping jobs, F taskq's feature costs, G A's drain
+with two worker processes, W taskq's workflows. The large-table workloads run only
+when named in --workloads, never by default or in --quick's defaults: Q (taskq and
+the floor) times the first --backlog-drain jobs (default: --jobs) out of --backlog
+queued (default 1,000,000) against --jobs out of --jobs; H (taskq) drains with
+--big-history finished jobs in history (default 10,000,000, a few GB of disk while
+it runs) against an empty history, and compares the plans of the claim's and the
+write-back's statements. Each takes minutes per repetition. With --quick they run
+small: 50,000 queued, 100,000 in history.
 
 Peers (pgqueuer, procrastinate) run in their own virtualenvs, made on first use
 under ``$TASKQ_BENCH_VENVS`` (default ``~/.cache/taskq-bench/venvs``); a peer
@@ -34,7 +48,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true",
                    help="1 run each, smaller and shorter; peers run A only")  # fmt: skip
     p.add_argument("--repeat", type=int, help="repetitions of each run (default 3; quick 1)")
@@ -42,12 +60,17 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
                    "else a throwaway embedded Postgres")  # fmt: skip
     p.add_argument("--systems", default=",".join(systems.SYSTEMS),
                    help="comma-separated names, NAME:VARIANT for one variant")  # fmt: skip
-    p.add_argument("--workloads", default=",".join(runner.WORKLOADS),
+    p.add_argument("--workloads",
+                   default=",".join(w for w in runner.WORKLOADS if w not in runner.LONG),
                    help="comma-separated: A bulk, B streaming, C latency, D scaling, "
-                   "E sleeping jobs and memory, F taskq's feature costs, W workflows")  # fmt: skip
-    p.add_argument("--jobs", type=int, help="jobs in A, D and F (default 20,000; quick 5,000)")
+                   "E sleeping jobs and memory, F taskq's feature costs, G two worker "
+                   "processes, W workflows (default: these); long, only when named: "
+                   "Q a deep backlog, H a big history")  # fmt: skip
+    p.add_argument("--jobs", type=int,
+                   help="jobs in A, D, F, G, H and Q's shallow case (default 20,000; "
+                   "quick 5,000)")  # fmt: skip
     p.add_argument("--batch", type=int, default=1_000, help="jobs per batch enqueue call")
-    p.add_argument("--concurrency", type=int, default=10, help="worker concurrency (A-D, F)")
+    p.add_argument("--concurrency", type=int, default=10, help="worker concurrency (A-D, F-H, Q)")
     p.add_argument("--rate", type=float, default=100.0, help="jobs/s enqueued in C")
     p.add_argument("--latency-seconds", type=float, help="length of C (default 15; quick 3)")
     p.add_argument("--stream-seconds", type=float, help="length of B (default 15; quick 3)")
@@ -56,6 +79,15 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
     p.add_argument("--sleep-concurrency", type=int, default=1_000, help="concurrency in E")
     p.add_argument("--history-rows", type=int,
                    help="finished jobs in history in F (default 1e6; quick 1e5)")  # fmt: skip
+    p.add_argument("--backlog", type=int,
+                   help="jobs queued in Q's deep case (default 1e6; quick 50,000)")  # fmt: skip
+    p.add_argument("--backlog-drain", type=int,
+                   help="jobs Q's deep case runs out of its backlog (default: --jobs)")  # fmt: skip
+    p.add_argument("--backlog-seconds", type=float, default=120.0,
+                   help="longest a Q drain runs; one stopped then is timed by the jobs it "
+                   "ran (default 120)")  # fmt: skip
+    p.add_argument("--big-history", type=int,
+                   help="finished jobs in history in H (default 1e7; quick 1e5)")  # fmt: skip
     p.add_argument("--workflow-steps", type=int,
                    help="steps of W's workflow (default 10,000; quick 1,000)")  # fmt: skip
     p.add_argument("--workflow-chains", type=int,
@@ -77,11 +109,12 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
         p.error(f"unknown workload(s) {sorted(unknown)}; known: {sorted(runner.WORKLOADS)}")
     workloads.sort()
     quick = args.quick
+    jobs = args.jobs or (5_000 if quick else 20_000)
     cfg = runner.Config(
         systems=names,
         workloads=workloads,
         repeat=args.repeat or (1 if quick else 3),
-        jobs=args.jobs or (5_000 if quick else 20_000),
+        jobs=jobs,
         batch=args.batch,
         concurrency=args.concurrency,
         rate=args.rate,
@@ -91,6 +124,10 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
         sleep_jobs=args.sleep_jobs or (20_000 if quick else 100_000),
         sleep_concurrency=args.sleep_concurrency,
         history_rows=args.history_rows or (100_000 if quick else 1_000_000),
+        backlog=args.backlog or (50_000 if quick else 1_000_000),
+        backlog_drain=args.backlog_drain or jobs,
+        backlog_seconds=args.backlog_seconds,
+        big_history=args.big_history or (100_000 if quick else 10_000_000),
         quick=quick,
         peer_workloads=("A",) if quick else None,
         analyze=args.analyze,
@@ -100,9 +137,12 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
     )
     numbers = (cfg.repeat, cfg.jobs, cfg.batch, cfg.concurrency, cfg.rate, cfg.latency_seconds,
                cfg.stream_seconds, cfg.sleep_jobs, cfg.sleep_concurrency, cfg.history_rows,
-               cfg.workflow_steps - 2, cfg.workflow_chains, *cfg.processes)  # fmt: skip
+               cfg.workflow_steps - 2, cfg.workflow_chains, cfg.backlog, cfg.backlog_drain,
+               cfg.backlog_seconds, cfg.big_history, *cfg.processes)  # fmt: skip
     if min(numbers) <= 0 or not cfg.processes:
         p.error("counts, rates and durations must be positive")
+    if "Q" in workloads and not cfg.jobs <= cfg.backlog >= cfg.backlog_drain:
+        p.error("Q drains --jobs and --backlog-drain out of --backlog: neither may exceed it")
     return cfg, args
 
 
@@ -135,7 +175,7 @@ async def bench(cfg: runner.Config, args: argparse.Namespace) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]])
     summ = report.summary(runs)
-    md = report.markdown(cfg, plan, summ, env, when, command)
+    md = report.markdown(cfg, plan, summ, env, when, command, runs)
     if args.write:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "latest.md").write_text(md)

@@ -5,8 +5,10 @@ and passes the database in ``$TASKQ_BENCH_AGENT_DSN`` (not argv, where ``ps``
 shows it). A worker prints ``OPEN`` once connected and waits for a ``GO`` line
 on stdin (so that several worker processes start claiming together), then
 ``READY`` when it is about to claim; every command ends with one
-``RESULT {json}`` line. Everything runs on uvloop. This module imports only
-what every system's virtualenv has: asyncpg, orjson and uvloop.
+``RESULT {json}`` line. A worker given ``--notify-after=N`` also prints
+``REACHED`` as soon as it has run N jobs (workload Q times part of a backlog).
+Everything runs on uvloop. This module imports only what every system's
+virtualenv has: asyncpg, orjson and uvloop.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DSN_ENV = "TASKQ_BENCH_AGENT_DSN"
 OPEN = "OPEN"
 GO = "GO"
 READY = "READY"
+REACHED = "REACHED"
 RESULT = "RESULT "
 #: Longest a latency producer waits for its last job to start before giving up.
 START_TIMEOUT = 60.0
@@ -46,13 +49,16 @@ def emit(line: str) -> None:
 class Tally:
     """Counts job executions, to prove afterwards that each job ran exactly once."""
 
-    def __init__(self) -> None:
+    def __init__(self, notify_after: int | None = None) -> None:
         self.executed = 0
         self.seen: set[int] = set()
+        self.notify_after = notify_after
 
     def add(self, i: int) -> None:
         self.executed += 1
         self.seen.add(i)
+        if self.executed == self.notify_after:
+            emit(REACHED)
 
 
 def versions(system: type[systems.System]) -> dict[str, Any]:
@@ -74,9 +80,13 @@ async def enqueue_bulk(system: systems.System, jobs: int, batch: int) -> dict[st
 
 
 async def worker(
-    system: systems.System, concurrency: int, mode: str, report_ids: bool
+    system: systems.System,
+    concurrency: int,
+    mode: str,
+    report_ids: bool,
+    notify_after: int | None = None,
 ) -> dict[str, Any]:
-    tally = Tally()
+    tally = Tally(notify_after)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -186,6 +196,7 @@ async def main(argv: list[str]) -> None:
     work.add_argument("--mode", choices=["noop", "sleep", "latency"], required=True)
     work.add_argument("--processes", type=int, default=1, help="worker processes in the run")
     work.add_argument("--ids", action="store_true", help="report the ids of the jobs run")
+    work.add_argument("--notify-after", type=int, help=f"print {REACHED} after this many jobs")
     prod = commands.add_parser("produce")
     prod.add_argument("--rate", type=float, required=True, help="jobs/s; 0: back to back")
     prod.add_argument("--seconds", type=float, required=True)
@@ -207,7 +218,7 @@ async def main(argv: list[str]) -> None:
         if args.command == "enqueue-bulk":
             result = await enqueue_bulk(system, args.jobs, args.batch)
         elif args.command == "worker":
-            result = await worker(system, args.concurrency, args.mode, args.ids)
+            result = await worker(system, args.concurrency, args.mode, args.ids, args.notify_after)
         elif args.command == "produce":
             result = await produce(system, args.rate, args.seconds)
     finally:

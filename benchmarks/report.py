@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from .runner import FEATURES, FLOOR, Config, Plan
+from .runner import FEATURES, FLOOR, G_PROCESSES, Config, Plan
 from .workflows import PICKUP_INTERVAL
 
 TASKQ = "taskq"
@@ -22,16 +22,23 @@ def summarize(values: list[float | None]) -> Stats | None:
 
 
 def summary(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Per row, workload and metric: median, min and max over the repetitions."""
+    """Per row, workload and metric: median, min and max over the repetitions.
+
+    Metrics are the numbers; other values (workload H's plans) stay in the runs.
+    """
     out: dict[str, Any] = {}
     for label, workloads in runs.items():
         for workload, results in workloads.items():
             if results:
-                metrics = {k for r in results for k in r}
+                metrics = {k for r in results for k, v in r.items() if _is_number(v)}
                 out.setdefault(label, {})[workload] = {
                     m: summarize([r.get(m) for r in results]) for m in sorted(metrics)
                 }
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def _num(value: float) -> str:
@@ -88,7 +95,9 @@ def markdown(
     env: dict[str, dict[str, str]],
     when: str,
     command: str,
+    runs: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
 ) -> str:
+    """The report; ``runs`` (the results of each run) for what is not a number (H's plans)."""
     r = Report(cfg, plan, summ)
     rep = cfg.repeat
     cells = "one run" if rep == 1 else f"the median (min–max) of {rep} runs"
@@ -116,6 +125,12 @@ def markdown(
         out += _sleepers(r)
     if "F" in cfg.workloads and plan.features:
         out += _features(r)
+    if "G" in cfg.workloads:
+        out += _two_processes(r)
+    if "Q" in cfg.workloads:
+        out += _backlog(r)
+    if "H" in cfg.workloads:
+        out += _history(r, (runs or {}).get(TASKQ, {}).get("H", []))
     if "W" in cfg.workloads:
         out += _workflows(r)
     out += _ratios(r)
@@ -350,6 +365,169 @@ def _features(r: Report) -> list[str]:
     return out + _table(header, rows)
 
 
+def _two_processes(r: Report) -> list[str]:
+    cfg = r.cfg
+    out = [
+        "",
+        f"## G. {G_PROCESSES} worker processes: A's drain ({cfg.jobs:,} jobs)",
+        "",
+        f"A's run (the jobs enqueued with the batch API in batches of {cfg.batch:,}, then "
+        f"drained) with {G_PROCESSES} worker processes at concurrency {cfg.concurrency} each, "
+        "all connected first and then released together; the clock starts when the first is "
+        "ready and stops when Postgres shows no job left. Worker CPU is the user + system "
+        f"time of the {G_PROCESSES} worker processes together, Postgres CPU that of all its "
+        "processes; cores = CPU seconds per second of drain. The ratios divide medians: by "
+        f"the row's own A drain (one process), and by `{FLOOR}`'s G drain.",
+        "",
+    ]
+    header = ["system", "drain jobs/s", "vs A (1 process)", f"vs {FLOOR}", "worker CPU µs/job",
+              "worker CPU cores", "Postgres CPU µs/job", "Postgres CPU cores"]  # fmt: skip
+    keys = ["worker_cpu_us_per_job", "worker_cpu_cores"]
+    keys += ["server_cpu_us_per_job", "server_cpu_cores"]
+    floor = r.median(FLOOR, "G", "drain_per_s")
+    rows = []
+    for s in r.plan.subjects:
+        if "G" not in r.summ.get(s.label, {}):
+            continue
+        rate = r.median(s.label, "G", "drain_per_s")
+        rows.append(
+            [s.label, _cell(r.stats(s.label, "G", "drain_per_s"), cfg.repeat)]
+            + [_ratio(rate, r.median(s.label, "A", "drain_per_s")), _ratio(rate, floor)]
+            + [_cell(r.stats(s.label, "G", k), cfg.repeat) for k in keys]
+        )
+    return out + _table(header, rows) + _fewer(r, "G", cfg.jobs)
+
+
+def _backlog(r: Report) -> list[str]:
+    cfg = r.cfg
+    n, m, k = cfg.jobs, cfg.backlog, cfg.backlog_drain
+    out = [
+        "",
+        f"## Q. A deep backlog: {k:,} of {m:,} queued jobs against {n:,} of {n:,}",
+        "",
+        f"Two cases per repetition, each in a fresh database: {n:,} jobs queued (A's size, "
+        f"the shallow case) and {m:,} (the deep case), enqueued with the system's batch API "
+        f"in batches of {cfg.batch:,}, then `VACUUM ANALYZE` (a backlog that grew over time "
+        "has been vacuumed and analyzed by autovacuum) and a checkpoint. Then one worker "
+        f"process (concurrency {cfg.concurrency}) runs {n:,} jobs of the shallow backlog and "
+        f"{k:,} of the deep one, timed from its readiness until it has run that many (its "
+        "own count; unlike A, whose clock stops when Postgres shows no job left, so the "
+        "last write-back is outside both clocks), or for at most "
+        f"{cfg.backlog_seconds:g} s: a drain stopped then is timed by the jobs it ran (counted "
+        "when it stopped). The two cases alternate in order between repetitions. Afterwards "
+        "the runner checks that no job ran twice and that the system's table holds exactly "
+        "the jobs that did not run. Deep / shallow is the median (range) of each "
+        "repetition's ratio. The A column, when A ran too, is A's drain: the same "
+        f"{n:,} jobs without the `VACUUM ANALYZE` (statistics left to autovacuum).",
+        "",
+    ]
+    header = ["system", "A drain jobs/s", f"enqueue of {m:,} jobs/s", f"{n:,} of {n:,} jobs/s",
+              f"{k:,} of {m:,} jobs/s", "deep / shallow", "Postgres CPU µs/job, shallow",
+              "Postgres CPU µs/job, deep", "worker CPU µs/job, shallow",
+              "worker CPU µs/job, deep"]  # fmt: skip
+    keys = ["enqueue_per_s_deep", "drain_per_s_shallow", "drain_per_s_deep", "ratio"]
+    keys += ["server_cpu_us_per_job_shallow", "server_cpu_us_per_job_deep"]
+    keys += ["worker_cpu_us_per_job_shallow", "worker_cpu_us_per_job_deep"]
+    rows = r.rows("Q", keys)
+    for row in rows:
+        row.insert(1, _cell(r.stats(row[0], "A", "drain_per_s"), cfg.repeat))
+    out += _table(header, rows)
+    for s in r.plan.subjects:
+        for case, what in (("shallow", f"{n:,} of {n:,}"), ("deep", f"{k:,} of {m:,}")):
+            st = r.stats(s.label, "Q", f"reached_{case}")
+            if st is not None and st["min"] < 1:
+                ran = r.stats(s.label, "Q", f"jobs_{case}")
+                out += ["", f"{s.label}'s drain of {what} was stopped after "
+                        f"{cfg.backlog_seconds:g} s in some run(s), having run "
+                        f"{_cell(ran, cfg.repeat)} jobs."]  # fmt: skip
+    analyzed = [
+        s.label
+        for s in r.plan.subjects
+        for case in ("shallow", "deep")
+        if (st := r.stats(s.label, "Q", f"autoanalyze_during_drain_{case}")) and st["max"] > 0
+    ]
+    if analyzed:
+        out += ["", f"Autovacuum analyzed tables during some drains of: {', '.join(analyzed)}."]
+    return out
+
+
+def _history(r: Report, runs: list[dict[str, Any]]) -> list[str]:
+    from .systems.taskq_system import PLAN_BATCH, PLAN_ROUNDS
+
+    cfg = r.cfg
+    big = cfg.big_history
+    out = [
+        "",
+        f"## H. A big history: {big:,} finished jobs (taskq)",
+        "",
+        "Two cases per repetition, each in a fresh database: an empty history, and one "
+        f"with {big:,} finished jobs of another task, inserted with one `INSERT ... SELECT "
+        "generate_series` after the schema (spread over the 5.8 days before the run, inside "
+        "the default retention, so pruning deletes none), then `VACUUM ANALYZE`. Then A's "
+        f"run: {cfg.jobs:,} jobs enqueued in batches of {cfg.batch:,}, a checkpoint, one "
+        f"worker process at concurrency {cfg.concurrency}, timed until Postgres shows no job "
+        "left. Before the drain, auto_explain records `EXPLAIN (ANALYZE, BUFFERS)` of every "
+        f"statement that a claim of {PLAN_BATCH} jobs (`claim()`) and the write-back of "
+        "their success (`finish()`) run, nested ones included, with taskq's own statements, "
+        f"in a transaction rolled back: the last of {PLAN_ROUNDS} rounds in one session (warm "
+        "caches, and past the five custom plans after which plpgsql may switch a statement "
+        "to a generic plan, as in a worker's session). The two cases alternate in order "
+        "between repetitions.",
+        "",
+    ]
+    header = ["history", "fill s", "history MB", "drain jobs/s", "vs empty", "worker CPU µs/job",
+              "Postgres CPU µs/job", "claim() buffers", "finish() buffers"]  # fmt: skip
+    rows = []
+    for case, what in (("empty", "empty"), ("big", f"{big:,} rows")):
+        keys = ["fill_seconds", "history_mb", "drain_per_s"]
+        cells = [_cell(r.stats(TASKQ, "H", f"{key}_{case}"), cfg.repeat) for key in keys]
+        cells.append("1" if case == "empty" else _cell(r.stats(TASKQ, "H", "ratio"), cfg.repeat))
+        keys = ["worker_cpu_us_per_job", "server_cpu_us_per_job", "claim_buffers"]
+        keys.append("finish_buffers")
+        cells += [_cell(r.stats(TASKQ, "H", f"{key}_{case}"), cfg.repeat) for key in keys]
+        rows.append([what, *cells])
+    out += _table(header, rows)
+    same = r.stats(TASKQ, "H", "plans_same")
+    if same is None or not runs:
+        return out
+    alike = sum(1 for run in runs if run.get("plans_same"))
+    out += [
+        "",
+        "Buffers are shared buffers hit + read by the whole call (its top-level node, which "
+        "includes everything the function ran). Plans: every statement the two calls ran "
+        f"had the same plan shape with {big:,} rows as with none in {alike} of {len(runs)} "
+        "repetition(s). Per statement (the last repetition), the shared buffers hit + read "
+        "(dirtied) of its plan's top node:",
+        "",
+    ]
+    last = runs[-1]["plans"]
+    rows = []
+    for empty, full in zip(last["empty"], last["big"], strict=False):
+        rows.append(
+            [
+                f"{full['call']}()",
+                f"`{_clip(full['query'], 70)}`",
+                _buffers(empty),
+                _buffers(full),
+                "yes" if empty["shape"] == full["shape"] else "**no**",
+            ]
+        )
+    out += _table(["call", "statement", "empty", f"{big:,} rows", "same plan"], rows, numbers=False)
+    out += ["", f"The plans with {big:,} rows in history (last repetition):", "", "```"]
+    for entry in last["big"]:
+        out += [f"-- {entry['call']}(): {_clip(entry['query'], 90)}", *entry["nodes"]]
+    return [*out, "```"]
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _buffers(entry: dict[str, Any]) -> str:
+    b = entry["buffers"]
+    return f"{b['hit'] + b['read']:,} ({b['dirtied']:,})"
+
+
 def _workflows(r: Report) -> list[str]:
     cfg = r.cfg
     n = cfg.workflow_steps
@@ -435,6 +613,7 @@ def _ratios(r: Report) -> list[str]:
         ("C", "p50_ms", "C p50 (Δ ms)", _delta),
         ("C", "p99_ms", "C p99", _ratio),
         ("D", f"drain_per_s_{r.cfg.processes[0]}", f"D {r.cfg.processes[0]} processes", _ratio),
+        ("G", "drain_per_s", "G drain", _ratio),
         ("E", "drain_per_s", "E drain", _ratio),
         ("E", "rss_peak_mb", "E peak RSS", _ratio),
     ]
@@ -516,5 +695,16 @@ def _targets(r: Report) -> list[str]:
     d = m(TASKQ, "W", "body_p50_delta_ms")
     add("W the same, seen from the task bodies", d, f"{d or 0:+.2f} ms",
         d is not None and d <= 1.0)  # fmt: skip
+    cfg = r.cfg
+    q = m(TASKQ, "Q", "ratio")
+    add(f"Q {cfg.backlog_drain:,} of {cfg.backlog:,} queued ≥ 0.8× {cfg.jobs:,} of {cfg.jobs:,}",
+        q, f"{q or 0:.2f}×", q is not None and q >= 0.8)  # fmt: skip
+    q = m(TASKQ, "H", "ratio")
+    add(f"H drain with {cfg.big_history:,} in history ≥ 0.9× with none", q, f"{q or 0:.2f}×",
+        q is not None and q >= 0.9)  # fmt: skip
+    same = r.stats(TASKQ, "H", "plans_same")
+    add("H claim and write-back plans unchanged", same and same["min"],
+        "in every run" if same and same["min"] == 1 else "changed in some run",
+        same is not None and same["min"] == 1)  # fmt: skip
     out = ["", "## taskq's targets (medians)", ""]
     return out + _table(["target", "measured", "met"], rows, numbers=False)

@@ -7,8 +7,17 @@ D  scaling: A's drain with several worker processes.
 E  many sleeping jobs at high concurrency: drain rate and the worker's peak memory.
 F  taskq only: A's drain with each feature in use (results, retries, queue limits,
    a big history).
+G  A with two worker processes: drain rate and CPU per job (both processes summed).
 W  taskq only: a fan-out/fan-in workflow against the same jobs enqueued plainly, and a
    released child's pickup against a plain job's (benchmarks/workflows.py).
+
+Long runs, only when named (``--workloads Q,H``), never in a default or quick run:
+
+Q  taskq and the floor: a deep backlog. The rate of running the first jobs (as many
+   as A's) out of a million queued, against the same number out of that many.
+H  taskq only: a big history. A's drain, and the plans (EXPLAIN ANALYZE, BUFFERS) of
+   the statements claim() and finish() run, with ten million finished jobs in
+   history against an empty one.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ TIMEOUT_SECONDS = 600.0
 IDLE_SECONDS = 0.5
 #: The floor every ratio is taken against.
 FLOOR = "minimal"
+#: Worker processes in workload G.
+G_PROCESSES = 2
 #: Workload F: taskq variant -> what the row measures. None: not built yet.
 FEATURES: list[tuple[str | None, str]] = [
     ("", "(1) baseline: no-op returning None"),
@@ -83,6 +94,13 @@ class Config:
     sleep_jobs: int = 100_000
     sleep_concurrency: int = 1_000
     history_rows: int = 1_000_000
+    #: Workload Q: jobs queued, and how many of them the timed drain runs.
+    backlog: int = 1_000_000
+    backlog_drain: int = 20_000
+    #: ... unless that takes longer than this: Q's rate is then what ran meanwhile.
+    backlog_seconds: float = 120.0
+    #: Workload H: finished jobs in history.
+    big_history: int = 10_000_000
     quick: bool = False
     #: Workloads the peers run (None: all); quick runs keep peers to A.
     peer_workloads: tuple[str, ...] | None = None
@@ -226,17 +244,27 @@ async def run_agent(subject: Subject, dsn: str, *args: str) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def workers(
-    subject: Subject, dsn: str, count: int, concurrency: int, mode: str, *, setup: bool = False
+    subject: Subject,
+    dsn: str,
+    count: int,
+    concurrency: int,
+    mode: str,
+    *,
+    setup: bool = False,
+    notify_after: int | None = None,
 ) -> AsyncIterator[tuple[list[Agent], float]]:
     """``count`` worker processes, connected, then released together by GO.
 
     Yields once all are ready, with the moment the first one was: from then on
     jobs may run, so a drain's clock starts there. ``setup``: the first one
     installs the schema before it connects (a fresh database, nothing enqueued).
+    ``notify_after``: each prints agent.REACHED once it has run that many jobs.
     """
     args = [f"--concurrency={concurrency}", f"--mode={mode}", f"--processes={count}"]
     if count > 1:
         args.append("--ids")
+    if notify_after is not None:
+        args.append(f"--notify-after={notify_after}")
     async with contextlib.AsyncExitStack() as stack:
         procs = []
         for n in range(count):
@@ -357,22 +385,47 @@ async def drain(
     concurrency: int,
     mode: str = "noop",
     profile: Path | None = None,
+    backlog: int | None = None,
 ) -> dict[str, Any]:
-    """Start worker processes on enqueued jobs; time them until none is left; verify."""
+    """Start worker processes on enqueued jobs; time them until none is left; verify.
+
+    Worker CPU is summed over the worker processes; memory is the first one's,
+    reported for a single process only. ``backlog``: that many jobs are queued
+    and one worker process runs ``jobs`` of them. The clock then stops when the
+    worker says it has run ``jobs`` (agent.REACHED) rather than when Postgres
+    shows none left, or after cfg.backlog_seconds: the jobs it ran by then
+    (counted when it stopped, so up to its concurrency more) over that time.
+    The checks are that no job ran twice and that the system's tables hold
+    exactly the jobs not run.
+    """
+    if backlog is not None and processes != 1:
+        raise ValueError("a drain of part of a backlog is timed by its one worker's count")
     analyzed0 = await conn.fetchval(AUTOANALYZE_COUNT)
     server = postmaster(srv)
-    async with workers(subject, dsn, processes, concurrency, mode) as (procs, started):
-        main = psutil.Process(procs[0].proc.pid)
-        rss_ready = _memory(main.pid, "VmRSS")
-        worker0, server0 = cpu_seconds(main), cpu_seconds(server, children=True)
-        with profiled(main.pid, profile):
-            ended = await wait_drained(conn, subject, started, TIMEOUT_SECONDS)
+    reached = True
+    async with workers(
+        subject, dsn, processes, concurrency, mode, notify_after=None if backlog is None else jobs
+    ) as (procs, started):
+        ps = [psutil.Process(p.proc.pid) for p in procs]
+        rss_ready = _memory(ps[0].pid, "VmRSS")
+        worker0, server0 = _cpu_sum(ps), cpu_seconds(server, children=True)
+        with profiled(ps[0].pid, profile):
+            if backlog is None:
+                ended = await wait_drained(conn, subject, started, TIMEOUT_SECONDS)
+            else:
+                reached = await _reached(procs[0], cfg.backlog_seconds)
+                ended = time.perf_counter()
         seconds = ended - started
-        worker1, server1 = cpu_seconds(main), cpu_seconds(server, children=True)
-        peak = _memory(main.pid, "VmHWM")
+        worker1, server1 = _cpu_sum(ps), cpu_seconds(server, children=True)
+        peak = _memory(ps[0].pid, "VmHWM")
         results = await stop_all(procs)
-    problems = exactly_once(results, jobs, subject.cls.runs_per_job(subject.variant))
-    problems += await subject.make(dsn).check(conn, jobs)
+    if backlog is None:
+        problems = exactly_once(results, jobs, subject.cls.runs_per_job(subject.variant))
+        problems += await subject.make(dsn).check(conn, jobs)
+    else:
+        problems = await _part_run(conn, subject, results, jobs if reached else 0, backlog)
+        if not reached:
+            jobs = sum(r["executed"] for r in results)
     if problems:
         raise BenchmarkError(f"{subject.label}: " + "; ".join(problems))
     out: dict[str, Any] = {
@@ -380,18 +433,49 @@ async def drain(
         "drain_seconds": seconds,
         "drain_per_s": jobs / seconds,
         "autoanalyze_during_drain": await conn.fetchval(AUTOANALYZE_COUNT) - analyzed0,
+        "worker_cpu_us_per_job": _per_job(worker0, worker1, jobs),
+        # CPU seconds per wall second: 1.0 is one core kept busy for the whole drain.
+        "worker_cpu_cores": _per_second(worker0, worker1, seconds),
+        "server_cpu_us_per_job": _per_job(server0, server1, jobs),
+        "server_cpu_cores": _per_second(server0, server1, seconds),
     }
     if processes == 1:
-        out |= {
-            "worker_cpu_us_per_job": _per_job(worker0, worker1, jobs),
-            # CPU seconds per wall second: 1.0 is one core kept busy for the whole drain.
-            "worker_cpu_cores": _per_second(worker0, worker1, seconds),
-            "server_cpu_us_per_job": _per_job(server0, server1, jobs),
-            "server_cpu_cores": _per_second(server0, server1, seconds),
-            "rss_ready_mb": rss_ready,
-            "rss_peak_mb": peak,
-        }
+        out |= {"rss_ready_mb": rss_ready, "rss_peak_mb": peak}
+    if backlog is not None:
+        out["reached"] = float(reached)
     return out
+
+
+async def _reached(worker: Agent, seconds: float) -> bool:
+    """Whether the worker said agent.REACHED within ``seconds``."""
+    try:
+        await asyncio.wait_for(worker.expect(agent.REACHED, seconds + 60), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _cpu_sum(procs: list[psutil.Process]) -> float | None:
+    seconds = [cpu_seconds(p) for p in procs]
+    return None if None in seconds else sum(s for s in seconds if s is not None)
+
+
+async def _part_run(
+    conn: asyncpg.Connection,
+    subject: Subject,
+    results: list[dict[str, Any]],
+    jobs: int,
+    backlog: int,
+) -> list[str]:
+    """After at least ``jobs`` of ``backlog`` ran: each once, and the rest still queued."""
+    executed = sum(r["executed"] for r in results)
+    if executed < jobs:
+        return [f"workers ran {executed} job(s), expected at least {jobs}"]
+    problems = exactly_once(results, executed)
+    left = await conn.fetchval(subject.cls.backlog_sql)
+    if left != backlog - executed:
+        problems.append(f"{left} job(s) left of {backlog} after {executed} ran")
+    return problems
 
 
 def _memory(pid: int, key: str) -> float | None:
@@ -416,18 +500,39 @@ async def bulk_enqueue(
     return seconds
 
 
-async def bulk(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
-    """A: enqueue cfg.jobs in batches, then one worker process drains them."""
-    jobs = subject.jobs(cfg.jobs, "A")
-    async with fresh_database(srv, db_name(subject, "a", rep)) as (dsn, conn):
+async def enqueue_and_drain(
+    cfg: Config,
+    srv: Server,
+    subject: Subject,
+    database: str,
+    jobs: int,
+    processes: int = 1,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """A fresh database, ``jobs`` enqueued in batches, drained by ``processes`` workers."""
+    async with fresh_database(srv, database) as (dsn, conn):
         enq = await bulk_enqueue(subject, dsn, jobs, cfg.batch)
         if cfg.analyze:
             await conn.execute("ANALYZE")
-        out = cfg.profile_dir and cfg.profile_dir / f"{subject.slug}-bulk-{rep}.svg"
         res = await drain(
-            cfg, srv, subject, dsn, conn, jobs=jobs, concurrency=cfg.concurrency, profile=out
-        )
+            cfg, srv, subject, dsn, conn, jobs=jobs, processes=processes,
+            concurrency=cfg.concurrency, profile=profile,
+        )  # fmt: skip
     return {"enqueue_seconds": enq, "enqueue_per_s": jobs / enq, **res}
+
+
+async def bulk(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """A: enqueue cfg.jobs in batches, then one worker process drains them."""
+    out = cfg.profile_dir and cfg.profile_dir / f"{subject.slug}-bulk-{rep}.svg"
+    return await enqueue_and_drain(
+        cfg, srv, subject, db_name(subject, "a", rep), subject.jobs(cfg.jobs, "A"), profile=out
+    )
+
+
+async def two_processes(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """G: A with G_PROCESSES worker processes, each at cfg.concurrency."""
+    jobs = subject.jobs(cfg.jobs, "G")
+    return await enqueue_and_drain(cfg, srv, subject, db_name(subject, "g", rep), jobs, G_PROCESSES)
 
 
 async def stream(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
@@ -501,11 +606,8 @@ async def scaling(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[
     out: dict[str, Any] = {}
     jobs = subject.jobs(cfg.jobs, "D")
     for k in cfg.processes:
-        async with fresh_database(srv, db_name(subject, "d", rep, f"_{k}")) as (dsn, conn):
-            await bulk_enqueue(subject, dsn, jobs, cfg.batch)
-            res = await drain(
-                cfg, srv, subject, dsn, conn, jobs=jobs, processes=k, concurrency=cfg.concurrency
-            )
+        name = db_name(subject, "d", rep, f"_{k}")
+        res = await enqueue_and_drain(cfg, srv, subject, name, jobs, k)
         out[f"drain_per_s_{k}"] = res["drain_per_s"]
     out["jobs"] = jobs
     return out
@@ -537,6 +639,87 @@ async def feature(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[
     return {k: res[k] for k in keys}
 
 
+def _alternated(rep: int, cases: list[Any]) -> list[Any]:
+    """The cases in turn forwards and backwards, so that a drift of the machine hits both."""
+    return cases if rep % 2 else cases[::-1]
+
+
+async def deep_backlog(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """Q: cfg.backlog_drain jobs run out of cfg.backlog queued, against cfg.jobs of cfg.jobs.
+
+    Each case in a fresh database: the jobs enqueued with the batch API, then
+    ``VACUUM ANALYZE`` (a backlog that grew over time has been vacuumed and
+    analyzed by autovacuum) and a checkpoint, then one worker process, timed
+    until it has run its share (drain()'s ``backlog``). Keys end in
+    ``_shallow`` and ``_deep``; ``ratio`` is deep / shallow.
+    """
+    out: dict[str, Any] = {}
+    cases = [("shallow", cfg.jobs, cfg.jobs), ("deep", cfg.backlog_drain, cfg.backlog)]
+    for case, jobs, queued in _alternated(rep, cases):
+        async with fresh_database(srv, db_name(subject, "q", rep, f"_{case}")) as (dsn, conn):
+            enq = await bulk_enqueue(subject, dsn, queued, cfg.batch)
+            await conn.execute("VACUUM ANALYZE")
+            await checkpoint(conn)
+            res = await drain(
+                cfg, srv, subject, dsn, conn, jobs=jobs, concurrency=cfg.concurrency,
+                backlog=queued,
+            )  # fmt: skip
+        res |= {"queued": queued, "enqueue_per_s": queued / enq}
+        out |= {f"{key}_{case}": value for key, value in res.items()}
+    out["ratio"] = out["drain_per_s_deep"] / out["drain_per_s_shallow"]
+    return out
+
+
+async def big_history(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
+    """H (taskq): A's drain with cfg.big_history finished jobs in history, against none.
+
+    Each case in a fresh database: the schema, the history rows (the ``history``
+    variant's prepare(): one ``INSERT ... SELECT generate_series``, then
+    ``VACUUM ANALYZE``), cfg.jobs enqueued, the plans of the claim's and the
+    write-back's statements (System.plans(), rolled back), a checkpoint, the
+    drain. Keys end in ``_empty`` and ``_big``; ``ratio`` is big / empty,
+    ``plans_same`` 1 when every statement kept its plan's shape.
+    """
+    from .systems.taskq_system import SCHEMA  # loaded on demand, as in plan()
+
+    hist = Subject(subject.system, "history", subject.label, subject.python)
+    table = f"{SCHEMA}.history"
+    out: dict[str, Any] = {}
+    plans: dict[str, list[dict[str, Any]]] = {}
+    for case, rows in _alternated(rep, [("empty", 0), ("big", cfg.big_history)]):
+        async with fresh_database(srv, db_name(subject, "h", rep, f"_{case}")) as (dsn, conn):
+            system = hist.make(dsn)
+            await run_agent(hist, dsn, "setup")
+            filling = time.perf_counter()
+            await system.prepare(conn, {"history_rows": rows})
+            filled = time.perf_counter() - filling
+            await bulk_enqueue(hist, dsn, cfg.jobs, cfg.batch, setup=False)
+            plans[case] = await system.plans()
+            await checkpoint(conn)
+            res = await drain(cfg, srv, hist, dsn, conn, jobs=cfg.jobs, concurrency=cfg.concurrency)
+            res["history_rows"] = rows
+            size = await conn.fetchval(f"SELECT pg_total_relation_size('{table}')")
+            res["history_mb"] = size / 1e6
+        res["fill_seconds"] = filled
+        res |= {f"{name}_buffers": n for name, n in statement_buffers(plans[case]).items()}
+        out |= {f"{key}_{case}": value for key, value in res.items()}
+    out["ratio"] = out["drain_per_s_big"] / out["drain_per_s_empty"]
+    out["plans_same"] = float(same_plans(plans["empty"], plans["big"]))
+    # Not numbers: kept in the JSON and shown by the report, not summarized.
+    out["plans"] = plans
+    return out
+
+
+def statement_buffers(plans: list[dict[str, Any]]) -> dict[str, int]:
+    """Shared buffers (hit + read) of each top-level call System.plans() made, by name."""
+    return {p["call"]: p["buffers"]["hit"] + p["buffers"]["read"] for p in plans if p["top"]}
+
+
+def same_plans(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """The same statements, in the same order, with the same plan shapes."""
+    return [(p["query"], p["shape"]) for p in a] == [(p["query"], p["shape"]) for p in b]
+
+
 async def workflows(cfg: Config, srv: Server, subject: Subject, rep: int) -> dict[str, Any]:
     """W: taskq's workflows against plain jobs (benchmarks/workflows.py)."""
     from . import workflows as w  # it imports this module
@@ -552,10 +735,17 @@ WORKLOADS: dict[str, Workload] = {
     "D": scaling,
     "E": sleepers,
     "F": feature,
+    "G": two_processes,
+    "H": big_history,
+    "Q": deep_backlog,
     "W": workflows,
 }
 #: Workloads only taskq (its plain row) runs.
-TASKQ_ONLY = ("W",)
+TASKQ_ONLY = ("W", "H")
+#: Workloads only taskq's plain row and the floor run.
+WITH_FLOOR_ONLY = ("Q",)
+#: Workloads that run only when named (minutes each, and gigabytes of disk for H).
+LONG = ("H", "Q")
 
 
 # -- the plan and the run --------------------------------------------------------------
@@ -635,6 +825,8 @@ async def run(
             rows = plan_.features if workload == "F" else plan_.subjects
             if workload in TASKQ_ONLY:
                 rows = [s for s in rows if s.system == "taskq" and not s.variant]
+            if workload in WITH_FLOOR_ONLY:
+                rows = [s for s in rows if s.system in ("taskq", FLOOR) and not s.variant]
             if cfg.peer_workloads is not None and workload not in cfg.peer_workloads:
                 rows = [s for s in rows if not s.peer]
             for subject in rows:

@@ -40,8 +40,8 @@ class System(abc.ABC):
     The runner never calls the system's library itself: every method below the
     "system process" line runs in a subprocess (``python -m benchmarks.agent``)
     started with the system's interpreter (its own virtualenv for a peer, see
-    :attr:`venv`). Only the SQL attributes, :meth:`prepare` and :meth:`check`
-    run in the runner, as plain SQL. Adapters import their library inside
+    :attr:`venv`). Only the SQL attributes, :meth:`prepare`, :meth:`plans` and
+    :meth:`check` run in the runner, as plain SQL. Adapters import their library inside
     methods, never at module level.
     """
 
@@ -140,6 +140,11 @@ class System(abc.ABC):
 
     async def prepare(self, conn: asyncpg.Connection, options: dict[str, Any]) -> None:  # noqa: B027
         """After setup, before the run: put the database in the state the run needs."""
+
+    async def plans(self) -> list[dict[str, Any]]:
+        """Plans of the statements a worker's claim and write-back run, rolled back
+        (workload H; see TaskqSystem.plans). Empty: not measured for this system."""
+        return []
 
     async def check(self, conn: asyncpg.Connection, expected: int) -> list[str]:
         """After a drain: problems found in the system's own records (empty if none).

@@ -3,7 +3,9 @@
 Variants (workload F, the cost of each feature): ``result`` returns a small
 dict that taskq stores; ``retry`` fails every job's first attempt under
 ``taskq.Retry(attempts=2, wait=0)``; ``history`` runs with many finished jobs
-already in the history table (see :meth:`TaskqSystem.prepare`). The flow-control
+already in the history table (see :meth:`TaskqSystem.prepare`; workloads F and
+H). :meth:`TaskqSystem.plans` reads the plans of the claim's and the
+write-back's statements (workload H). The flow-control
 variants set a cluster-wide limit on the task's queue in :meth:`TaskqSystem.setup`,
 through ``app.queue(...).configure(...)``, before anything is enqueued:
 ``limit`` a concurrency limit equal to the worker's concurrency (it does not
@@ -14,7 +16,9 @@ concurrency (it binds), ``rate_limit`` a rate limit far above any drain rate.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +36,31 @@ QUEUE = "default"
 #: The ``rate_limit`` variant's queue rate limit: taskq's largest count in the
 #: shortest unit, far above any drain rate, so it never holds a job back.
 RATE_LIMIT = "1000000/second"
+#: The span of time the ``history`` variant's finished jobs cover, back from now:
+#: inside the default 7-day retention, so the worker's pruning has nothing to
+#: delete, however many rows there are.
+HISTORY_SPAN_SECONDS = 500_000.0
+#: plans(): every statement's plan, nested ones included (claim() and finish()
+#: are plpgsql functions), as JSON with EXPLAIN ANALYZE's rows and buffers,
+#: sent to the session as notices.
+AUTO_EXPLAIN = (
+    "LOAD 'auto_explain'",
+    "SET auto_explain.log_min_duration = 0",
+    "SET auto_explain.log_analyze = on",
+    "SET auto_explain.log_buffers = on",
+    "SET auto_explain.log_nested_statements = on",
+    "SET auto_explain.log_format = 'json'",
+    "SET auto_explain.log_level = 'notice'",
+    "SET client_min_messages = 'notice'",
+)
+#: plans(): jobs claimed and written back, as a worker at the benchmarks'
+#: concurrency does when all its slots are free; the lease a worker asks for.
+PLAN_BATCH = 10
+PLAN_LEASE_SECONDS = 30.0
+#: plans() reads the last of these rounds, each rolled back: past the first
+#: (cold caches) and past the five custom plans after which plpgsql's cached
+#: statements may switch to a generic plan, as they do in a worker's session.
+PLAN_ROUNDS = 7
 
 
 def concurrency_limit(variant: str, concurrency: int) -> int | None:
@@ -163,24 +192,65 @@ class TaskqSystem(System):
         rows = int(options.get("history_rows", 0))
         if self.variant != "history" or not rows:
             return
-        # Finished jobs of another task, one every 0.5 s back from now: inside the
-        # default 7-day retention (1,000,000 rows span 5.8 days), so the worker's
-        # pruning has nothing to delete. Ids are negative: below every new job's.
+        # Finished jobs of another task, spread evenly over HISTORY_SPAN_SECONDS back
+        # from now (1,000,000 rows: one every 0.5 s). Ids are negative: below every
+        # new job's.
         await conn.execute(
             f"""
             INSERT INTO {SCHEMA}.history (id, queue, task, args, state, priority, attempts,
                 max_attempts, enqueued_at, started_at, finished_at, worker_id, result)
             SELECT -g, 'default', 'bench.old', jsonb_build_object('i', g), 'succeeded', 0, 1,
-                5, now() - g * interval '500 ms' - interval '20 ms',
-                now() - g * interval '500 ms' - interval '10 ms', now() - g * interval '500 ms',
+                5, f.at - interval '20 ms', f.at - interval '10 ms', f.at,
                 'bench-old-worker', NULL
-            FROM generate_series(1, $1::int) AS g
+            FROM generate_series(1, $1::bigint) AS g,
+                LATERAL (SELECT now() - make_interval(secs => g * $2::float8) AS at) AS f
             """,
             rows,
+            HISTORY_SPAN_SECONDS / rows,
         )
         # A long-running install has vacuumed and analyzed its history; without
         # this, autovacuum's first pass over the new rows would land in the run.
         await conn.execute(f"VACUUM ANALYZE {SCHEMA}.history")
+
+    async def plans(self) -> list[dict[str, Any]]:
+        """EXPLAIN (ANALYZE, BUFFERS) of what claim() and finish() run, by auto_explain.
+
+        The calls a worker makes (taskq's own statements): a claim of
+        PLAN_BATCH jobs from every queue, then the write-back of their success,
+        in a transaction rolled back, so the jobs stay queued. One entry per
+        statement, in the order run: the call that ran it, whether it is the
+        call itself (its buffers include everything the function ran), its text
+        with whitespace folded, its plan's shape (node lines without numbers),
+        the same lines with rows and buffers, and the root node's buffers.
+        """
+        from taskq._statements import Statements
+
+        sql = Statements(SCHEMA)
+        notices: list[str] = []
+        conn = await asyncpg.connect(self.dsn)
+        conn.add_log_listener(lambda _c, msg: notices.append(str(msg.message)))
+        try:
+            for setting in AUTO_EXPLAIN:
+                await conn.execute(setting)
+            for _ in range(PLAN_ROUNDS):
+                notices.clear()
+                async with _rolled_back(conn):
+                    rows = await conn.fetch(
+                        sql.claim, None, [TASK], PLAN_BATCH, "bench-plans", PLAN_LEASE_SECONDS
+                    )
+                    jobs = [(r["id"], r["lease_token"]) for r in rows if r["lost"] is False]
+                    if len(jobs) != PLAN_BATCH:
+                        raise RuntimeError(f"claimed {len(jobs)} jobs, expected {PLAN_BATCH}")
+                    n = len(jobs)
+                    await conn.fetchval(
+                        sql.finish, [j for j, _ in jobs], [t for _, t in jobs],
+                        ["succeeded"] * n, [None] * n, [None] * n, [0.0] * n,
+                    )  # fmt: skip
+                # The rollback's reply came after every notice: their callbacks are due.
+                await asyncio.sleep(0)
+        finally:
+            await conn.close()
+        return _explained({"claim": sql.claim, "finish": sql.finish}, notices)
 
     async def check(self, conn: asyncpg.Connection, expected: int) -> list[str]:
         mine = f"{SCHEMA}.history WHERE task = '{TASK}'"
@@ -221,3 +291,82 @@ class TaskqSystem(System):
             if has[key] != value:
                 problems.append(f"queue {QUEUE!r}: {key} {'missing' if value else 'set'}")
         return problems
+
+
+def _folded(sql: str) -> str:
+    return " ".join(sql.split())
+
+
+@contextlib.asynccontextmanager
+async def _rolled_back(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        yield
+    finally:
+        await tx.rollback()
+
+
+def _explained(calls: dict[str, str], notices: list[str]) -> list[dict[str, Any]]:
+    """auto_explain's JSON notices ("duration: ... plan:" then the plan) as entries.
+
+    A call's own plan is logged when it ends, after those of the statements it
+    ran: each statement belongs to the first call logged after it.
+    """
+    tops = {_folded(sql): call for call, sql in calls.items()}
+    out: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    for notice in notices:
+        _, found, text = notice.partition("plan:\n")
+        if not found:
+            continue
+        doc = json.loads(text)
+        query = _folded(doc["Query Text"])
+        lines = _plan_lines(doc["Plan"])
+        root = doc["Plan"]
+        pending.append(
+            {
+                "top": query in tops,
+                "query": query,
+                "shape": [shape for shape, _ in lines],
+                "nodes": [f"{shape}  ({numbers})" for shape, numbers in lines],
+                "buffers": {
+                    k: root.get(f"Shared {k.title()} Blocks", 0)
+                    for k in ("hit", "read", "dirtied", "written")
+                },
+            }
+        )
+        if query in tops:
+            out += [{"call": tops[query], **entry} for entry in pending]
+            pending = []
+    if pending or sorted({e["call"] for e in out}) != sorted(calls):
+        raise RuntimeError(f"auto_explain's notices do not end with each call: {notices}")
+    return out
+
+
+def _plan_lines(node: dict[str, Any], depth: int = 0) -> list[tuple[str, str]]:
+    """One (shape, numbers) line per plan node, indented by depth, like EXPLAIN's text."""
+    what = node["Operation"] if node["Node Type"] == "ModifyTable" else node["Node Type"]
+    if node.get("Strategy") in ("Sorted", "Hashed", "Mixed"):
+        what = f"{node['Strategy']} {what}"
+    if "Join Type" in node and node["Join Type"] != "Inner":
+        what += f" {node['Join Type']} Join"
+    if node.get("Scan Direction") == "Backward":
+        what += " Backward"
+    if "Index Name" in node:
+        what += f" using {node['Index Name']}"
+    target = node.get("Relation Name") or node.get("CTE Name") or node.get("Function Name")
+    if target:
+        what += f" on {target}"
+    if "Subplan Name" in node:
+        what = f"{node['Subplan Name']}: {what}"
+    shape = "  " * depth + what
+    numbers = (
+        f"rows {node.get('Actual Rows', '?')}, loops {node.get('Actual Loops', '?')}, "
+        f"shared hit {node.get('Shared Hit Blocks', 0)} read {node.get('Shared Read Blocks', 0)} "
+        f"dirtied {node.get('Shared Dirtied Blocks', 0)}"
+    )
+    lines = [(shape, numbers)]
+    for child in node.get("Plans", []):
+        lines += _plan_lines(child, depth + 1)
+    return lines
