@@ -467,7 +467,8 @@ def _history(r: Report, runs: list[dict[str, Any]]) -> list[str]:
         f"run: {cfg.jobs:,} jobs enqueued in batches of {cfg.batch:,}, a checkpoint, one "
         f"worker process at concurrency {cfg.concurrency}, timed until Postgres shows no job "
         "left. Before the drain, auto_explain records `EXPLAIN (ANALYZE, BUFFERS)` of every "
-        f"statement that a claim of {PLAN_BATCH} jobs (`claim()`) and the write-back of "
+        "statement that a worker's look-up of the queues holding jobs (`queues`, once per "
+        f"poll interval), its claim of {PLAN_BATCH} jobs (`claim()`) and the write-back of "
         "their success (`finish()`) run, nested ones included, with taskq's own statements, "
         f"in a transaction rolled back: the last of {PLAN_ROUNDS} rounds in one session (warm "
         "caches, and past the five custom plans after which plpgsql may switch a statement "
@@ -476,14 +477,15 @@ def _history(r: Report, runs: list[dict[str, Any]]) -> list[str]:
         "",
     ]
     header = ["history", "fill s", "history MB", "drain jobs/s", "vs empty", "worker CPU µs/job",
-              "Postgres CPU µs/job", "claim() buffers", "finish() buffers"]  # fmt: skip
+              "Postgres CPU µs/job", "queues buffers", "claim() buffers",
+              "finish() buffers"]  # fmt: skip
     rows = []
     for case, what in (("empty", "empty"), ("big", f"{big:,} rows")):
         keys = ["fill_seconds", "history_mb", "drain_per_s"]
         cells = [_cell(r.stats(TASKQ, "H", f"{key}_{case}"), cfg.repeat) for key in keys]
         cells.append("1" if case == "empty" else _cell(r.stats(TASKQ, "H", "ratio"), cfg.repeat))
-        keys = ["worker_cpu_us_per_job", "server_cpu_us_per_job", "claim_buffers"]
-        keys.append("finish_buffers")
+        keys = ["worker_cpu_us_per_job", "server_cpu_us_per_job", "queues_buffers"]
+        keys += ["claim_buffers", "finish_buffers"]
         cells += [_cell(r.stats(TASKQ, "H", f"{key}_{case}"), cfg.repeat) for key in keys]
         rows.append([what, *cells])
     out += _table(header, rows)
@@ -505,7 +507,7 @@ def _history(r: Report, runs: list[dict[str, Any]]) -> list[str]:
     for empty, full in zip(last["empty"], last["big"], strict=False):
         rows.append(
             [
-                f"{full['call']}()",
+                full["call"] if full["call"] == "queues" else f"{full['call']}()",
                 f"`{_clip(full['query'], 70)}`",
                 _buffers(empty),
                 _buffers(full),
@@ -515,7 +517,7 @@ def _history(r: Report, runs: list[dict[str, Any]]) -> list[str]:
     out += _table(["call", "statement", "empty", f"{big:,} rows", "same plan"], rows, numbers=False)
     out += ["", f"The plans with {big:,} rows in history (last repetition):", "", "```"]
     for entry in last["big"]:
-        out += [f"-- {entry['call']}(): {_clip(entry['query'], 90)}", *entry["nodes"]]
+        out += [f"-- {entry['call']}: {_clip(entry['query'], 90)}", *entry["nodes"]]
     return [*out, "```"]
 
 

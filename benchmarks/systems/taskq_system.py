@@ -215,9 +215,10 @@ class TaskqSystem(System):
     async def plans(self) -> list[dict[str, Any]]:
         """EXPLAIN (ANALYZE, BUFFERS) of what claim() and finish() run, by auto_explain.
 
-        The calls a worker makes (taskq's own statements): a claim of
-        PLAN_BATCH jobs from every queue, then the write-back of their success,
-        in a transaction rolled back, so the jobs stay queued. One entry per
+        The calls a worker serving every queue makes (taskq's own statements):
+        the look-up of the queues that hold jobs (once per poll interval), a
+        claim of PLAN_BATCH jobs from them, then the write-back of their
+        success, in a transaction rolled back, so the jobs stay queued. One entry per
         statement, in the order run: the call that ran it, whether it is the
         call itself (its buffers include everything the function ran), its text
         with whitespace folded, its plan's shape (node lines without numbers),
@@ -235,8 +236,9 @@ class TaskqSystem(System):
             for _ in range(PLAN_ROUNDS):
                 notices.clear()
                 async with _rolled_back(conn):
+                    queues = await conn.fetchval(sql.queued_queues)
                     rows = await conn.fetch(
-                        sql.claim, None, [TASK], PLAN_BATCH, "bench-plans", PLAN_LEASE_SECONDS
+                        sql.claim, queues, [TASK], PLAN_BATCH, "bench-plans", PLAN_LEASE_SECONDS
                     )
                     jobs = [(r["id"], r["lease_token"]) for r in rows if r["lost"] is False]
                     if len(jobs) != PLAN_BATCH:
@@ -250,7 +252,8 @@ class TaskqSystem(System):
                 await asyncio.sleep(0)
         finally:
             await conn.close()
-        return _explained({"claim": sql.claim, "finish": sql.finish}, notices)
+        calls = {"queues": sql.queued_queues, "claim": sql.claim, "finish": sql.finish}
+        return _explained(calls, notices)
 
     async def check(self, conn: asyncpg.Connection, expected: int) -> list[str]:
         mine = f"{SCHEMA}.history WHERE task = '{TASK}'"
