@@ -12,6 +12,11 @@
 -- SET clauses make the ordered index scan the only sensible plan whatever
 -- the statistics say.
 --
+-- The jobs a claim starts are updated by id (id = ANY(ARRAY(the pick))),
+-- never through a join: a join planned without knowing the pick's size
+-- (statements in a function keep one generic plan) could hash the whole
+-- table to find ten rows, a cost that grows with the backlog.
+--
 -- Several queues (p_queues), or all of them (NULL: the queues that have
 -- queued jobs, found with one index probe per queue), are served one queue
 -- at a time, starting from a random one so that none is always served last.
@@ -217,32 +222,28 @@ BEGIN
                 v_row.key_cursor := v_cursor;
             END IF;
             RETURN QUERY
-            WITH picked AS (
-                SELECT j.id FROM {schema}.jobs AS j
-                WHERE j.id = ANY(v_ids) AND j.state = 'queued'
-                FOR UPDATE SKIP LOCKED
-            )
             UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
                 worker_id = p_worker, lease_token = gen_random_uuid(),
                 lease_expires_at = now() + make_interval(secs => p_lease), started_at = v_now
-            FROM picked WHERE j.id = picked.id
+            WHERE j.id = ANY(ARRAY(
+                SELECT i.id FROM {schema}.jobs AS i
+                    WHERE i.id = ANY(v_ids) AND i.state = 'queued'
+                    FOR UPDATE SKIP LOCKED))
             RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
                 j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
                 j.inputs::text, j.workflow_id, j.step;
             GET DIAGNOSTICS v_got = ROW_COUNT;
         ELSIF cardinality(v_tasks) > 0 THEN
             RETURN QUERY
-            WITH picked AS (
-                SELECT j.id FROM {schema}.jobs AS j
-                WHERE j.state = 'queued' AND j.queue = v_queue
-                    AND j.task = ANY(v_tasks) AND j.run_at <= now()
-                ORDER BY j.priority DESC, j.run_at, j.id
-                LIMIT v_take FOR UPDATE SKIP LOCKED
-            )
             UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
                 worker_id = p_worker, lease_token = gen_random_uuid(),
                 lease_expires_at = now() + make_interval(secs => p_lease), started_at = v_now
-            FROM picked WHERE j.id = picked.id
+            WHERE j.id = ANY(ARRAY(
+                SELECT i.id FROM {schema}.jobs AS i
+                    WHERE i.state = 'queued' AND i.queue = v_queue
+                    AND i.task = ANY(v_tasks) AND i.run_at <= now()
+                    ORDER BY i.priority DESC, i.run_at, i.id
+                    LIMIT v_take FOR UPDATE SKIP LOCKED))
             RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
                 j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
                 j.inputs::text, j.workflow_id, j.step;
@@ -281,34 +282,30 @@ BEGIN
                     v_row.key_cursor := v_cursor;
                 END IF;
                 RETURN QUERY
-                WITH picked AS (
-                    SELECT j.id FROM {schema}.jobs AS j
-                    WHERE j.id = ANY(v_ids) AND j.state = 'queued'
-                    FOR UPDATE SKIP LOCKED
-                )
                 UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
                     worker_id = p_worker, lease_token = gen_random_uuid(),
                     lease_expires_at = now() + make_interval(secs => p_lease),
                     started_at = v_tnow
-                FROM picked WHERE j.id = picked.id
+                WHERE j.id = ANY(ARRAY(
+                    SELECT i.id FROM {schema}.jobs AS i
+                        WHERE i.id = ANY(v_ids) AND i.state = 'queued'
+                        FOR UPDATE SKIP LOCKED))
                 RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
                     j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
                     j.inputs::text, j.workflow_id, j.step;
                 GET DIAGNOSTICS v_tgot = ROW_COUNT;
             ELSE
                 RETURN QUERY
-                WITH picked AS (
-                    SELECT j.id FROM {schema}.jobs AS j
-                    WHERE j.state = 'queued' AND j.queue = v_queue AND j.task = v_task
-                        AND j.run_at <= now()
-                    ORDER BY j.priority DESC, j.run_at, j.id
-                    LIMIT v_ttake FOR UPDATE SKIP LOCKED
-                )
                 UPDATE {schema}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
                     worker_id = p_worker, lease_token = gen_random_uuid(),
                     lease_expires_at = now() + make_interval(secs => p_lease),
                     started_at = v_tnow
-                FROM picked WHERE j.id = picked.id
+                WHERE j.id = ANY(ARRAY(
+                    SELECT i.id FROM {schema}.jobs AS i
+                        WHERE i.state = 'queued' AND i.queue = v_queue AND i.task = v_task
+                        AND i.run_at <= now()
+                        ORDER BY i.priority DESC, i.run_at, i.id
+                        LIMIT v_ttake FOR UPDATE SKIP LOCKED))
                 RETURNING j.id, j.task, j.queue, j.args::text, j.attempts, j.max_attempts,
                     j.lease_token, j.priority, false, NULL::double precision, j.meta::text,
                     j.inputs::text, j.workflow_id, j.step;
