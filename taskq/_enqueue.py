@@ -22,7 +22,7 @@ from ._registry import Registry
 from ._results import Results
 from ._serialization import encode, encode_many
 from ._store import Store
-from ._task import Task, with_defaults
+from ._task import Task
 from ._workflow_store import WorkflowStore
 
 
@@ -147,15 +147,20 @@ class Enqueuer:
         With ``many``, ``args`` is a JSON array of ``count`` jobs' arguments and
         ``keys`` their concurrency keys (None: none has one).
         """
-        queue, attempts = await self.task_defaults(name, task)
-        opts = with_defaults(opts, task, queue)
+        default_queue, attempts = await self.task_defaults(name, task)
+        # The options' queue and priority, else the task's (no copy of the
+        # options: this runs once per enqueue call).
+        queue = opts.queue or default_queue
+        priority = opts.priority
+        if priority is None:
+            priority = task.priority if task else 0
         insert: Callable[..., Any] = self._store.insert_jobs if many else self._store.insert_job
         action = "enqueueing jobs" if many else "enqueueing a job"
         kwargs: dict[str, Any] = dict(
-            queue=opts.queue,
+            queue=queue,
             task=name,
             args=args,
-            priority=opts.priority,
+            priority=priority,
             run_at=opts.run_at,
             delay=opts.delay,
             max_attempts=attempts,
@@ -183,7 +188,7 @@ class Enqueuer:
             return await write(opts.meta)
         ctx = EnqueueContext(
             task=name,
-            queue=str(opts.queue),
+            queue=queue,
             count=count,
             meta=dict(opts.meta or {}),
             in_transaction=opts.connection is not None,

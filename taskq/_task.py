@@ -484,11 +484,3 @@ class BoundTask(Generic[P, R]):
             stored.append(arguments)
             keys.append(key)
         return await task.app.enqueuer.enqueue_many(task.name, stored, self.opts, task, keys)
-
-
-def with_defaults(opts: EnqueueOptions, task: Task[Any, Any] | None, queue: str) -> EnqueueOptions:
-    return replace(
-        opts,
-        queue=opts.queue or queue,
-        priority=opts.priority if opts.priority is not None else (task.priority if task else 0),
-    )
