@@ -183,6 +183,24 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     assert "Seq Scan" not in plan, plan
     assert "history_finished_at" in plan, plan
 
+    # The write-back: each outcome finds its job by id, whatever the backlog
+    # (a generic plan must not hash or scan the million queued jobs).
+    n = 50
+    outcomes = (
+        list(range(1, n + 1)),
+        [uuid.uuid4() for _ in range(n)],  # no job holds these: nothing changes
+        ["succeeded"] * (n - 2) + ["retry", "failed"],
+        [None] * n,
+        [None] * (n - 2) + ['{"type": "E"}'] * 2,
+        [0.0] * n,
+    )
+    await conn.fetch(sql.finish, *outcomes)  # asyncpg reads the parameters' types first
+    plan = await inner_plans(conn, sql.finish, *outcomes)
+    assert "jobs_pkey" in plan, plan
+    assert_no_scan_of_the_whole(plan, "jobs")
+    # No hash join against the jobs (a hash on the few queue settings rows is fine).
+    assert not [line for line in plan.splitlines() if "Hash Cond" in line and "j." in line], plan
+
     plan = await explain(conn, sql.renew, [1, 2], [None, None], 30.0)
     assert "Seq Scan" not in plan, plan
 
