@@ -2,11 +2,15 @@
 
 One table with a partial index over runnable rows, bulk insert through
 ``unnest``, a statement-level NOTIFY trigger, and a worker that claims at most
-its free slots in one ``UPDATE ... FOR UPDATE SKIP LOCKED`` statement, runs the
-coroutine and deletes finished jobs in batches. It has no leases, retries,
-results or history: what a real queue costs above this is the price of those
-features, or overhead to remove. It runs with the server's durability settings
-(one committed transaction per statement), like every system measured here.
+its free slots in one ``UPDATE ... FOR UPDATE SKIP LOCKED`` statement and runs
+each job once. Finished jobs are deleted by the worker's next statement: the
+ids of the jobs that finished since the last one ride along with the claim
+that refills their slots, so a drain costs one round trip and one commit per
+batch, not two. It has no leases, retries, results or history: what a real
+queue costs above this is the price of those features, or overhead to remove.
+It runs with the server's durability settings (one committed transaction per
+statement), like every system measured here. docs/benchmarks.md ("The floor")
+says what each choice bought.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ CREATE SCHEMA {SCHEMA};
 CREATE TABLE {SCHEMA}.jobs (
     id     bigserial   PRIMARY KEY,
     queue  text        NOT NULL,
-    args   jsonb       NOT NULL,
+    args   bytea       NOT NULL,  -- JSON as the client wrote it: the queue never reads it
     run_at timestamptz NOT NULL DEFAULT now(),
     state  text        NOT NULL DEFAULT 'queued'
 );
@@ -40,17 +44,28 @@ BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END $$;
 CREATE TRIGGER jobs_notify AFTER INSERT ON {SCHEMA}.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.notify();
 """
-INSERT_MANY = (
-    f"INSERT INTO {SCHEMA}.jobs (queue, args) SELECT $1, a::jsonb FROM unnest($2::text[]) AS a"
-)
+INSERT_MANY = f"INSERT INTO {SCHEMA}.jobs (queue, args) SELECT $1, a FROM unnest($2::bytea[]) AS a"
 # run_at defaults to now(): the enqueue time on the database clock.
-INSERT_ONE = f"INSERT INTO {SCHEMA}.jobs (queue, args) VALUES ($1, $2::jsonb) RETURNING run_at"
+INSERT_ONE = f"INSERT INTO {SCHEMA}.jobs (queue, args) VALUES ($1, $2) RETURNING run_at"
+# The oldest runnable jobs, locked; rows another worker holds are skipped. The
+# locked rows are updated through their ctid (a TID scan): no second index lookup
+# per row, and a locked row cannot move before the statement ends.
+PICK = (
+    f"SELECT ctid FROM {SCHEMA}.jobs WHERE state = 'queued' AND queue = $1 AND run_at <= now() "
+    "ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
+)
+# Acknowledge the finished jobs ($3) and claim up to $2 more, in one transaction.
 CLAIM = (
-    f"UPDATE {SCHEMA}.jobs SET state = 'running' WHERE id IN ("
-    f"SELECT id FROM {SCHEMA}.jobs WHERE state = 'queued' AND queue = $1 AND run_at <= now() "
-    "ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, args::text"
+    f"WITH finished AS (DELETE FROM {SCHEMA}.jobs WHERE id = ANY($3::bigint[])) "
+    f"UPDATE {SCHEMA}.jobs SET state = 'running' WHERE ctid = ANY(ARRAY({PICK})) "
+    "RETURNING id, args"
 )
 ACK = f"DELETE FROM {SCHEMA}.jobs WHERE id = ANY($1::bigint[])"
+# The worker's connection plans each statement once. Left to itself, Postgres
+# re-plans CLAIM on every call once the table has statistics: the generic plan's
+# estimate for LIMIT $2 (a tenth of the table) makes it look dearer than a custom
+# plan, though the two plans are the same.
+WORKER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -62,19 +77,23 @@ async def install(conn: asyncpg.Connection) -> None:
 async def enqueue_many(
     conn: asyncpg.Connection, args: list[dict[str, Any]], queue: str = "default"
 ) -> None:
-    await conn.execute(INSERT_MANY, queue, [orjson.dumps(a).decode() for a in args])
+    await conn.execute(INSERT_MANY, queue, [orjson.dumps(a) for a in args])
 
 
 async def enqueue(
     conn: asyncpg.Connection, args: dict[str, Any], queue: str = "default"
 ) -> datetime:
     """Insert one job; return its enqueue time on the database clock."""
-    at: datetime = await conn.fetchval(INSERT_ONE, queue, orjson.dumps(args).decode())
+    at: datetime = await conn.fetchval(INSERT_ONE, queue, orjson.dumps(args))
     return at
 
 
 class Worker:
-    """Runs at most ``concurrency`` jobs at once; a slot frees when its job returns."""
+    """Runs at most ``concurrency`` jobs at once; a slot frees when its job returns.
+
+    One connection carries everything: the claims, the acknowledgements riding
+    on them, and the LISTEN that wakes an idle worker.
+    """
 
     def __init__(
         self,
@@ -87,71 +106,62 @@ class Worker:
     ) -> None:
         self.dsn, self.handler, self.queue = dsn, handler, queue
         self.concurrency, self.poll_interval = concurrency, poll_interval
-        self._jobs: set[asyncio.Task[None]] = set()
-        self._done: list[int] = []
-        self._wake = asyncio.Event()  # an INSERT notified, or stop()
-        self._slot_free = asyncio.Event()
-        self._ack_needed = asyncio.Event()
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references only
+        self._done: list[int] = []  # finished, not yet deleted
+        self._nudge = asyncio.Event()  # a job finished, an INSERT notified, or stop()
         self._stopping = False
-        self._closing = False  # no job left to run: the ack loop flushes and returns
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
-        self._slot_free.set()
+        self._nudge.set()
 
     async def run(self, ready: Callable[[], None] = lambda: None) -> None:
         """Claim and run jobs until stop(); then finish running jobs and acknowledge them."""
-        # Separate connections, so that acknowledging never waits behind a claim.
-        claim_conn, ack_conn, listen_conn = [await asyncpg.connect(self.dsn) for _ in range(3)]
-        await listen_conn.add_listener(CHANNEL, lambda *_: self._wake.set())
-        acker = asyncio.create_task(self._ack_loop(ack_conn))
+        conn = await asyncpg.connect(self.dsn, server_settings=WORKER_SETTINGS)
         try:
+            await conn.add_listener(CHANNEL, lambda *_: self._nudge.set())
             ready()
-            await self._claim_loop(claim_conn)
-            if self._jobs:
-                await asyncio.wait(self._jobs)
+            await self._claim_loop(conn)
+            while self._running:
+                self._nudge.clear()
+                await self._nudge.wait()
+            if self._done:
+                await conn.execute(ACK, self._done)
         finally:
-            self._closing = True
-            self._ack_needed.set()
-            await acker
-            for conn in (claim_conn, ack_conn, listen_conn):
-                await conn.close()
+            await conn.close()
 
     async def _claim_loop(self, conn: asyncpg.Connection) -> None:
+        empty = False  # the last claim found fewer jobs than it asked for
         while not self._stopping:
-            self._slot_free.clear()
-            free = self.concurrency - len(self._jobs)
-            if free <= 0:
-                await self._slot_free.wait()
+            free = self.concurrency - self._running
+            if not free:  # only a job that finishes frees a slot
+                self._nudge.clear()
+                await self._nudge.wait()
                 continue
-            # Cleared before the claim: an INSERT committed meanwhile wakes us again.
-            self._wake.clear()
-            rows = await conn.fetch(CLAIM, self.queue, free)
-            for job_id, args in rows:
-                task = asyncio.create_task(self._run(job_id, args))
-                self._jobs.add(task)
-                task.add_done_callback(self._finished)
-            if len(rows) < free:  # nothing more to claim: sleep until an INSERT notifies
+            if empty and not self._done and not self._nudge.is_set():
+                # Nothing to claim, nothing to acknowledge: sleep until an INSERT
+                # notifies or a job finishes (its id must not wait for the next
+                # INSERT); poll now and then in case a notification was missed.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                    await asyncio.wait_for(self._nudge.wait(), self.poll_interval)
+                empty = False
+                continue
+            # Cleared before the claim: whatever happens while it runs wakes us again.
+            self._nudge.clear()
+            finished, self._done = self._done, []
+            rows = await conn.fetch(CLAIM, self.queue, free, finished)
+            for job_id, args in rows:
+                self._running += 1
+                task = asyncio.create_task(self._run(job_id, args))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            empty = len(rows) < free
 
-    async def _run(self, job_id: int, args: str) -> None:
+    async def _run(self, job_id: int, args: bytes) -> None:
         try:
             await self.handler(orjson.loads(args))
         finally:  # no retries in the floor: a job that raised is done too
+            self._running -= 1
             self._done.append(job_id)
-            self._ack_needed.set()
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._jobs.discard(task)
-        self._slot_free.set()
-
-    async def _ack_loop(self, conn: asyncpg.Connection) -> None:
-        # Ids that finish while one DELETE is in flight go together in the next one.
-        while not (self._closing and not self._done):
-            await self._ack_needed.wait()
-            self._ack_needed.clear()
-            ids, self._done = self._done, []
-            if ids:
-                await conn.execute(ACK, ids)
+            self._nudge.set()

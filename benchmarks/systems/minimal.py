@@ -19,7 +19,8 @@ class MinimalSystem(System):
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {mq.SCHEMA}.jobs)"
     backlog_sql = f"SELECT count(*) FROM {mq.SCHEMA}.jobs"
     settings: ClassVar[dict[str, str]] = {
-        "": "claims up to its free slots, deletes finished jobs in batches"
+        "": "claims up to its free slots on one connection; the ids of finished jobs "
+        "ride on the next claim, which deletes them (one statement per batch)"
     }
 
     async def open(self) -> None:
