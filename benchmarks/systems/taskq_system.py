@@ -256,7 +256,9 @@ class TaskqSystem(System):
         return _explained(calls, notices)
 
     async def check(self, conn: asyncpg.Connection, expected: int) -> list[str]:
-        mine = f"{SCHEMA}.history WHERE task = '{TASK}'"
+        # The run's jobs have positive ids, the history variant's rows negative ones: a
+        # range of the primary key, not a scan of millions of rows (9 s at 10,000,000).
+        mine = f"{SCHEMA}.history WHERE id > 0 AND task = '{TASK}'"
         row = await conn.fetchrow(
             f"SELECT (SELECT count(*) FROM {SCHEMA}.jobs) AS live, "
             f"(SELECT count(*) FROM {mine} AND state = 'succeeded') AS succeeded, "
