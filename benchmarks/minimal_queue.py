@@ -16,7 +16,6 @@ says what each choice bought.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -143,8 +142,11 @@ class Worker:
                 # Nothing to claim, nothing to acknowledge: sleep until an INSERT
                 # notifies or a job finishes (its id must not wait for the next
                 # INSERT); poll now and then in case a notification was missed.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudge.wait(), self.poll_interval)
+                poll = asyncio.get_running_loop().call_later(self.poll_interval, self._nudge.set)
+                try:
+                    await self._nudge.wait()
+                finally:
+                    poll.cancel()
                 empty = False
                 continue
             # Cleared before the claim: whatever happens while it runs wakes us again.
