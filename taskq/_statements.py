@@ -226,6 +226,11 @@ class Statements:
             "ORDER BY queue, state"
         )
         self.prune = f"SELECT {s}.prune($1, $2)"
+        # History's time partitions (see history_extend(), history_detach(),
+        # history_drop()): each in a transaction of its own.
+        self.history_extend = f"SELECT {s}.history_extend($1, $2)"
+        self.history_detach = f"SELECT detached, busy FROM {s}.history_detach($1)"
+        self.history_drop = f"SELECT {s}.history_drop()"
         # Whose a workflow step's result is: the steps that take it, or the
         # workflow's (a step without children); NULL when nothing takes it.
         self.step_result_used = (

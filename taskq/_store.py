@@ -294,6 +294,21 @@ class Store:
                 break
         return total
 
+    async def extend_history(self, conn: Conn, width: float, ahead: float) -> str | None:
+        """Add history's next time partition if they do not reach ``ahead`` seconds past now."""
+        name: str | None = await conn.fetchval(self._sql.history_extend, width, ahead)
+        return name
+
+    async def detach_history(self, conn: Conn, retention_seconds: float) -> tuple[Any, Any]:
+        """Detach history's oldest partition past the retention: (its name, or None if there
+        is none; the name of one it gave up on because a lock was held on history)."""
+        row = await conn.fetchrow(self._sql.history_detach, retention_seconds)
+        return row["detached"], row["busy"]
+
+    async def drop_detached_history(self, conn: Conn) -> int:
+        """Drop the detached partitions with their jobs' checkpoints; return how many."""
+        return int(await conn.fetchval(self._sql.history_drop))
+
     # -- jobs ------------------------------------------------------------------
 
     async def get_job(self, conn: Conn, job_id: int) -> Any:

@@ -41,6 +41,7 @@ CHANGED_SINCE_VERSION_3: set[str] = {
     # 11: asynchronous commit without outcomes; generic plans
     "claim",  # version 6: a step's inputs, workflow and name; 8: per-key limits
     "prune",  # version 6: recorded job steps; history of running workflows kept
+    # 12: the DEFAULT partition of history only (time partitions are dropped whole)
     "enqueue_unique",  # version 10: a concurrency key
 }
 # Objects that version 3 did not have.
@@ -54,6 +55,12 @@ ADDED_SINCE_VERSION_3: set[str] = {
     "workflow_retry",
     "rescue",  # the rescue statement, now a function that also calls steps_ended()
     "claim_keyed",  # version 8: the claim of a queue with a per_key_limit
+    # version 12: history's time partitions, made ahead and dropped past the retention
+    "history_partitions",
+    "history_partition_add",
+    "history_extend",
+    "history_detach",
+    "history_drop",
 }
 
 NewSchema = Callable[[], str]
@@ -132,6 +139,14 @@ FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
 JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND NOT t.tgisinternal
 """
 _VIEWS = "SELECT viewname, definition FROM pg_views WHERE schemaname = $1"
+# History's time partitions (and the tables history_detach() left for
+# history_drop()) are data: the upkeep makes them, named after their times. A
+# schema upgraded with rows in history also has history_v11. The DEFAULT
+# partition is the migrations' own.
+_TIME_PARTITIONS = r"""
+SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname ~ '^history_(v11|\d{8}_\d{6})$'
+"""
 
 
 async def snapshot(conn: asyncpg.Connection, schema: str) -> dict[str, dict[str, Any]]:
@@ -144,9 +159,14 @@ async def snapshot(conn: asyncpg.Connection, schema: str) -> dict[str, dict[str,
             return tuple(norm(v) for v in value)
         return value
 
+    partitions = {r[0] for r in await conn.fetch(_TIME_PARTITIONS, schema)}
+
+    def data(name: str) -> bool:  # a time partition, or one of its indexes or constraints
+        return any(name == p or name.startswith((f"{p}.", f"{p}_")) for p in partitions)
+
     async def rows(query: str) -> dict[str, Any]:
         found = await conn.fetch(query, schema)
-        return {r[0]: norm(tuple(r)[1:]) for r in found}
+        return {r[0]: norm(tuple(r)[1:]) for r in found if not data(r[0])}
 
     return {
         "tables": await rows(_TABLES),
@@ -286,7 +306,7 @@ ALTERATIONS = [
     ("tables", "ALTER TABLE {s}.jobs ALTER COLUMN started_at SET NOT NULL"),
     ("tables", "ALTER TABLE {s}.workers ALTER COLUMN hostname TYPE varchar(200)"),
     ("tables", "ALTER TABLE {s}.tasks ADD COLUMN extra text"),
-    ("tables", "ALTER TABLE {s}.history SET (fillfactor = 90)"),
+    ("tables", "ALTER TABLE {s}.history_default SET (fillfactor = 90)"),
     ("tables", "GRANT SELECT ON {s}.jobs TO PUBLIC"),
     ("constraints", "ALTER TABLE {s}.jobs ADD CONSTRAINT positive CHECK (attempts >= 0)"),
     ("indexes", "CREATE INDEX jobs_task ON {s}.jobs (task)"),

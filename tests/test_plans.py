@@ -3,11 +3,19 @@
 A guard on plan shapes, not on timings: the claim, the rescue, job lookups and
 history pruning must not degrade into scans of a million-row table. The claim
 runs inside a plpgsql function, so its inner plan is read with auto_explain.
+
+History is partitioned by time: its million rows are in daily partitions (as
+the upkeep makes them) and a few in the DEFAULT partition. A lookup by id
+probes the primary key of every partition; a statement bounded by
+finished_at reads only the partitions of its window.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
 import json
+import re
 import uuid
 from typing import Any
 
@@ -62,15 +70,64 @@ async def inner_plans(conn: asyncpg.Connection, sql: str, *args: Any) -> str:
     return "\n".join(notices)
 
 
+# A partition of history: a time partition, history_v11 or the DEFAULT one.
+_PARTITION = r"history_(?:default|v11|\d{8}_\d{6})"
+
+
+def probes(plan: str, index: str) -> set[str]:
+    """The partitions of history the plan reads through their index of that kind
+    (``pkey``, ``finished_at``, ``dead``, ``unique``, ``workflow``, ``unsucceeded``)."""
+    found = re.findall(rf"(?:using|Bitmap Index Scan on) ({_PARTITION})_{index}\b", plan)
+    return set(found)
+
+
+async def every_partition(conn: asyncpg.Connection, schema: str) -> set[str]:
+    rows = await conn.fetch(f'SELECT name FROM "{schema}".history_partitions()')
+    return {r[0] for r in rows} | {"history_default"}
+
+
+def seq_scans(plan: str) -> list[str]:
+    """The tables the plan reads whole, but for Postgres's catalogs and the partitions of
+    history made ahead: they start in the future, so they are empty, and once analyzed
+    so a scan of them is what they cost (the planner counts their pages as they grow)."""
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+    def ahead(table: str) -> bool:
+        return bool(re.fullmatch(r"history_\d{8}_\d{6}", table)) and (
+            dt.datetime.strptime(table[8:], "%Y%m%d_%H%M%S") > now
+        )
+
+    found = re.findall(r"Seq Scan on (\w+)", plan)
+    return [t for t in found if not t.startswith("pg_") and not ahead(t)]
+
+
+def each_partition_by(plan: str, index: str) -> set[str]:
+    """The partitions of history the plan reads through their index of that kind, and
+    the empty ones made ahead that it reads whole (see seq_scans)."""
+    scanned = set(re.findall(rf"Seq Scan on ({_PARTITION})\b", plan))
+    return probes(plan, index) | {t for t in scanned if t not in seq_scans(plan)}
+
+
 def assert_no_scan_of_the_whole(plan: str, table: str) -> None:
-    for line in plan.splitlines():
-        assert not (
-            "Seq Scan on " + table in line or f"Seq Scan on {table.split('.')[-1]}" in line
-        ), plan
+    name = table.split(".")[-1]
+    assert not [t for t in seq_scans(plan) if t == name or t.startswith(f"{name}_")], plan
 
 
 async def fill(app: taskq.App, conn: asyncpg.Connection) -> None:
     s = f'"{app.schema}"'
+    # Daily partitions over the million seconds of finished jobs below, and
+    # the next two days (as the upkeep makes them ahead); the first 1,000 rows
+    # are older than every partition, in the DEFAULT partition (like the
+    # kept steps of running workflows).
+    start, today = await conn.fetchrow(
+        "SELECT now() - make_interval(secs => $1), date_trunc('day', now())", ROWS - 1000
+    )
+    bounds = [start]
+    while bounds[-1] < today + dt.timedelta(days=2):
+        bounds.append(bounds[-1].replace(hour=0, minute=0, second=0, microsecond=0))
+        bounds[-1] += dt.timedelta(days=1)
+    for low, high in itertools.pairwise(bounds):
+        await conn.execute(f"SELECT {s}.history_partition_add($1, $2)", low, high)
     # A million queued jobs over 4 queues, a million finished ones in history.
     await conn.execute(
         f"INSERT INTO {s}.jobs (queue, task, args, run_at) "
@@ -94,6 +151,11 @@ async def fill(app: taskq.App, conn: asyncpg.Connection) -> None:
         "CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'succeeded' END, 0, 1, 1, "
         f"now() - interval '30 days', now() - make_interval(secs => {ROWS} - g) "
         f"FROM generate_series(1, {ROWS}) AS g"
+    )
+    # Recorded steps of some of those jobs (for the partitions' drop).
+    await conn.execute(
+        f"INSERT INTO {s}.job_checkpoints (job_id, name, result, attempt) "
+        f"SELECT {ROWS} + g, 'step', '1', 1 FROM generate_series(1, {ROWS}, 100) AS g"
     )
 
 
@@ -125,7 +187,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
             conn, f"SELECT * FROM {s}.claim($1, $2, 10, 'w', 30)", queues, ["plan.task"]
         )
         assert "Index Scan using jobs_claim" in plan, plan
-        assert "Seq Scan" not in plan, plan
+        assert not seq_scans(plan), plan
         assert "JIT" not in plan, plan
         assert "Sort" not in plan.replace("Sort Key", ""), plan
         assert "history" not in plan, plan
@@ -159,29 +221,34 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
         f"SELECT * FROM {s}.enqueue_unique('q1', 'plan.task', '{{}}', 0::smallint, now(), 1, "
         "'k', 3600, NULL)",
     )
-    assert "jobs_unique" in plan and "history_unique" in plan, plan
-    assert "Seq Scan" not in plan, plan
+    assert "jobs_unique" in plan and probes(plan, "unique"), plan
+    # Only the partitions of the window (the last hour) and the DEFAULT one.
+    assert probes(plan, "unique") <= {"history_default", *await partitions_since(conn, s, 3600)}
+    assert not seq_scans(plan), plan
 
     await conn.fetch(sql.rescue, "c1", "c2", 3)  # asyncpg reads the result's types first
     plan = await inner_plans(conn, sql.rescue, "c1", "c2", 3)
-    assert "Seq Scan" not in plan, plan
+    assert not seq_scans(plan), plan
     assert "jobs_running" in plan, plan
     assert "Scan using history" not in plan, plan  # it only inserts into history
 
+    # A lookup by id: one probe of each partition's primary key.
+    partitions = await every_partition(conn, app.schema)
+    assert len(partitions) >= 14  # 11.6 days of rows, today and tomorrow, DEFAULT
     plan = await explain(conn, sql.get_job, 123)
-    assert "Seq Scan" not in plan, plan
+    assert not seq_scans(plan), plan
     assert "jobs_pkey" in plan, plan
-    assert "history_pkey" in plan, plan
+    assert each_partition_by(plan, "pkey") == partitions, plan
 
     # The result of a job its ctx.transaction() ended, and a late waiter's request.
     plan = await explain(conn, sql.set_result, ROWS + 7, uuid.uuid4(), None, False, "c")
-    assert "Seq Scan" not in plan and "history_pkey" in plan, plan
+    assert not seq_scans(plan) and each_partition_by(plan, "pkey") == partitions, plan
     plan = await explain(conn, sql.await_result, ROWS + 7)
-    assert "Seq Scan" not in plan and "history_pkey" in plan, plan
+    assert not seq_scans(plan) and each_partition_by(plan, "pkey") == partitions, plan
+    plan = await explain(conn, sql.committed_before, [ROWS + 7], [uuid.uuid4()])
+    assert not seq_scans(plan) and each_partition_by(plan, "pkey") == partitions, plan
 
-    plan = await inner_plans(conn, sql.prune, 7 * 86400.0, 5000)
-    assert "Seq Scan" not in plan, plan
-    assert "history_finished_at" in plan, plan
+    await check_retention_plans(app, conn)
 
     # The write-back: each outcome finds its job by id, whatever the backlog
     # (a generic plan must not hash or scan the million queued jobs).
@@ -202,7 +269,7 @@ async def check_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     assert not [line for line in plan.splitlines() if "Hash Cond" in line and "j." in line], plan
 
     plan = await explain(conn, sql.renew, [1, 2], [None, None], 30.0)
-    assert "Seq Scan" not in plan, plan
+    assert not seq_scans(plan), plan
 
     await check_keyed_plans(app, conn)
     await check_workflow_plans(app, conn)
@@ -308,8 +375,8 @@ async def check_workflow_plans(app: taskq.App, conn: asyncpg.Connection) -> None
         assert_no_scan_of_the_whole(plan, f"{s}.jobs")
         assert_no_scan_of_the_whole(plan, f"{s}.history")
     assert "workflow_edges" in plans[0] and "workflow_steps" in plans[0], plans[0]
-    assert "history_workflow" in plans[2] or "history_pkey" in plans[2], plans[2]
-    assert "workflow_retry" in plans[5] or "history_workflow" in plans[5], plans[5]
+    assert probes(plans[2], "workflow") or probes(plans[2], "pkey"), plans[2]
+    assert "workflow_retry" in plans[5] or probes(plans[5], "workflow"), plans[5]
 
 
 async def check_why_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
@@ -339,7 +406,7 @@ async def check_why_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
     for plan in plans.values():
         assert_no_scan_of_the_whole(plan, f"{s}.jobs")
         assert_no_scan_of_the_whole(plan, f"{s}.history")
-    assert "jobs_pkey" in plans["live_job"] and "history_pkey" in plans["finished_job"]
+    assert "jobs_pkey" in plans["live_job"] and probes(plans["finished_job"], "pkey")
     assert "jobs_running" in plans["queue"] and "jobs_running" in plans["running_by_worker"]
     assert "jobs_running" in plans["queue_key"], plans["queue_key"]
     assert "jobs_claim" in plans["ahead"], plans["ahead"]
@@ -358,8 +425,8 @@ async def check_dashboard_jobs_plans(app: taskq.App, conn: asyncpg.Connection) -
     walks = {
         "running": "jobs_running",
         "waiting": "jobs_waiting",
-        "failed": "history_unsucceeded",
-        "cancelled": "history_unsucceeded",
+        "failed": "_unsucceeded",
+        "cancelled": "_unsucceeded",
     }
     filters = [None] * 7, ["q1", "plan.task", "needle", None, None, None, None]
     try:
@@ -378,7 +445,18 @@ async def check_dashboard_jobs_plans(app: taskq.App, conn: asyncpg.Connection) -
                     for plan in plans:
                         assert_no_scan_of_the_whole(plan, f"{s}.jobs")
                         assert_no_scan_of_the_whole(plan, f"{s}.history")
-                        assert f"{table}_pkey" in plan or walks.get(state, "?") in plan, plan
+                        if table == "history":
+                            # Each partition's index, newest ids first, merged.
+                            kind = walks.get(state, "_pkey")[1:]
+                            assert each_partition_by(plan, kind) == await every_partition(
+                                conn, app.schema
+                            ), (
+                                state,
+                                mode,
+                                plan,
+                            )
+                        else:
+                            assert f"{table}_pkey" in plan or walks.get(state, "?") in plan, plan
                         if state in walks:
                             assert walks[state] in plan, (state, mode, plan)
     finally:
@@ -402,7 +480,10 @@ async def check_job_page_plans(app: taskq.App, conn: asyncpg.Connection) -> None
     for name, plan in plans.items():
         assert_no_scan_of_the_whole(plan, f"{s}.jobs")
         assert_no_scan_of_the_whole(plan, f"{s}.history")
-        assert "history_pkey" in plan, (name, plan)
+        assert each_partition_by(plan, "pkey") == await every_partition(conn, app.schema), (
+            name,
+            plan,
+        )
     assert "job_checkpoints_pkey" in plans["delete"], plans["delete"]
 
 
@@ -422,7 +503,7 @@ async def check_dashboard_admin_plans(app: taskq.App, conn: asyncpg.Connection) 
         assert_no_scan_of_the_whole(plan, f"{s}.history")
     for name in ("running_ids", "workers"):
         assert "jobs_running" in plans[name] or "jobs_lease" in plans[name], plans[name]
-    assert "jobs_pkey" in plans["locate"] and "history_pkey" in plans["locate"], plans["locate"]
+    assert "jobs_pkey" in plans["locate"] and probes(plans["locate"], "pkey"), plans["locate"]
 
 
 async def check_dashboard_overview_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
@@ -437,8 +518,71 @@ async def check_dashboard_overview_plans(app: taskq.App, conn: asyncpg.Connectio
             await conn.execute(setting)
         per_minute = await explain(conn, sql["per_minute"], start)
     assert_no_scan_of_the_whole(per_minute, f"{s}.history")
-    assert "history_finished_at" in per_minute, per_minute
+    # The partitions of the last hour only (and the DEFAULT one, which may hold any time).
+    read = probes(per_minute, "finished_at")
+    assert "history_default" in read, per_minute
+    assert read <= {"history_default", *await partitions_since(conn, s, 3600)}, per_minute
     depth = await explain(conn, statements(app.schema).queue_depth)
     assert "history" not in depth, depth
     edges = await explain(conn, workflows_page._edges_sql(app.schema), 1)
     assert "workflow_edges_workflow" in edges, edges
+
+
+async def partitions_since(conn: asyncpg.Connection, s: str, seconds: float) -> list[str]:
+    """The time partitions that may hold rows finished in the last ``seconds`` (those
+    made ahead included: a window open to the future reaches them, empty as they are)."""
+    rows = await conn.fetch(
+        f"SELECT name FROM {s}.history_partitions() "
+        "WHERE to_at > now() - make_interval(secs => $1)",
+        seconds,
+    )
+    return [r[0] for r in rows]
+
+
+async def check_retention_plans(app: taskq.App, conn: asyncpg.Connection) -> None:
+    """Retention: partitions are made ahead and dropped whole, with the kept rows found
+    from the running workflows and the dropped jobs' checkpoints by id range; the
+    DEFAULT partition alone is pruned row by row."""
+    s = f'"{app.schema}"'
+    sql = Statements(app.schema)
+    # A running workflow with a step in the oldest partition: the drop keeps it.
+    await conn.execute(
+        f"INSERT INTO {s}.workflows (id, name, steps) VALUES (1, 'kept', 2) ON CONFLICT DO NOTHING"
+    )
+    oldest = await conn.fetchval(
+        f"SELECT name FROM {s}.history_partitions() ORDER BY from_at LIMIT 1"
+    )
+    kept = await conn.fetchval(f"SELECT max(id) FROM {s}.{oldest}")
+    await conn.execute(f"UPDATE {s}.history SET workflow_id = 1 WHERE id = $1", kept)
+
+    plan = await inner_plans(conn, sql.prune, 7 * 86400.0, 5000)
+    assert not seq_scans(plan), plan
+    # The rows older than every partition: the DEFAULT partition's, by its BRIN index.
+    assert probes(plan, "finished_at") == {"history_default"}, plan
+    assert not re.search(r"on history_\d", plan), plan  # no time partition is read
+
+    # Coverage reaches far enough: nothing to make (one catalog read).
+    plan = await inner_plans(conn, sql.history_extend, 86400.0, 86400.0)
+    assert not seq_scans(plan), plan
+    # No partition covers now (today's and tomorrow's dropped, in a transaction
+    # rolled back): the rows the DEFAULT partition holds from the start of the day
+    # are looked for there only, by its BRIN index.
+    ahead = await partitions_since(conn, s, 0)
+    drop = ", ".join(f"{s}.{p}" for p in ahead)
+    plan = await inner_plans(
+        conn, f"DO $$ BEGIN DROP TABLE {drop}; PERFORM {s}.history_extend(86400, 86400); END $$"
+    )
+    assert not seq_scans(plan), plan
+    assert probes(plan, "finished_at") == {"history_default"}, plan
+
+    # Drop: the oldest partition (past a retention of 10 days) is detached, its kept
+    # step copied back (from the running workflows' index to the partition's index
+    # on workflow_id), and its jobs' checkpoints deleted by the range of its ids.
+    plan = await inner_plans(
+        conn, f"SELECT {s}.history_drop() FROM {s}.history_detach($1) AS d", 10 * 86400.0
+    )
+    assert not seq_scans(plan), plan
+    assert "workflows_running" in plan and probes(plan, "workflow") == {oldest}, plan
+    assert "job_checkpoints_pkey" in plan, plan
+    await conn.execute(f"UPDATE {s}.history SET workflow_id = NULL WHERE id = $1", kept)
+    await conn.execute(f"DELETE FROM {s}.workflows WHERE id = 1")

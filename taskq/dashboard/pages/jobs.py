@@ -101,11 +101,15 @@ def _delete_sql(schema: str) -> str:
     s = quote_schema(schema)
     # Like prune(): the job's recorded steps go with it, and a finished step
     # of a workflow that is still running is kept (its workflow reads it).
+    # The checkpoints are looked up by the ids given: history's partitions
+    # each count a row for the ids, and with that many the planner would
+    # rather read all the checkpoints than probe their key.
     return (
         f"WITH gone AS (DELETE FROM {s}.history AS h WHERE h.id = ANY($1::bigint[]) "
         f"AND (h.workflow_id IS NULL OR NOT EXISTS (SELECT FROM {s}.workflows AS w "
         "WHERE w.id = h.workflow_id AND w.finished_at IS NULL)) RETURNING h.id), "
-        f"c AS (DELETE FROM {s}.job_checkpoints WHERE job_id IN (SELECT id FROM gone)) "
+        f"c AS (DELETE FROM {s}.job_checkpoints WHERE job_id = ANY($1::bigint[]) "
+        "AND job_id IN (SELECT id FROM gone)) "
         "SELECT coalesce(array_agg(id), '{}') FROM gone"
     )
 
