@@ -4,11 +4,13 @@ A worker started without ``queues`` serves all of them. Finding the queues
 that hold queued jobs costs an index probe per queue plus a walk over the
 claimed-but-not-yet-vacuumed entries at the front of the claim index, which
 on a busy queue costs about as much as the claim itself. So the worker does
-not ask with every claim: it looks at most once per poll interval (and
-after a reconnect), hears of other queues from the enqueue notifications in
-between, and names the queues it knows in each claim. A job in a queue it
-has not heard of (a notification lost with the listening connection) waits
-at most one poll interval, as it would for a worker that only polls.
+not ask with every claim: it looks again once half a poll interval has
+passed (so always after sleeping through its poll, and twice per interval
+at most while busy) and after a reconnect, hears of other queues from the
+enqueue notifications in between, and names the queues it knows in each
+claim. A job in a queue it has not heard of (a notification lost with the
+listening connection) waits at most one poll interval, as it would for a
+worker that only polls.
 """
 
 from __future__ import annotations

@@ -107,7 +107,9 @@ class Worker:
         self._sleep_until = 0.0  # monotonic end of the claim loop's idle sleep, 0 if awake
         self._queue_filter = None if config.queues is None else set(config.queues)
         # Serving every queue: which ones to claim from (see discovery.py).
-        self._discovery = QueueDiscovery(config.poll_interval) if config.queues is None else None
+        self._discovery = (
+            QueueDiscovery(config.poll_interval / 2) if config.queues is None else None
+        )
         # Monotonic times at which jobs enqueued for later fall due, nearest
         # first, learnt from notifications (no polling query per wake-up).
         self._due: list[float] = []
