@@ -189,8 +189,11 @@ class TaskqSystem(System):
         await anyio.sleep(seconds)
 
     async def prepare(self, conn: asyncpg.Connection, options: dict[str, Any]) -> None:
+        if self.variant != "history":
+            return
+        await _history_partitions(conn)
         rows = int(options.get("history_rows", 0))
-        if self.variant != "history" or not rows:
+        if not rows:
             return
         # Finished jobs of another task, spread evenly over HISTORY_SPAN_SECONDS back
         # from now (1,000,000 rows: one every 0.5 s). Ids are negative: below every
@@ -296,6 +299,38 @@ class TaskqSystem(System):
             if has[key] != value:
                 problems.append(f"queue {QUEUE!r}: {key} {'missing' if value else 'set'}")
         return problems
+
+
+async def _history_partitions(conn: asyncpg.Connection) -> None:
+    """History's time partitions over HISTORY_SPAN_SECONDS back from now and as far
+    ahead as a worker's upkeep makes them, at its width for taskq's default retention.
+
+    A long-running install has them (taskq partitions history by time since schema
+    version 12; before, nothing to do). Without them every row would go to
+    history_default, and the worker's first upkeep round would read all of them to
+    attach a partition, in the middle of the run.
+    """
+    kind = await conn.fetchval(
+        "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", f"{SCHEMA}.history"
+    )
+    if kind != "p":
+        return
+    from taskq._app import DEFAULT_HISTORY_RETENTION
+    from taskq.worker.config import DEFAULT_PRUNE_INTERVAL
+    from taskq.worker.upkeep import HISTORY_AHEAD_ROUNDS, partition_width
+
+    width = partition_width(DEFAULT_HISTORY_RETENTION.total_seconds(), DEFAULT_PRUNE_INTERVAL)
+    ahead = max(width, HISTORY_AHEAD_ROUNDS * DEFAULT_PRUNE_INTERVAL)
+    await conn.execute(
+        f"""
+        SELECT {SCHEMA}.history_partition_add(to_timestamp(k * $1), to_timestamp((k + 1) * $1))
+        FROM generate_series(floor((extract(epoch FROM now()) - $2) / $1)::bigint,
+            floor((extract(epoch FROM now()) + $3) / $1)::bigint) AS k
+        """,
+        width,
+        HISTORY_SPAN_SECONDS,
+        ahead,
+    )
 
 
 def _folded(sql: str) -> str:
