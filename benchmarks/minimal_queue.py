@@ -3,14 +3,16 @@
 One table with a partial index over runnable rows, bulk insert through
 ``unnest``, a statement-level NOTIFY trigger, and a worker that claims at most
 its free slots in one ``UPDATE ... FOR UPDATE SKIP LOCKED`` statement and runs
-each job once. Finished jobs are deleted by the worker's next statement: the
-ids of the jobs that finished since the last one ride along with the claim
-that refills their slots, so a drain costs one round trip and one commit per
-batch, not two. It has no leases, retries, results or history: what a real
-queue costs above this is the price of those features, or overhead to remove.
-It runs with the server's durability settings (one committed transaction per
-statement), like every system measured here. docs/benchmarks.md ("The floor")
-says what each choice bought.
+each job once. Finished jobs are deleted by the worker's next claim: the ids
+of the jobs that finished since the last one ride along with the claim that
+refills their slots, so a drain costs one round trip and one commit per batch,
+not two. While the queue is empty they go out on a second connection instead,
+so that the claim connection is free the moment a NOTIFY arrives. It has no
+leases, retries, results or history: what a real queue costs above this is the
+price of those features, or overhead to remove. It runs with the server's
+durability settings (one committed transaction per statement), like every
+system measured here. docs/benchmarks.md ("The floor") says what each choice
+bought.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ CREATE SCHEMA {SCHEMA};
 CREATE TABLE {SCHEMA}.jobs (
     id     bigserial   PRIMARY KEY,
     queue  text        NOT NULL,
-    args   bytea       NOT NULL,  -- JSON as the client wrote it: the queue never reads it
+    args   jsonb       NOT NULL,
     run_at timestamptz NOT NULL DEFAULT now(),
     state  text        NOT NULL DEFAULT 'queued'
 );
@@ -43,9 +45,11 @@ BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END $$;
 CREATE TRIGGER jobs_notify AFTER INSERT ON {SCHEMA}.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.notify();
 """
-INSERT_MANY = f"INSERT INTO {SCHEMA}.jobs (queue, args) SELECT $1, a FROM unnest($2::bytea[]) AS a"
+INSERT_MANY = (
+    f"INSERT INTO {SCHEMA}.jobs (queue, args) SELECT $1, a::jsonb FROM unnest($2::text[]) AS a"
+)
 # run_at defaults to now(): the enqueue time on the database clock.
-INSERT_ONE = f"INSERT INTO {SCHEMA}.jobs (queue, args) VALUES ($1, $2) RETURNING run_at"
+INSERT_ONE = f"INSERT INTO {SCHEMA}.jobs (queue, args) VALUES ($1, $2::jsonb) RETURNING run_at"
 # The oldest runnable jobs, locked; rows another worker holds are skipped. The
 # locked rows are updated through their ctid (a TID scan): no second index lookup
 # per row, and a locked row cannot move before the statement ends.
@@ -57,10 +61,10 @@ PICK = (
 CLAIM = (
     f"WITH finished AS (DELETE FROM {SCHEMA}.jobs WHERE id = ANY($3::bigint[])) "
     f"UPDATE {SCHEMA}.jobs SET state = 'running' WHERE ctid = ANY(ARRAY({PICK})) "
-    "RETURNING id, args"
+    "RETURNING id, args::text"
 )
 ACK = f"DELETE FROM {SCHEMA}.jobs WHERE id = ANY($1::bigint[])"
-# The worker's connection plans each statement once. Left to itself, Postgres
+# The worker's connections plan each statement once. Left to itself, Postgres
 # re-plans CLAIM on every call once the table has statistics: the generic plan's
 # estimate for LIMIT $2 (a tenth of the table) makes it look dearer than a custom
 # plan, though the two plans are the same.
@@ -76,22 +80,25 @@ async def install(conn: asyncpg.Connection) -> None:
 async def enqueue_many(
     conn: asyncpg.Connection, args: list[dict[str, Any]], queue: str = "default"
 ) -> None:
-    await conn.execute(INSERT_MANY, queue, [orjson.dumps(a) for a in args])
+    await conn.execute(INSERT_MANY, queue, [orjson.dumps(a).decode() for a in args])
 
 
 async def enqueue(
     conn: asyncpg.Connection, args: dict[str, Any], queue: str = "default"
 ) -> datetime:
     """Insert one job; return its enqueue time on the database clock."""
-    at: datetime = await conn.fetchval(INSERT_ONE, queue, orjson.dumps(args))
+    at: datetime = await conn.fetchval(INSERT_ONE, queue, orjson.dumps(args).decode())
     return at
 
 
 class Worker:
     """Runs at most ``concurrency`` jobs at once; a slot frees when its job returns.
 
-    One connection carries everything: the claims, the acknowledgements riding
-    on them, and the LISTEN that wakes an idle worker.
+    Two connections. The claim connection claims, carries the acknowledgements
+    of the jobs that finished since its last claim, and LISTENs. While the
+    queue is empty it only waits for a NOTIFY, and the ids of jobs finishing
+    meanwhile go out on the second connection instead, so that a new job never
+    waits behind an acknowledgement.
     """
 
     def __init__(
@@ -108,49 +115,47 @@ class Worker:
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()  # strong references only
         self._done: list[int] = []  # finished, not yet deleted
-        self._nudge = asyncio.Event()  # a job finished, an INSERT notified, or stop()
-        self._stopping = False
+        self._slot_freed = asyncio.Event()
+        self._notified = asyncio.Event()  # an INSERT notified, the poll timer fired, or stop()
+        self._idle = False  # the last claim found the queue empty: waiting for a NOTIFY
+        self._ack_wanted = asyncio.Event()  # ids wait while the claim loop is idle
+        self._stopping = self._closing = False
 
     def stop(self) -> None:
         self._stopping = True
-        self._nudge.set()
+        self._notified.set()
+        self._slot_freed.set()
 
     async def run(self, ready: Callable[[], None] = lambda: None) -> None:
         """Claim and run jobs until stop(); then finish running jobs and acknowledge them."""
-        conn = await asyncpg.connect(self.dsn, server_settings=WORKER_SETTINGS)
+        conn, ack_conn = [
+            await asyncpg.connect(self.dsn, server_settings=WORKER_SETTINGS) for _ in range(2)
+        ]
+        acker = asyncio.create_task(self._ack_loop(ack_conn))
         try:
-            await conn.add_listener(CHANNEL, lambda *_: self._nudge.set())
+            await conn.add_listener(CHANNEL, lambda *_: self._notified.set())
             ready()
             await self._claim_loop(conn)
             while self._running:
-                self._nudge.clear()
-                await self._nudge.wait()
-            if self._done:
-                await conn.execute(ACK, self._done)
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
         finally:
-            await conn.close()
+            self._closing = True
+            self._ack_wanted.set()
+            await acker
+            for c in (conn, ack_conn):
+                await c.close()
 
     async def _claim_loop(self, conn: asyncpg.Connection) -> None:
-        empty = False  # the last claim found fewer jobs than it asked for
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             free = self.concurrency - self._running
             if not free:  # only a job that finishes frees a slot
-                self._nudge.clear()
-                await self._nudge.wait()
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
                 continue
-            if empty and not self._done and not self._nudge.is_set():
-                # Nothing to claim, nothing to acknowledge: sleep until an INSERT
-                # notifies or a job finishes (its id must not wait for the next
-                # INSERT); poll now and then in case a notification was missed.
-                poll = asyncio.get_running_loop().call_later(self.poll_interval, self._nudge.set)
-                try:
-                    await self._nudge.wait()
-                finally:
-                    poll.cancel()
-                empty = False
-                continue
-            # Cleared before the claim: whatever happens while it runs wakes us again.
-            self._nudge.clear()
+            # Cleared before the claim: an INSERT committed meanwhile wakes us again.
+            self._notified.clear()
             finished, self._done = self._done, []
             rows = await conn.fetch(CLAIM, self.queue, free, finished)
             for job_id, args in rows:
@@ -158,12 +163,34 @@ class Worker:
                 task = asyncio.create_task(self._run(job_id, args))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            empty = len(rows) < free
+            if len(rows) < free:
+                # The queue is empty: wait for a NOTIFY (or poll now and then, in
+                # case one was missed); the ack loop takes finished ids meanwhile.
+                self._idle = True
+                if self._done:
+                    self._ack_wanted.set()
+                poll = loop.call_later(self.poll_interval, self._notified.set)
+                try:
+                    await self._notified.wait()
+                finally:
+                    poll.cancel()
+                    self._idle = False
 
-    async def _run(self, job_id: int, args: bytes) -> None:
+    async def _ack_loop(self, conn: asyncpg.Connection) -> None:
+        # Ids that finish while one DELETE is in flight go together in the next one.
+        while not (self._closing and not self._done):
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            if self._done and (self._idle or self._closing):
+                ids, self._done = self._done, []
+                await conn.execute(ACK, ids)
+
+    async def _run(self, job_id: int, args: str) -> None:
         try:
             await self.handler(orjson.loads(args))
         finally:  # no retries in the floor: a job that raised is done too
             self._running -= 1
             self._done.append(job_id)
-            self._nudge.set()
+            self._slot_freed.set()
+            if self._idle:
+                self._ack_wanted.set()

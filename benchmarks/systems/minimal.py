@@ -19,8 +19,9 @@ class MinimalSystem(System):
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {mq.SCHEMA}.jobs)"
     backlog_sql = f"SELECT count(*) FROM {mq.SCHEMA}.jobs"
     settings: ClassVar[dict[str, str]] = {
-        "": "claims up to its free slots on one connection; the ids of finished jobs "
-        "ride on the next claim, which deletes them (one statement per batch)"
+        "": "claims up to its free slots; the ids of finished jobs ride on the next "
+        "claim, which deletes them (one statement per batch), or go out on a second "
+        "connection while the queue is empty"
     }
 
     async def open(self) -> None:
