@@ -216,7 +216,16 @@ class Workers:
         log = (self.logs / f"worker{self.started}.log").open("w")
         self.files.append(log)
         self.started += 1
-        cmd = [sys.executable, "-m", "taskq", "worker", "tests.chaosapp:app"]
+        # DEBUG: a worker that exits on an unexpected error leaves its traceback.
+        cmd = [
+            sys.executable,
+            "-m",
+            "taskq",
+            "--log-level",
+            "DEBUG",
+            "worker",
+            "tests.chaosapp:app",
+        ]
         cmd += ["--concurrency", str(self.cfg.concurrency), "--lease-seconds", str(self.cfg.lease)]
         cmd += ["--poll-interval", "0.5", "--shutdown-timeout", "2", "--no-cron"]
         self.live.append(
