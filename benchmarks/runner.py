@@ -698,7 +698,11 @@ async def big_history(cfg: Config, srv: Server, subject: Subject, rep: int) -> d
             await checkpoint(conn)
             res = await drain(cfg, srv, hist, dsn, conn, jobs=cfg.jobs, concurrency=cfg.concurrency)
             res["history_rows"] = rows
-            size = await conn.fetchval(f"SELECT pg_total_relation_size('{table}')")
+            size = await conn.fetchval(
+                "SELECT coalesce((SELECT sum(pg_total_relation_size(relid)) "
+                "FROM pg_partition_tree($1::regclass)), pg_total_relation_size($1::regclass))",
+                table,
+            )
             res["history_mb"] = size / 1e6
         res["fill_seconds"] = filled
         res |= {f"{name}_buffers": n for name, n in statement_buffers(plans[case]).items()}
