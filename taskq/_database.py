@@ -108,6 +108,17 @@ def commit_outcome_unknown(exc: BaseException) -> bool:
     )
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether a DatabaseError came from a lost connection or a server going down.
+
+    Such a statement is worth sending again on another connection once the
+    server is back, if it is idempotent; any other error is not.
+    """
+    return isinstance(
+        exc.__cause__, (*_BROKEN_CONNECTION, asyncpg.exceptions.OperatorInterventionError)
+    )
+
+
 @contextlib.contextmanager
 def _statement_guard(
     conn: Any, action: str, *, close_on_cancel: bool, broken: Callable[[], None]
@@ -366,6 +377,22 @@ class Database:
         return str(server.dsn)
 
     # -- connections -------------------------------------------------------------
+    async def run_again_if_lost(self, action: str, statement: Callable[[Any], Awaitable[_T]]) -> _T:
+        """Run an idempotent ``statement(conn)``; after a lost connection (a restart,
+        a terminated backend) run it again, for up to ``connect_retry`` seconds."""
+        deadline = time.monotonic() + self.connect_retry
+        backoff = 0.1
+        while True:
+            try:
+                async with self.acquire(action) as conn:
+                    return await statement(conn)
+            except DatabaseError as exc:
+                if not connection_lost(exc) or time.monotonic() + backoff > deadline:
+                    raise
+                log.warning("%s; trying again in %.1fs", exc, backoff)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
     @contextlib.asynccontextmanager
     async def acquire(self, action: str) -> AsyncIterator[Any]:
         """A pool connection for taskq's own statements (skips the reset round trip).

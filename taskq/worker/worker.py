@@ -266,8 +266,11 @@ class Worker:
             )
             for name, task in self._registry.tasks.items()
         }
-        async with self._database.acquire("registering a worker") as conn:
-            await self._store.register_worker(
+        # Idempotent (an upsert): a worker starting while Postgres restarts, or
+        # whose backend is terminated, registers once the server is back.
+        await self._database.run_again_if_lost(
+            "registering a worker",
+            lambda conn: self._store.register_worker(
                 conn,
                 worker_id=self.id,
                 hostname=socket.gethostname(),
@@ -275,7 +278,8 @@ class Worker:
                 queues=None if self.config.queues is None else list(self.config.queues),
                 tasks=tasks,
                 concurrency=self.config.concurrency,
-            )
+            ),
+        )
         log.info(
             "worker %s started: concurrency %d, queues %s, %d task(s)",
             self.id,
