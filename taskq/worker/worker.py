@@ -359,12 +359,12 @@ class Worker:
             sent = time.monotonic()
             try:
                 async with self._database.acquire("claiming jobs") as conn:
-                    if (found := self._discovery) is not None and found.due(sent):
-                        found.found(await self._store.queued_queues(conn), sent)
-                    if found is None or found.queues:
+                    if (known := self._discovery) is not None and known.due(sent):
+                        known.found(await self._store.queued_queues(conn), sent)
+                    if known is None or known.queues:
                         result = await self._store.claim(
                             conn,
-                            queues=queues if found is None else found.queues,
+                            queues=queues if known is None else known.queues,
                             tasks=tasks,
                             limit=limit,
                             worker_id=self.id,
