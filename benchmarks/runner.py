@@ -699,7 +699,7 @@ async def big_history(cfg: Config, srv: Server, subject: Subject, rep: int) -> d
             res = await drain(cfg, srv, hist, dsn, conn, jobs=cfg.jobs, concurrency=cfg.concurrency)
             res["history_rows"] = rows
             size = await conn.fetchval(
-                "SELECT coalesce((SELECT sum(pg_total_relation_size(relid)) "
+                "SELECT coalesce((SELECT sum(pg_total_relation_size(relid))::bigint "
                 "FROM pg_partition_tree($1::regclass)), pg_total_relation_size($1::regclass))",
                 table,
             )
