@@ -46,7 +46,7 @@
 -- written back before the claim in the same transaction. Workers of this
 -- version never send any: they write outcomes back on a connection of their
 -- own, so that a claim and a write-back run side by side on two backends
--- (workers of versions up to 11 still do, during a rolling deploy).
+-- (workers of schema versions up to 10 still do, during a rolling deploy).
 --
 -- A claim without outcomes commits asynchronously (synchronous_commit off
 -- for its transaction): it does not wait for its WAL to be flushed. What a
