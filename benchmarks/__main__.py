@@ -8,6 +8,7 @@ Examples::
     python -m benchmarks --systems minimal,taskq --workloads G        # two worker processes
     python -m benchmarks --systems minimal,taskq --workloads Q        # 1,000,000 queued jobs
     python -m benchmarks --systems taskq --workloads H                # 10,000,000 in history
+    python -m benchmarks --render full.json long.json --write  # one report of both runs
 
 Workloads (runner.py says more): A bulk enqueue and drain, B streaming, C latency,
 D scaling with --processes, E sleeping jobs, F taskq's feature costs, G A's drain
@@ -37,6 +38,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -96,6 +98,9 @@ def parse_args(argv: list[str]) -> tuple[runner.Config, argparse.Namespace]:
                    help="ANALYZE after A's enqueue (fresh planner statistics)")  # fmt: skip
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy flame graphs of A drains")
     p.add_argument("--write", action="store_true", help=f"write {RESULTS}/latest.{{md,json}}")
+    p.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                   help="run nothing: the report of earlier runs' latest.json files, the "
+                   "later ones adding the workloads the first did not run")  # fmt: skip
     args = p.parse_args(argv)
     names = [s for s in args.systems.split(",") if s]
     workloads = [w.upper() for w in args.workloads.split(",") if w]
@@ -177,19 +182,42 @@ async def bench(cfg: runner.Config, args: argparse.Namespace) -> str:
     summ = report.summary(runs)
     md = report.markdown(cfg, plan, summ, env, when, command, runs)
     if args.write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "latest.md").write_text(md)
         data = {"measured": when, "command": command, "config": cfg, "plan": plan,
                 "environment": env, "summary": summ, "runs": runs}  # fmt: skip
-        opts = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_DATACLASS
-        (RESULTS / "latest.json").write_bytes(orjson.dumps(data, option=opts, default=str) + b"\n")
-        log(f"wrote {RESULTS / 'latest.md'} and latest.json")
+        _write(md, data)
     return md
+
+
+def render(paths: list[Path], write: bool) -> str:
+    """The report of earlier runs, merged (``--render``)."""
+    try:
+        datas = [orjson.loads(path.read_bytes()) for path in paths]
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise BenchmarkError(f"cannot read a run's results: {exc}") from exc
+    data, also = report.merge(datas)
+    md = report.markdown(
+        data["config"], data["plan"], data["summary"], data["environment"], data["measured"],
+        data["command"], data["runs"], also,
+    )  # fmt: skip
+    if write:
+        _write(md, data)
+    return md
+
+
+def _write(md: str, data: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.md").write_text(md)
+    opts = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_DATACLASS
+    (RESULTS / "latest.json").write_bytes(orjson.dumps(data, option=opts, default=str) + b"\n")
+    log(f"wrote {RESULTS / 'latest.md'} and latest.json")
 
 
 def main(argv: list[str]) -> int:
     cfg, args = parse_args(argv)
     try:
+        if args.render:
+            print(render(args.render, args.write), end="")
+            return 0
         print(asyncio.run(bench(cfg, args)), end="")
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)

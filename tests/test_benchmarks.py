@@ -6,10 +6,15 @@ The figures themselves are recorded in docs/benchmarks.md, never asserted here.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import runner
+from benchmarks import report, runner
 from benchmarks.systems.taskq_system import _explained
 
 
@@ -104,3 +109,48 @@ def test_two_processes_deep_backlog_and_big_history_run(
     assert "| G drain |" in out.split("## Ratios")[1]
     # Every statement of the claim and the write-back kept its plan with 3,000 rows.
     assert "| H claim and write-back plans unchanged | in every run | yes |" in out
+
+
+def test_render_adds_the_workloads_a_later_run_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--render full.json long.json``: one report, each workload from the run that has it."""
+    here = sys.executable
+    plan = runner.Plan(
+        subjects=[runner.Subject("minimal", "", "minimal", here),
+                  runner.Subject("taskq", "", "taskq", here)],
+        features=[], skipped={}, versions={}, settings={},
+    )  # fmt: skip
+
+    def data(argv: list[str], when: str, runs: dict[str, Any]) -> Path:
+        cfg, _ = bench.parse_args(["--systems", "minimal,taskq", *argv])
+        path = tmp_path / f"{when}.json"
+        path.write_bytes(orjson.dumps(
+            {"measured": when, "command": "python -m benchmarks " + " ".join(argv),
+             "config": cfg, "plan": plan, "summary": report.summary(runs), "runs": runs,
+             "environment": {"server": {}, "machine": {}}},
+            option=orjson.OPT_SERIALIZE_DATACLASS, default=str,
+        ))  # fmt: skip
+        return path
+
+    def a(drain: float, cpu: float) -> list[dict[str, float]]:
+        return [{"drain_per_s": drain, "enqueue_per_s": 1_000.0, "server_cpu_us_per_job": cpu}]
+
+    full = data(["--workloads", "A"], "first", {
+        "minimal": {"A": a(1_000.0, 40.0)}, "taskq": {"A": a(800.0, 50.0)}})  # fmt: skip
+    q = {"drain_per_s_shallow": 500.0, "drain_per_s_deep": 450.0, "ratio": 0.9}
+    long = data(["--workloads", "A,Q", "--backlog", "60000"], "second", {
+        "minimal": {"A": a(10.0, 1.0), "Q": [q]},
+        "taskq": {"A": a(1.0, 1.0), "Q": [q]}})  # fmt: skip
+
+    assert bench.main(["--render", str(full), str(long)]) == 0
+    out = capsys.readouterr().out
+    assert "Measured first with `python -m benchmarks --workloads A`." in out
+    assert "Workload Q: measured second with `python -m benchmarks --workloads A,Q" in out
+    # A from the first run only (0.80x, 1.25x), Q and its setting from the second.
+    assert "| A drain ≥ 0.7× minimal | 0.80× | yes |" in out
+    assert "| A drain's Postgres CPU per job ≤ 1.5× minimal's | 1.25× | yes |" in out
+    assert "| Q 20,000 of 60,000 queued ≥ 0.8× 20,000 of 20,000 | 0.90× | yes |" in out
+    assert "## Q. A deep backlog: 20,000 of 60,000 queued jobs" in out
+
+    assert bench.main(["--render", str(tmp_path / "missing.json")]) == 1
