@@ -22,6 +22,8 @@ import pytest
 
 import taskq
 from taskq._store import ClaimResult
+from taskq.worker.config import WorkerConfig
+from taskq.worker.worker import Worker
 
 from .conftest import PYTHON, subprocess_env
 
@@ -408,6 +410,36 @@ async def test_task_rate_limit_and_a_limited_queue_in_one_worker(
     # The unlimited task was not held back by the limited one.
     free_starts = [r["started_at"] for r in rows if r["task"] == "flow.free"]
     assert free_starts[-1] < api_starts[-1]
+
+
+async def test_a_slot_our_own_job_frees_is_claimed_without_a_notification(
+    app: taskq.App,
+) -> None:
+    """A limit holds the claim back; our job ends: its write-back wakes the claim loop.
+
+    finish() also announces the freed slot with a NOTIFY, but that comes back a
+    round trip later through the listener, and a lost one would leave the queue
+    idle until the next poll (a minute here). Every notification is dropped.
+    """
+    ran: list[int] = []
+
+    @app.task(name="flow.single", queue="single")
+    async def single(i: int) -> None:
+        ran.append(i)
+
+    async with app:
+        await app.queue("single").configure(concurrency_limit=1)
+        await single.enqueue_many([{"i": i} for i in range(3)])
+        worker = Worker(app, WorkerConfig.make(concurrency=4, poll_interval=60))
+        worker._on_enqueued = lambda payload: None  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.serve)
+            with anyio.fail_after(15):
+                while len(ran) < 3:
+                    await anyio.sleep(0.01)
+            await worker.stop()
+    assert sorted(ran) == [0, 1, 2]
+    assert worker.stats.claims >= 3  # one job a claim: the limit held the rest back
 
 
 async def test_claim_reports_a_rate_window_holding_jobs_back(app: taskq.App) -> None:

@@ -90,6 +90,10 @@ class WorkerState:
         self.stopping = False
         #: The claim loop waits for a slot to free up.
         self.full = False
+        #: The last claim was held back by a limit on running jobs (a queue's
+        #: concurrency or per-key limit), which the end of one of our own jobs
+        #: lifts once its outcome is written back.
+        self.held_back = False
         self._hooks = hooks
 
     def uncount(self, kind: str) -> None:

@@ -331,20 +331,27 @@ class Worker:
         queues = None if cfg.queues is None else list(cfg.queues)
         tasks = list(self._registry.tasks)
         backoff = 0.1
+        waited_for_writeback = False
         while not self._state.stopping:
             free = cfg.concurrency - len(self._running)
+            if self._state.held_back and self._writeback.pending and not waited_for_writeback:
+                # A limit on running jobs held the last claim back, and our ended
+                # jobs count as running until written back, which wakes us (once
+                # a claim, so that jobs that keep ending cannot hold claims off).
+                waited_for_writeback = True
+                self._wake.clear()
+                await self._wake.wait(cfg.poll_interval)
+                continue
             if free <= 0 or len(self._writeback.outcomes) >= cfg.max_pending_outcomes:
-                # Every slot busy: the first job to finish wakes us (then we
-                # gather a moment for more, see below).
+                # Every slot busy: the first job to end wakes us (then see below).
                 self._wake.clear()
                 self._state.full = True
                 await self._wake.wait(cfg.poll_interval)
                 self._state.full = False
                 continue
             if free < cfg.concurrency // 2 and self._running:
-                # Most slots are busy: give running jobs a moment to finish so
-                # that one claim fills several slots instead of one (a claim
-                # costs a round trip whatever its size).
+                # Most slots are busy: give running jobs a moment to end, so that
+                # one claim (a round trip whatever its size) fills several slots.
                 deadline = time.monotonic() + CLAIM_GATHER_SECONDS
                 while free < cfg.concurrency // 2 and time.monotonic() < deadline:
                     self._wake.clear()
@@ -352,8 +359,7 @@ class Worker:
                     free = cfg.concurrency - len(self._running)
                 if self._state.stopping:
                     break
-            # Clear before claiming: a notification that lands while the claim
-            # runs sets the flag again and we look once more instead of sleeping.
+            # Cleared first: a notification during the claim makes us look again.
             self._wake.clear()
             limit = min(free, cfg.batch_size)
             sent = time.monotonic()
@@ -381,15 +387,16 @@ class Worker:
                 backoff = min(backoff * 2, cfg.poll_interval * 2)
                 continue
             backoff = 0.1
+            waited_for_writeback = False
+            self._state.held_back = result.held_back and result.retry_in is None
             self.stats.claims += 1
             self.stats.claimed += len(claimed)
             if self._registry.hooks.observers:
                 self._state.observe("claimed", time.monotonic() - sent, len(claimed))
             loop = asyncio.get_running_loop()
             for job in claimed:
-                # One plain asyncio task per job (not an anyio task group child):
-                # spawning and cancelling are a third of the cost per job, and the
-                # worker tracks and winds down these tasks itself.
+                # A plain asyncio task per job, not an anyio task group child (a
+                # third of the cost per job); the worker winds these down itself.
                 running = self._running[job.id] = RunningJob(job, sent + cfg.lease_seconds)
                 running.task = loop.create_task(self._runner.run(running))
             if len(claimed) == limit:

@@ -50,6 +50,11 @@ class WriteBack:
         self._flushed.clear()
         self._ready.set()
 
+    @property
+    def pending(self) -> bool:
+        """Some outcome is not written yet (buffered, or in a write that has not returned)."""
+        return bool(self.outcomes or self._writing)
+
     def held(self) -> list[tuple[int, uuid.UUID]]:
         """Jobs whose outcome is not written yet: their leases must still be renewed."""
         return [(o.job_id, o.token) for o in (*self.outcomes, *self._writing.values())]
@@ -86,8 +91,12 @@ class WriteBack:
                     state.stats.lost += 1
         if not self.outcomes and not self._writing:
             self._flushed.set()
-        if any(o.kind == "retry" for o in batch):
-            state.wake.set()  # a retry may be due soon: recompute when to wake
+        if state.held_back or any(o.kind == "retry" for o in batch):
+            # A limit held the last claim back and the jobs just written back
+            # may have freed its slots (finish() announces that too, but a
+            # NOTIFY comes back through the listener a round trip later); or
+            # a retry may be due soon: recompute when to wake.
+            state.wake.set()
         if committed:
             log.info(
                 "worker %s: the reply to a write-back was lost, but the outcome of job(s) %s "
