@@ -38,7 +38,7 @@ CHANGED_SINCE_VERSION_3: set[str] = {
     "finish",  # version 5: errors, progress, requeued_by and lease_token; 6: workflow steps
     # 8: a per-key limit's freed slot is announced; 9: the committed kind, result_pending
     # 10: a limited queue's start time taken after the running counts
-    # 11: asynchronous commit without outcomes; generic plans
+    # 11: asynchronous commit without outcomes; generic plans; 13: a filled limit said
     "claim",  # version 6: a step's inputs, workflow and name; 8: per-key limits
     "prune",  # version 6: recorded job steps; history of running workflows kept
     # 12: the DEFAULT partition of history only (time partitions are dropped whole)

@@ -61,7 +61,8 @@
 -- Rows returned: jobs (lost = false, with their meta, and for a workflow
 -- step its workflow, name and parents' results); lost outcomes
 -- (lost = true: outcomes whose lease was no longer held); and a row with
--- lost = NULL when a limit held jobs back: wait_seconds is when to look again
+-- lost = NULL when a limit held jobs back (or the claim filled a queue's
+-- concurrency limit): wait_seconds is when to look again
 -- (a rate window frees a start, or a lock was busy); NULL means when a
 -- running job of a limited queue ends, which finish() announces.
 CREATE OR REPLACE FUNCTION {schema}.claim(
@@ -189,7 +190,10 @@ BEGIN
             IF v_row.concurrency_limit IS NOT NULL THEN
                 SELECT count(*) INTO v_running FROM {schema}.jobs AS j
                 WHERE j.queue = v_queue AND j.state = 'running';
-                IF v_row.concurrency_limit - v_running < v_take THEN
+                -- Filling the last slots holds jobs back too: said now, the
+                -- worker waits for a slot to free instead of claiming again
+                -- at once, to be held back while its ended jobs are written.
+                IF v_row.concurrency_limit - v_running <= v_take THEN
                     v_take := greatest(0, v_row.concurrency_limit - v_running);
                     v_blocked := true;
                 END IF;
