@@ -770,6 +770,7 @@ def merge(datas: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[str, 
     }
     workloads = set(cfg.workloads)
     own: dict[str, Any] = {}
+    env = {k: dict(v) for k, v in first["environment"].items()}
     for data in datas[1:]:
         c, p = load(data)
         taken: set[str] = set()
@@ -785,8 +786,14 @@ def merge(datas: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[str, 
         if taken:
             workloads |= taken
             also.append((data["measured"], data["command"], sorted(taken)))
+            # The later run's own length and load, beside the first run's.
+            what = ", ".join(sorted(taken))
+            for key, value in data["environment"].get("machine", {}).items():
+                if key.startswith(("wall time", "load average", "taskq_commit")):
+                    env.setdefault("machine", {})[f"{key} ({what})"] = value
     cfg = dataclasses.replace(cfg, workloads=sorted(workloads), **own)
-    merged = {**first, "config": cfg, "plan": plan, "runs": runs, "summary": summary(runs)}
+    merged = {**first, "config": cfg, "plan": plan, "runs": runs, "summary": summary(runs),
+              "environment": env}  # fmt: skip
     if also:
         merged["merged"] = [{"measured": a, "command": b, "workloads": w} for a, b, w in also]
     return merged, also
