@@ -3,16 +3,18 @@
 One table with a partial index over runnable rows, bulk insert through
 ``unnest``, a statement-level NOTIFY trigger, and a worker that claims at most
 its free slots in one ``UPDATE ... FOR UPDATE SKIP LOCKED`` statement and runs
-each job once. Finished jobs are deleted by the worker's next claim: the ids
-of the jobs that finished since the last one ride along with the claim that
-refills their slots, so a drain costs one round trip and one commit per batch,
-not two. While the queue is empty they go out on a second connection instead,
-so that the claim connection is free the moment a NOTIFY arrives. It has no
-leases, retries, results or history: what a real queue costs above this is the
-price of those features, or overhead to remove. It runs with the server's
-durability settings (one committed transaction per statement), like every
-system measured here. docs/benchmarks.md ("The floor") says what each choice
-bought.
+each job once. Claims and acknowledgements go out on two connections, so two
+backends work at once: the claim connection claims and LISTENs, and the ids of
+finished jobs are deleted on the other, each ``DELETE`` taking all that
+finished while the previous one ran. A claim commits without waiting for its
+WAL to reach the disk (``synchronous_commit = off`` on the claim connection
+only), as taskq's claims do: the acknowledgement of a claimed job commits
+synchronously and comes later in the log, so its flush makes the claim durable
+too; a crash can only forget the last claims, whose jobs are then queued again.
+It has no leases, retries, results or history: what a real queue costs above
+this is the price of those features, or overhead to remove. Enqueues and
+acknowledgements keep the server's durability settings, like every system
+measured here. docs/benchmarks.md ("The floor") says what each choice bought.
 """
 
 from __future__ import annotations
@@ -57,9 +59,7 @@ PICK = (
     f"SELECT ctid FROM {SCHEMA}.jobs WHERE state = 'queued' AND queue = $1 AND run_at <= now() "
     "ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
 )
-# Acknowledge the finished jobs ($3) and claim up to $2 more, in one transaction.
 CLAIM = (
-    f"WITH finished AS (DELETE FROM {SCHEMA}.jobs WHERE id = ANY($3::bigint[])) "
     f"UPDATE {SCHEMA}.jobs SET state = 'running' WHERE ctid = ANY(ARRAY({PICK})) "
     "RETURNING id, args::text"
 )
@@ -69,6 +69,8 @@ ACK = f"DELETE FROM {SCHEMA}.jobs WHERE id = ANY($1::bigint[])"
 # estimate for LIMIT $2 (a tenth of the table) makes it look dearer than a custom
 # plan, though the two plans are the same.
 WORKER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+# Claims commit asynchronously (see the module's docstring).
+CLAIM_SETTINGS = {**WORKER_SETTINGS, "synchronous_commit": "off"}
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -94,11 +96,9 @@ async def enqueue(
 class Worker:
     """Runs at most ``concurrency`` jobs at once; a slot frees when its job returns.
 
-    Two connections. The claim connection claims, carries the acknowledgements
-    of the jobs that finished since its last claim, and LISTENs. While the
-    queue is empty it only waits for a NOTIFY, and the ids of jobs finishing
-    meanwhile go out on the second connection instead, so that a new job never
-    waits behind an acknowledgement.
+    Two connections: one claims (as soon as a slot frees) and LISTENs, the
+    other deletes the jobs that finished (as soon as the previous delete
+    returns, taking all that finished meanwhile).
     """
 
     def __init__(
@@ -117,8 +117,7 @@ class Worker:
         self._done: list[int] = []  # finished, not yet deleted
         self._slot_freed = asyncio.Event()
         self._notified = asyncio.Event()  # an INSERT notified, the poll timer fired, or stop()
-        self._idle = False  # the last claim found the queue empty: waiting for a NOTIFY
-        self._ack_wanted = asyncio.Event()  # ids wait while the claim loop is idle
+        self._ack_wanted = asyncio.Event()  # some job finished
         self._stopping = self._closing = False
 
     def stop(self) -> None:
@@ -128,9 +127,8 @@ class Worker:
 
     async def run(self, ready: Callable[[], None] = lambda: None) -> None:
         """Claim and run jobs until stop(); then finish running jobs and acknowledge them."""
-        conn, ack_conn = [
-            await asyncpg.connect(self.dsn, server_settings=WORKER_SETTINGS) for _ in range(2)
-        ]
+        conn = await asyncpg.connect(self.dsn, server_settings=CLAIM_SETTINGS)
+        ack_conn = await asyncpg.connect(self.dsn, server_settings=WORKER_SETTINGS)
         acker = asyncio.create_task(self._ack_loop(ack_conn))
         try:
             await conn.add_listener(CHANNEL, lambda *_: self._notified.set())
@@ -156,8 +154,7 @@ class Worker:
                 continue
             # Cleared before the claim: an INSERT committed meanwhile wakes us again.
             self._notified.clear()
-            finished, self._done = self._done, []
-            rows = await conn.fetch(CLAIM, self.queue, free, finished)
+            rows = await conn.fetch(CLAIM, self.queue, free)
             for job_id, args in rows:
                 self._running += 1
                 task = asyncio.create_task(self._run(job_id, args))
@@ -165,23 +162,19 @@ class Worker:
                 task.add_done_callback(self._tasks.discard)
             if len(rows) < free:
                 # The queue is empty: wait for a NOTIFY (or poll now and then, in
-                # case one was missed); the ack loop takes finished ids meanwhile.
-                self._idle = True
-                if self._done:
-                    self._ack_wanted.set()
+                # case one was missed).
                 poll = loop.call_later(self.poll_interval, self._notified.set)
                 try:
                     await self._notified.wait()
                 finally:
                     poll.cancel()
-                    self._idle = False
 
     async def _ack_loop(self, conn: asyncpg.Connection) -> None:
         # Ids that finish while one DELETE is in flight go together in the next one.
         while not (self._closing and not self._done):
             await self._ack_wanted.wait()
             self._ack_wanted.clear()
-            if self._done and (self._idle or self._closing):
+            if self._done:
                 ids, self._done = self._done, []
                 await conn.execute(ACK, ids)
 
@@ -192,5 +185,4 @@ class Worker:
             self._running -= 1
             self._done.append(job_id)
             self._slot_freed.set()
-            if self._idle:
-                self._ack_wanted.set()
+            self._ack_wanted.set()
