@@ -177,6 +177,9 @@ class Agent:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
+            # A worker's result line lists the ids it ran: over 64 KiB (the
+            # default line limit) past about 10,000 jobs.
+            limit=2**26,
         )
         return cls(proc, stderr, f"{subject.label} {args[0]}")
 
