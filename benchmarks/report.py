@@ -781,6 +781,12 @@ def merge(datas: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[str, 
                     taken.add(workload)
         known = {s.label for s in plan.subjects}
         plan.subjects += [s for s in p.subjects if s.label not in known]
+        known = {s.label for s in plan.features}
+        plan.features += [s for s in p.features if s.label not in known]
+        for name, found in p.versions.items():
+            plan.versions.setdefault(name, found)
+        for name, text in p.settings.items():
+            plan.settings.setdefault(name, text)
         for workload in taken:
             own.update({k: getattr(c, k) for k in _OWN.get(workload, ())})
         if taken:

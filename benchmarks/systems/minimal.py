@@ -19,9 +19,8 @@ class MinimalSystem(System):
     unfinished_sql = f"SELECT EXISTS (SELECT FROM {mq.SCHEMA}.jobs)"
     backlog_sql = f"SELECT count(*) FROM {mq.SCHEMA}.jobs"
     settings: ClassVar[dict[str, str]] = {
-        "": "claims up to its free slots; the ids of finished jobs ride on the next "
-        "claim, which deletes them (one statement per batch), or go out on a second "
-        "connection while the queue is empty"
+        "": "claims up to its free slots on one connection (committed asynchronously); "
+        "deletes finished jobs in batches on a second one"
     }
 
     async def open(self) -> None:
