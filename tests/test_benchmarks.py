@@ -139,18 +139,26 @@ def test_render_adds_the_workloads_a_later_run_measured(
     full = data(["--workloads", "A"], "first", {
         "minimal": {"A": a(1_000.0, 40.0)}, "taskq": {"A": a(800.0, 50.0)}})  # fmt: skip
     q = {"drain_per_s_shallow": 500.0, "drain_per_s_deep": 450.0, "ratio": 0.9}
-    long = data(["--workloads", "A,Q", "--backlog", "60000"], "second", {
+    # A feature row and a peer that only the second run has, with their versions.
+    plan.features.append(runner.Subject("taskq", runner.FEATURES[0][0] or "", "(1) base", here))
+    plan.subjects.append(runner.Subject("pgqueuer", "", "pgqueuer (x)", here))
+    plan.versions["pgqueuer"] = {"packages": {"pgqueuer": "9.9"}}
+    long = data(["--workloads", "A,Q,F", "--backlog", "60000"], "second", {
         "minimal": {"A": a(10.0, 1.0), "Q": [q]},
-        "taskq": {"A": a(1.0, 1.0), "Q": [q]}})  # fmt: skip
+        "taskq": {"A": a(1.0, 1.0), "Q": [q]},
+        "(1) base": {"F": [{"drain_per_s": 700.0}]},
+        "pgqueuer (x)": {"A": a(100.0, 9.0)}})  # fmt: skip
 
     assert bench.main(["--render", str(full), str(long)]) == 0
     out = capsys.readouterr().out
     assert "Measured first with `python -m benchmarks --workloads A`." in out
-    assert "Workload Q: measured second with `python -m benchmarks --workloads A,Q" in out
+    assert "Workloads A, F, Q: measured second with `python -m benchmarks --workloads A,Q" in out
     # A from the first run only (0.80x, 1.25x), Q and its setting from the second.
     assert "| A drain ≥ 0.7× minimal | 0.80× | yes |" in out
     assert "| A drain's Postgres CPU per job ≤ 1.5× minimal's | 1.25× | yes |" in out
     assert "| Q 20,000 of 60,000 queued ≥ 0.8× 20,000 of 20,000 | 0.90× | yes |" in out
     assert "## Q. A deep backlog: 20,000 of 60,000 queued jobs" in out
+    assert "## F. taskq: the cost of each feature" in out and "| 700 |" in out
+    assert "| pgqueuer (x) | 1,000 | 100 |" in out
 
     assert bench.main(["--render", str(tmp_path / "missing.json")]) == 1
