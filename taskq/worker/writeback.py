@@ -60,7 +60,7 @@ class WriteBack:
         return [(o.job_id, o.token) for o in (*self.outcomes, *self._writing.values())]
 
     async def wait_flushed(self) -> None:
-        while self.outcomes or self._writing:
+        while self.pending:
             self._ready.set()
             await self._flushed.wait(1.0)
 
@@ -89,7 +89,7 @@ class WriteBack:
                 if outcome.job_id in gone:
                     state.uncount(outcome.kind)
                     state.stats.lost += 1
-        if not self.outcomes and not self._writing:
+        if not self.pending:
             self._flushed.set()
         if state.held_back or any(o.kind == "retry" for o in batch):
             # A limit held the last claim back and the jobs just written back
